@@ -1,0 +1,81 @@
+"""Checkpoints: the whole truth of a run in one orbax step directory.
+
+Items: `params` and `train` (optimizer state, step, rng) as sharded arrays, `data` (the input iterator's
+state) and `config` (the resolved config) as JSON. `eval` and `generate` restore `params` alone.
+Nothing is pickled: arrays go through tensorstore, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from llm_jax.errors import UserError
+from llm_jax.train.state import TrainState
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, create: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=async_save)
+    self._mgr = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._mgr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mgr.all_steps())
+
+  def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
+    """Blocks only while arrays are copied off the device; the write finishes in the background."""
+    self._mgr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        train=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config),
+    ))
+
+  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+    abstract_train = {'step': abstract_state.step, 'opt_state': abstract_state.opt_state,
+                      'rng': abstract_state.rng}
+    out = self._mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state.params),
+        train=ocp.args.StandardRestore(abstract_train),
+        data=ocp.args.JsonRestore(),
+    ))
+    train = out['train']
+    state = TrainState(step=train['step'], params=out['params'], opt_state=train['opt_state'],
+                       rng=train['rng'])
+    return state, out['data']
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    out = self._mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    return out['params']
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.wait_until_finished()
+    self._mgr.close()
+
+
+def open_for_reading(workdir: str) -> tuple[Checkpointer, int]:
+  """The checkpointer of an existing run and its latest step, or a one-line error saying what is missing."""
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} does not exist')
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise UserError(f'workdir {workdir} has no checkpoints (run `llm-jax train --workdir={workdir}` first)')
+  ckpt = Checkpointer(workdir, create=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f'workdir {workdir} has no complete checkpoint')
+  return ckpt, step

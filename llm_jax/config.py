@@ -1,0 +1,369 @@
+"""Configs: the schema with defaults, loading recipe files, command-line overrides, validation, JSON.
+
+`default_config()` is the schema: every key the project reads exists here with a default of the right type.
+Recipes under `configs/` start from it and change values, never add keys, so an override or a saved
+`config.json` can always be checked key by key against it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+from llm_jax.errors import UserError
+
+# Logical axis -> mesh axes, in priority order (flax semantics: a mesh axis is used at most once per array,
+# so `batch` claims ('data', 'fsdp') for activations before `embed` could claim 'fsdp'; parameters, which
+# have no batch axis, get `embed` sharded over 'fsdp', which is what makes FSDP).
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('seq', None),
+    ('cache_seq', None),
+    ('head_dim', None),
+    ('layers', None),
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key llm-jax reads, with its default. Recipes override values from here."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.family = 'decoder'
+  m.vocab_size = 4096  # also the size the tokenizer is trained to
+  m.num_layers = 4
+  m.embed_dim = 256
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 64
+  m.mlp_dim = 704
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.tie_embeddings = False
+  m.init_std = 0.02
+  m.dropout_rate = 0.0
+  m.dtype = 'float32'  # compute dtype of activations and matmuls
+  m.param_dtype = 'float32'  # master weights
+  m.scan_layers = True
+  m.remat = 'none'  # none | full | dots_no_batch
+
+  c.data = ml_collections.ConfigDict()
+  d = c.data
+  d.source = 'builtin'  # 'builtin' or a glob of .txt / .jsonl files
+  d.text_field = 'text'  # the field read from .jsonl records
+  d.heldout_percent = 5  # share of documents held out, chosen by a hash of their name
+  d.tokenizer = ''  # path to a sentencepiece .model; '' trains one into WORKDIR/tokenizer.model
+  d.tokenizer_train_chars = 20_000_000  # text the tokenizer is trained on, at most
+  d.seq_len = 256
+  d.batch_size = 16  # global, over all processes
+  d.add_bos = True
+  d.add_eos = True
+
+  c.train = ml_collections.ConfigDict()
+  t = c.train
+  t.steps = 1000
+  t.learning_rate = 3e-3
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  t.weight_decay = 0.1
+  t.beta1 = 0.9
+  t.beta2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip = 1.0
+  t.log_every = 10
+  t.checkpoint_every = 200
+  t.keep_checkpoints = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 200  # held-out loss during training every this many steps (0: never)
+  c.eval.batches = 4  # batches of held-out data for that loss
+  c.eval.max_tokens = 400_000  # `llm-jax eval` reads whole held-out documents up to this many tokens
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not taken by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = DEFAULT_RULES
+  return c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading a recipe and applying overrides
+
+
+def load_recipe(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/recipe.py[:arg]` -> the recipe's `get_config(arg)`."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'config file not found: {path}')
+  module_spec = importlib.util.spec_from_file_location(f'_llm_jax_recipe_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # a broken recipe file is the user's file: name it and the problem
+    raise UserError(f'config file {path} failed to load: {type(e).__name__}: {e}') from e
+  if not hasattr(module, 'get_config'):
+    raise UserError(f'config file {path} has no get_config(arg=None) function')
+  try:
+    cfg = module.get_config(arg or None)
+  except UserError:
+    raise
+  except Exception as e:
+    raise UserError(f'config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}') from e
+  check_schema(cfg, default_config(), where=path)
+  return cfg
+
+
+def check_schema(cfg, schema, where: str, prefix: str = '') -> None:
+  """Every key of `cfg` exists in `schema` (the defaults), recursively."""
+  for key in cfg.keys():
+    name = prefix + key
+    if key not in schema:
+      raise UserError(f'{where}: unknown config key {name}')
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      check_schema(cfg[key], schema[key], where, name + '.')
+
+
+def _parse_bool(text: str) -> bool:
+  low = text.strip().lower()
+  if low in ('true', '1', 'yes', 'on'):
+    return True
+  if low in ('false', '0', 'no', 'off'):
+    return False
+  raise ValueError(text)
+
+
+def parse_value(key: str, text: str, current: Any) -> Any:
+  """Parse the command-line text for `key` into the type of its current value."""
+  def bad(expected):
+    return UserError(f'config key {key} expects {expected}, got {text!r}')
+
+  if isinstance(current, ml_collections.ConfigDict):
+    raise UserError(f'config key {key} is a section; set one of its keys, e.g. --config.{key}.'
+                    f'{next(iter(current.keys()), "x")}=...')
+  if isinstance(current, bool):
+    try:
+      return _parse_bool(text)
+    except ValueError:
+      raise bad('a boolean (true/false)') from None
+  if isinstance(current, int):
+    try:
+      return int(text.replace('_', ''))
+    except ValueError:
+      raise bad('an integer') from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise bad('a number') from None
+  if isinstance(current, str):
+    return text
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(text) if text.strip() else ()
+    except (ValueError, SyntaxError):
+      value = tuple(part.strip() for part in text.split(','))
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return tuple(value)
+  # None or another type: a Python literal if it parses, else the string.
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+  node = cfg
+  parts = key.split('.')
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise UserError(f'unknown config key {key}')
+    if i < len(parts) - 1:
+      node = node[part]
+  last = parts[-1]
+  value = parse_value(key, text, node[last])
+  with node.ignore_type():
+    node[last] = value
+
+
+def load(spec: str | None, overrides: Sequence[tuple[str, str]] = (),
+         base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """The resolved, validated, locked config: recipe (or `base`, or defaults) plus overrides."""
+  if spec:
+    cfg = load_recipe(spec)
+  elif base is not None:
+    cfg = base
+  else:
+    cfg = default_config()
+  cfg = _fill_defaults(cfg)
+  for key, text in overrides:
+    apply_override(cfg, key, text)
+  validate(cfg)
+  cfg.lock()
+  return cfg
+
+
+def _fill_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Recipes may return a partial config; the defaults fill the rest so every key exists."""
+  full = default_config()
+  _merge_into(full, cfg)
+  return full
+
+
+def _merge_into(dst: ml_collections.ConfigDict, src, prefix: str = '') -> None:
+  for key in src.keys():
+    value = src[key]
+    if isinstance(dst[key], ml_collections.ConfigDict):
+      _merge_into(dst[key], value, prefix + key + '.')
+    else:
+      if isinstance(dst[key], tuple) and isinstance(value, list):
+        value = _to_tuples(value)
+      with dst.ignore_type():
+        dst[key] = value
+
+
+def _to_tuples(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_to_tuples(v) for v in value)
+  return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: once, at start, each error names its key.
+
+_DTYPES = ('float32', 'bfloat16', 'float16')
+_REMAT = ('none', 'full', 'dots_no_batch')
+_FAMILIES = ('decoder',)
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+  if not ok:
+    raise UserError(f'config key {key}={value!r}: expected {expected}')
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  defaults = default_config()
+  _check_types(cfg, defaults, '')
+  m, d, t = cfg.model, cfg.data, cfg.train
+  _require(m.family in _FAMILIES, 'model.family', m.family, f'one of {_FAMILIES}')
+  for key in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim'):
+    _require(m[key] > 0, f'model.{key}', m[key], 'a positive integer')
+  _require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads', m.num_kv_heads,
+           f'a divisor of model.num_heads={m.num_heads}')
+  _require(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary embeddings)')
+  _require(m.vocab_size >= 260, 'model.vocab_size', m.vocab_size,
+           'at least 260 (4 special tokens and 256 byte-fallback pieces)')
+  _require(m.dtype in _DTYPES, 'model.dtype', m.dtype, f'one of {_DTYPES}')
+  _require(m.param_dtype in _DTYPES, 'model.param_dtype', m.param_dtype, f'one of {_DTYPES}')
+  _require(m.remat in _REMAT, 'model.remat', m.remat, f'one of {_REMAT}')
+  _require(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'in [0, 1)')
+  _require(m.norm_eps > 0, 'model.norm_eps', m.norm_eps, 'positive')
+  _require(d.seq_len >= 2, 'data.seq_len', d.seq_len, 'at least 2')
+  _require(d.batch_size >= 1, 'data.batch_size', d.batch_size, 'a positive integer')
+  _require(0 < d.heldout_percent < 100, 'data.heldout_percent', d.heldout_percent, 'between 1 and 99')
+  _require(d.tokenizer_train_chars > 0, 'data.tokenizer_train_chars', d.tokenizer_train_chars, 'positive')
+  _require(bool(d.source), 'data.source', d.source, "'builtin' or a glob of .txt/.jsonl files")
+  _require(t.steps >= 0, 'train.steps', t.steps, 'a non-negative integer')
+  _require(t.learning_rate > 0, 'train.learning_rate', t.learning_rate, 'positive')
+  _require(0 <= t.warmup_steps, 'train.warmup_steps', t.warmup_steps, 'non-negative')
+  _require(0 <= t.min_lr_ratio <= 1, 'train.min_lr_ratio', t.min_lr_ratio, 'in [0, 1]')
+  _require(t.weight_decay >= 0, 'train.weight_decay', t.weight_decay, 'non-negative')
+  _require(0 <= t.beta1 < 1, 'train.beta1', t.beta1, 'in [0, 1)')
+  _require(0 <= t.beta2 < 1, 'train.beta2', t.beta2, 'in [0, 1)')
+  _require(t.grad_clip >= 0, 'train.grad_clip', t.grad_clip, 'non-negative (0 disables clipping)')
+  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
+    _require(t[key] >= 1, f'train.{key}', t[key], 'a positive integer')
+  _require(cfg.eval.every >= 0, 'eval.every', cfg.eval.every, 'non-negative (0: never)')
+  _require(cfg.eval.batches >= 1, 'eval.batches', cfg.eval.batches, 'a positive integer')
+  _require(cfg.eval.max_tokens >= 1, 'eval.max_tokens', cfg.eval.max_tokens, 'a positive integer')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = cfg.mesh[axis]
+    _require(size == -1 or size >= 1, f'mesh.{axis}', size, 'a positive integer or -1')
+  _check_rules(cfg.mesh.rules)
+
+
+def _check_types(cfg, defaults, prefix: str) -> None:
+  for key in defaults.keys():
+    name = prefix + key
+    want, got = defaults[key], cfg[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      _check_types(got, want, name + '.')
+      continue
+    if isinstance(want, bool):
+      ok = isinstance(got, bool)
+    elif isinstance(want, int):
+      ok = isinstance(got, int) and not isinstance(got, bool)
+    elif isinstance(want, float):
+      ok = isinstance(got, (int, float)) and not isinstance(got, bool)
+    elif isinstance(want, (tuple, list)):
+      ok = isinstance(got, (tuple, list))
+    else:
+      ok = want is None or isinstance(got, type(want))
+    if not ok:
+      raise UserError(f'config key {name}={got!r}: expected {type(want).__name__}')
+
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def _check_rules(rules) -> None:
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise UserError(f'config key mesh.rules: each rule is (logical_axis, mesh_axes), got {rule!r}')
+    targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for axis in targets:
+      if axis is not None and axis not in MESH_AXES:
+        raise UserError(f'config key mesh.rules: rule {rule!r} names mesh axis {axis!r}, '
+                        f'expected one of {MESH_AXES}')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON: the resolved config of a run is saved in its workdir and read back by eval / generate / resume.
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json_file(path: str) -> ml_collections.ConfigDict:
+  try:
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+  except OSError as e:
+    raise UserError(f'cannot read {path}: {e.strerror}') from None
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path} is not valid JSON (line {e.lineno}): {e.msg}') from None
+  if not isinstance(data, dict):
+    raise UserError(f'{path}: expected a JSON object of config sections')
+  partial = ml_collections.ConfigDict(data)
+  check_schema(partial, default_config(), where=path)
+  cfg = _fill_defaults(partial)
+  validate(cfg)
+  cfg.lock()
+  return cfg
+
+
+def write_json_atomic(cfg: ml_collections.ConfigDict, path: str) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(to_json(cfg))
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def model_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
+  """Keys of `model` that differ: a checkpoint of one cannot be restored into the other."""
+  return [f'model.{k}' for k in a.model.keys() if a.model[k] != b.model[k]]

@@ -1,0 +1,115 @@
+"""Sentencepiece tokenizers: trained on the training split when a workdir has none, or loaded from a file.
+
+Trained for text that is mostly code: BPE with byte fallback (any byte sequence encodes, decoding gives the
+text back exactly), no normalisation, whitespace kept as is, and '\\n' a piece of its own so line structure
+survives. Ids: 0 pad, 1 bos, 2 eos, 3 unk.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+from llm_jax.errors import UserError
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+# Lines longer than this are dropped from tokenizer *training* only (sentencepiece's own limit).
+_MAX_TRAIN_LINE = 1 << 14
+
+
+class Tokenizer:
+  """A thin, picklable wrapper: grain worker processes receive the serialized model, not a file path."""
+
+  def __init__(self, model_proto: bytes):
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+  def __getstate__(self):
+    return {'proto': self._proto}
+
+  def __setstate__(self, state):
+    self.__init__(state['proto'])
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.decode([int(i) for i in ids if int(i) > UNK_ID])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def serialized(self) -> bytes:
+    return self._proto
+
+
+def load(path: str) -> Tokenizer:
+  try:
+    with open(path, 'rb') as f:
+      proto = f.read()
+  except OSError as e:
+    raise UserError(f'cannot read tokenizer {path}: {e.strerror}') from None
+  try:
+    tok = Tokenizer(proto)
+  except Exception:  # sentencepiece raises RuntimeError/OSError variants on a bad proto
+    raise UserError(f'{path} is not a sentencepiece model') from None
+  if tok.vocab_size <= UNK_ID:
+    raise UserError(f'{path}: a tokenizer of {tok.vocab_size} pieces is too small')
+  return tok
+
+
+def _training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+  seen = 0
+  for text in texts:
+    for line in text.split('\n'):
+      if line and len(line) < _MAX_TRAIN_LINE:
+        yield line
+        seen += len(line) + 1
+        if seen >= max_chars:
+          return
+
+
+def train(texts: Iterable[str], vocab_size: int, max_chars: int, num_threads: int | None = None) -> Tokenizer:
+  """A BPE sentencepiece model of `vocab_size` pieces from at most `max_chars` of `texts`."""
+  out = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(texts, max_chars),
+        model_writer=out,
+        model_type='bpe',
+        vocab_size=vocab_size,
+        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+        byte_fallback=True,
+        normalization_rule_name='identity',
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=['\n'],
+        max_sentence_length=_MAX_TRAIN_LINE,
+        character_coverage=0.9995,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+  except RuntimeError as e:  # e.g. too little text for the requested vocabulary
+    raise UserError(f'tokenizer training failed (vocab_size={vocab_size}): {e}') from None
+  return Tokenizer(out.getvalue())
+
+
+def save(tok: Tokenizer, path: str) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(tok.serialized())
+  os.replace(tmp, path)

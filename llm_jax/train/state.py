@@ -1,0 +1,77 @@
+"""The train state, built abstract first: shapes via `jax.eval_shape`, shardings from the logical names the
+model declares, then created directly sharded by a jitted init (no host ever holds the full params)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from llm_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data: checkpoints hold plain arrays
+
+
+def _dummy_inputs():
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return tokens, jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 8)), jnp.ones((1, 8), jnp.int32)
+
+
+def param_logical_specs(model):
+  """The logical PartitionSpec (axis names) of every parameter."""
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs())
+  return nn.get_partition_spec(boxed)['params']
+
+
+def init_params(model, rng):
+  return nn.meta.unbox(model.init(rng, *_dummy_inputs()))['params']
+
+
+def param_shardings(model, mesh, rules):
+  return sharding.tree_shardings(mesh, param_logical_specs(model), rules)
+
+
+def abstract_params(model, mesh, rules):
+  """ShapeDtypeStructs of the params with their target shardings (to restore params alone into)."""
+  shapes = jax.eval_shape(lambda rng: init_params(model, rng), jax.random.PRNGKey(0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                      param_shardings(model, mesh, rules))
+
+
+class StateFactory:
+  """Abstract state, its shardings, and the jitted sharded initialiser for one model + optimizer + mesh."""
+
+  def __init__(self, model, tx: optax.GradientTransformation, mesh, rules):
+    self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
+    self.param_shardings = param_shardings(model, mesh, rules)
+    self.abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
+    repl = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, self.abstract.opt_state, self.param_shardings,
+        transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    self.shardings = TrainState(step=repl, params=self.param_shardings, opt_state=opt_shardings, rng=repl)
+
+  def _init(self, rng) -> TrainState:
+    params_rng, state_rng = jax.random.split(rng)
+    params = init_params(self.model, params_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      rng=state_rng)
+
+  def init(self, seed: int) -> TrainState:
+    init = jax.jit(self._init, out_shardings=self.shardings)
+    return init(jax.random.PRNGKey(seed))
+
+  def abstract_sharded(self) -> TrainState:
+    """ShapeDtypeStructs carrying the target shardings: what a checkpoint is restored into."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract, self.shardings)

@@ -1,0 +1,150 @@
+"""A run's work directory: its resolved config, its tokenizer and its metrics, found with `--workdir` alone.
+
+    WORKDIR/config.json       the resolved config (written at the start of training)
+    WORKDIR/tokenizer.model   the sentencepiece model every command of this run uses
+    WORKDIR/checkpoints/      orbax steps (see checkpoint.py)
+    WORKDIR/metrics.jsonl     one JSON object per logged step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from llm_jax import config as config_lib
+from llm_jax.data import sources, tokenizer as tokenizer_lib
+from llm_jax.errors import UserError
+
+CONFIG = 'config.json'
+TOKENIZER = 'tokenizer.model'
+METRICS = 'metrics.jsonl'
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, CONFIG)
+
+
+def load_config(workdir: str):
+  """The config a run was trained with; a one-line error when the workdir is not a run."""
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} does not exist')
+  path = config_path(workdir)
+  if not os.path.isfile(path):
+    raise UserError(f'workdir {workdir} has no {CONFIG} (not an llm-jax run?)')
+  return config_lib.from_json_file(path)
+
+
+def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tuple[str, str]]):
+  """The config of a training run: the recipe (default configs/tiny.py) plus overrides, or, when resuming
+  a workdir without --config, its saved config plus overrides (e.g. more steps)."""
+  saved = config_path(workdir)
+  if spec is None and os.path.isfile(saved):
+    return config_lib.load(None, overrides, base=config_lib.from_json_file(saved))
+  if spec is None:
+    spec = default_recipe()
+  cfg = config_lib.load(spec, overrides)
+  if os.path.isfile(saved):
+    changed = config_lib.model_differences(config_lib.from_json_file(saved), cfg)
+    if changed and _has_checkpoints(workdir):
+      raise UserError(f'workdir {workdir} holds checkpoints of a different model ({", ".join(changed)} '
+                      'changed); use a new --workdir')
+  return cfg
+
+
+def default_recipe() -> str:
+  """configs/tiny.py of this checkout, wherever the command is run from."""
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(here, 'configs', 'tiny.py')
+  if not os.path.isfile(path):
+    path = os.path.join('configs', 'tiny.py')
+  return path
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  d = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
+def prepare(workdir: str, cfg) -> None:
+  """Create the workdir and write the resolved config (process 0), failing early if it is not writable."""
+  if jax.process_index() != 0:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    config_lib.write_json_atomic(cfg, config_path(workdir))
+  except OSError as e:
+    raise UserError(f'cannot write to workdir {workdir}: {e.strerror}') from None
+
+
+def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer, made once: copied from data.tokenizer, or trained on the training split.
+
+  Process 0 makes it and hands the bytes to the others, so hosts need no shared filesystem.
+  """
+  path = os.path.join(workdir, TOKENIZER)
+  proto = b''
+  if jax.process_index() == 0:
+    if cfg.data.tokenizer:
+      tok = tokenizer_lib.load(cfg.data.tokenizer)
+      if os.path.abspath(cfg.data.tokenizer) != os.path.abspath(path):
+        shutil.copyfile(cfg.data.tokenizer, path + '.tmp')
+        os.replace(path + '.tmp', path)
+    elif os.path.isfile(path):
+      tok = tokenizer_lib.load(path)
+    else:
+      docs = sources.open_source(cfg.data, 'train')
+      texts = (docs[i] for i in range(len(docs)))
+      tok = tokenizer_lib.train(texts, cfg.model.vocab_size, cfg.data.tokenizer_train_chars)
+      tokenizer_lib.save(tok, path)
+    proto = tok.serialized()
+  proto = _broadcast_bytes(proto)
+  tok = tokenizer_lib.Tokenizer(proto)
+  check_vocab(tok, cfg)
+  return tok
+
+
+def load_tokenizer(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
+  path = os.path.join(workdir, TOKENIZER)
+  if not os.path.isfile(path):
+    raise UserError(f'workdir {workdir} has no {TOKENIZER}')
+  tok = tokenizer_lib.load(path)
+  check_vocab(tok, cfg)
+  return tok
+
+
+def check_vocab(tok, cfg) -> None:
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise UserError(f'config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer\'s '
+                    f'{tok.vocab_size} pieces')
+
+
+def _broadcast_bytes(data: bytes) -> bytes:
+  if jax.process_count() == 1:
+    return data
+  from jax.experimental import multihost_utils
+  length = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+  buf = np.zeros(length, np.uint8)
+  if jax.process_index() == 0:
+    buf[:] = np.frombuffer(data, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)))
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, METRICS)
+    self._enabled = jax.process_index() == 0
+
+  def write(self, record: dict) -> None:
+    if not self._enabled:
+      return
+    line = json.dumps({k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
+                       for k, v in record.items()})
+    with open(self._path, 'a', encoding='utf-8') as f:
+      f.write(line + '\n')

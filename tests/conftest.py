@@ -1,0 +1,37 @@
+"""Shared fixtures. Eight fake CPU devices so meshes can be tested on any machine."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+from llm_jax import config as config_lib  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'configs', 'tiny.py') + ':tiny'
+
+
+def tiny_config(*overrides: tuple[str, str]):
+  """The tests' config: configs/tiny.py:tiny plus overrides, validated and locked like the CLI's."""
+  return config_lib.load(TINY, list(overrides))
+
+
+@pytest.fixture(scope='session')
+def tokenizer_path(tmp_path_factory):
+  """A tokenizer trained once on the built-in corpus for every test that needs one."""
+  from llm_jax.data import sources, tokenizer as tokenizer_lib
+  cfg = tiny_config()
+  docs = sources.open_source(cfg.data, 'train')
+  tok = tokenizer_lib.train((docs[i] for i in range(len(docs))), cfg.model.vocab_size,
+                            cfg.data.tokenizer_train_chars, num_threads=1)
+  path = str(tmp_path_factory.mktemp('tok') / 'tokenizer.model')
+  tokenizer_lib.save(tok, path)
+  return path
+
+
+@pytest.fixture(scope='session')
+def tokenizer(tokenizer_path):
+  from llm_jax.data import tokenizer as tokenizer_lib
+  return tokenizer_lib.load(tokenizer_path)
