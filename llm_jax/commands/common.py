@@ -1,0 +1,23 @@
+"""Small pieces several commands share."""
+
+import json
+import os
+
+from llm_jax.errors import UserError
+
+
+def no_overrides(command: str, overrides) -> None:
+  if overrides:
+    raise UserError(f"{command} reads the run's own config; --config.* overrides are not accepted")
+
+
+def write_json(path: str, obj) -> None:
+  """Write `obj` to `path` atomically: a failure leaves any previous file intact."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(obj, f, indent=2)
+      f.write('\n')
+    os.replace(tmp, path)
+  except OSError as e:
+    raise UserError(f'cannot write {path}: {e.strerror}') from None

@@ -1,0 +1,17 @@
+"""`llm-jax train`: train a run in --workdir, or resume it from its latest checkpoint."""
+
+HELP = 'train (or resume) a run in --workdir'
+
+
+def add_arguments(p) -> None:
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--config', default=None,
+                 help="recipe file[:variant]; default configs/tiny.py, or the workdir's saved config")
+
+
+def run(args, overrides) -> int:
+  from llm_jax import workdir as workdir_lib
+  from llm_jax.train import loop
+  cfg = workdir_lib.resolve_train_config(args.workdir, args.config, overrides)
+  loop.train(cfg, args.workdir)
+  return 0
