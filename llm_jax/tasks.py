@@ -71,10 +71,10 @@ def encode_pair(tokenizer, context: str, choice: str, bos: list[int]) -> tuple[l
   return bos + context_ids, choice_ids
 
 
-def evaluate(run, items: list[Item], batch_size: int, progress=None) -> dict:
-  """Accuracy and length-normalised accuracy of `items` with the run's latest params."""
+def choice_logliks(run, items: list[Item], batch_size: int, progress=None) -> list[list[float]]:
+  """The log-likelihood of each item's choices after its context."""
   bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []
-  sequences, spans = [], []  # per (item, choice): ids, and where the choice's tokens start
+  sequences, starts = [], []  # per (item, choice): ids, and where the choice's tokens start
   for n, item in enumerate(items):
     for choice in item.choices:
       context_ids, choice_ids = encode_pair(run.tokenizer, item.context, choice, bos)
@@ -84,20 +84,19 @@ def evaluate(run, items: list[Item], batch_size: int, progress=None) -> dict:
       ids = context_ids + choice_ids
       ids = ids[max(0, len(ids) - run.context_len):]  # left-truncate long contexts, as the harness does
       sequences.append(ids)
-      spans.append(len(ids) - len(choice_ids))
-  scores = loglik.score(run.engine, sequences, batch_size,
-                        progress=(lambda k: progress(k)) if progress is not None else None)
+      starts.append(len(ids) - len(choice_ids))
+  scores = iter(loglik.score(run.engine, sequences, batch_size, progress=progress))
+  starts = iter(starts)
+  # Scores.logprobs[t] is the log-probability of token t + 1, so a choice starting at s is logprobs[s - 1:].
+  return [[sum(next(scores).logprobs[next(starts) - 1:]) for _ in item.choices] for item in items]
+
+
+def evaluate(run, items: list[Item], batch_size: int, progress=None) -> dict:
+  """Accuracy and length-normalised accuracy of `items` with the run's latest params."""
   correct = correct_norm = 0
-  k = 0
-  for item in items:
-    lls = []
-    for choice in item.choices:
-      s, start = scores[k], spans[k]
-      # Scores[t] is the log-probability of token t + 1, so the choice's tokens are scores[start - 1:].
-      lls.append(sum(s.logprobs[start - 1:]))
-      k += 1
+  for item, lls in zip(items, choice_logliks(run, items, batch_size, progress)):
     norm = [ll / len(c) for ll, c in zip(lls, item.choices)]
     correct += int(max(range(len(lls)), key=lls.__getitem__) == item.gold)
     correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.gold)
   return {'items': len(items), 'accuracy': correct / len(items), 'accuracy_norm': correct_norm / len(items),
-          'choices_scored': len(sequences)}
+          'choices_scored': sum(len(i.choices) for i in items)}

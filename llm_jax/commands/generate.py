@@ -109,8 +109,9 @@ def run(args, overrides) -> int:
   if args.batch_size < 1:
     raise UserError(f'--batch_size={args.batch_size}: expected a positive integer')
   params = beam_params(args) if args.num_beams else sampling_params(args)
+  from llm_jax import inference, workdir as workdir_lib
+  workdir_lib.load_config(args.workdir)  # a missing run fails before prompts are read
   texts = read_prompts(args)
-  from llm_jax import inference
   run_ = inference.load_run(args.workdir)
   prompts = [inference.prompt_tokens(run_, t, args.max_new_tokens, args.truncate,
                                      name=f'prompt {i + 1}' if len(texts) > 1 else 'the prompt')
