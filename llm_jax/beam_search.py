@@ -133,9 +133,7 @@ def run(engine, token_lists: Sequence[Sequence[int]], params: BeamParams) -> lis
   n = len(token_lists)
   rows = engine.padded_rows(n)
   prompt_RP, lengths_R = engine.prompts(token_lists, rows)
-  stop_ids = sorted(set(params.stop_tokens) | {engine.eos_id})
-  stop_ids_K = np.full(1 << max(0, len(stop_ids) - 1).bit_length(), -1, np.int32)
-  stop_ids_K[:len(stop_ids)] = stop_ids
+  stop_ids_K = engine.stop_ids([params.stop_tokens], [True], 1)[0]
   search = _compiled(engine.adapter, engine.mesh, engine.rules)
   live_R = np.arange(rows) < n  # padding rows never hold the loop open
   out = search(engine.params, engine.put(prompt_RP, ('batch', None)), engine.put(lengths_R, ('batch',)),

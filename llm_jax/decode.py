@@ -203,6 +203,15 @@ class Engine:
       lengths_B[b] = len(t)
     return prompt_BP, lengths_B
 
+  def stop_ids(self, stop_tokens: Sequence[Sequence[int]], with_eos: Sequence[bool], rows: int) -> np.ndarray:
+    """[rows, K] each row's stop ids (EOS where asked) padded with -1, which is never a token; K a power of
+    two. Rows past the given ones have none."""
+    sets = [sorted(set(t) | ({self.eos_id} if eos else set())) for t, eos in zip(stop_tokens, with_eos)]
+    out = np.full((rows, _pow2(max(1, max(len(s) for s in sets)))), -1, np.int32)
+    for b, s in enumerate(sets):
+      out[b, :len(s)] = s
+    return out
+
   # -- sampling -------------------------------------------------------------------------------------------
 
   def generate(self, requests: Sequence[Request]) -> list[Result]:
@@ -218,11 +227,8 @@ class Engine:
     sample_B = np.zeros(rows, np.int32)
     sample_B[:len(requests)] = [r.sample for r in requests]
 
-    stop_sets = [sorted(set(p.stop_tokens) | (set() if p.ignore_eos else {self.eos_id})) for p in params_list]
-    K = _pow2(max(1, max(len(s) for s in stop_sets)))
-    stop_ids_BK = np.full((rows, K), -1, np.int32)
-    for b, s in enumerate(stop_sets):
-      stop_ids_BK[b, :len(s)] = s
+    stop_ids_BK = self.stop_ids([p.stop_tokens for p in params_list], [not p.ignore_eos for p in params_list],
+                                rows)
     with_strings = any(p.stop_strings for p in params_list)
     if with_strings:
       if self.vocab is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import math
+import sys
 from typing import Callable, Iterable
 
 import jax
@@ -128,7 +129,6 @@ def evaluate_run(run, data: str | None = None, max_tokens: int | None = None, pr
 
 def progress_bar(total: int, unit: str):
   """tqdm on standard error, drawn only on a terminal (logs and tests stay clean)."""
-  import sys
   from tqdm import tqdm
   return tqdm(total=total, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr,
               disable=not sys.stderr.isatty())

@@ -48,7 +48,6 @@ def score(engine, sequences: Sequence[Sequence[int]], batch_size: int = 32, prog
   if any(len(s) < 2 for s in sequences):
     raise ValueError('scoring needs sequences of at least two tokens')
   fn = _compiled(engine.model, engine.mesh, engine.rules)
-  out: list[Scores] = []
   # Longest first, so batches hold similar lengths and pad little; results go back in the given order.
   order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
   by_index = {}
@@ -67,5 +66,4 @@ def score(engine, sequences: Sequence[Sequence[int]], batch_size: int = 32, prog
       by_index[i] = Scores(logprob_BT[b, :n].tolist(), top_BT[b, :n].tolist(), top_logprob_BT[b, :n].tolist())
     if progress is not None:
       progress(len(chunk))
-  out = [by_index[i] for i in range(len(sequences))]
-  return out
+  return [by_index[i] for i in range(len(sequences))]

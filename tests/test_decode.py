@@ -101,7 +101,9 @@ def test_top_k_1_is_greedy_and_a_seed_fixes_the_sample():
 
 def _draws(**knobs):
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  return {int(sampling.sample_logits(logits, jax.random.PRNGKey(s), **knobs)[0]) for s in range(200)}
+  keys = jax.random.split(jax.random.PRNGKey(0), 200)
+  draws = jax.jit(jax.vmap(lambda k: sampling.sample_logits(logits, k, **knobs)[0]))(keys)
+  return set(np.asarray(draws).tolist())
 
 
 def test_nucleus_and_min_p_keep_only_what_they_should():
