@@ -24,7 +24,7 @@ def tokenizer_path(tmp_path_factory):
   from llm_jax.data import sources, tokenizer as tokenizer_lib
   cfg = tiny_config()
   docs = sources.open_source(cfg.data, 'train')
-  tok = tokenizer_lib.train((docs[i] for i in range(len(docs))), cfg.model.vocab_size,
+  tok = tokenizer_lib.train(sources.texts(docs), cfg.model.vocab_size,
                             cfg.data.tokenizer_train_chars, num_threads=1)
   path = str(tmp_path_factory.mktemp('tok') / 'tokenizer.model')
   tokenizer_lib.save(tok, path)
