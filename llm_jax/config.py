@@ -283,7 +283,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(m.norm_eps > 0, 'model.norm_eps', m.norm_eps, 'positive')
   _require(d.seq_len >= 2, 'data.seq_len', d.seq_len, 'at least 2')
   _require(d.batch_size >= 1, 'data.batch_size', d.batch_size, 'a positive integer')
-  _require(0 < d.heldout_percent < 100, 'data.heldout_percent', d.heldout_percent, 'between 1 and 99')
+  _require(0 <= d.heldout_percent < 100, 'data.heldout_percent', d.heldout_percent,
+           'between 0 (no held-out documents) and 99')
+  _require(d.heldout_percent > 0 or cfg.eval.every == 0, 'data.heldout_percent', d.heldout_percent,
+           'above 0 while eval.every > 0 (held-out loss needs held-out documents)')
   _require(d.tokenizer_train_chars > 0, 'data.tokenizer_train_chars', d.tokenizer_train_chars, 'positive')
   _require(bool(d.source), 'data.source', d.source, "'builtin', a glob of .txt/.jsonl files, or tfds:NAME")
   _check_mixture(d.mixture)

@@ -62,10 +62,10 @@ def _read_all(path: str) -> bytes:
     with open(path, 'rb') as f:
       data = f.read()
     return gzip.decompress(data) if path.endswith('.gz') else data
+  except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile is an OSError: catch it first
+    raise UserError(f'{path}: not a valid gzip file ({e})') from None
   except OSError as e:
     raise UserError(f'cannot read {path}: {e.strerror or e}') from None
-  except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-    raise UserError(f'{path}: not a valid gzip file ({e})') from None
 
 
 def _jsonl_ranges(data: bytes):
@@ -221,7 +221,7 @@ class FileDocuments:
     except UnicodeDecodeError as e:
       return Skipped(where, 'invalid_utf8', f'invalid UTF-8 at byte {e.start} ({e.reason})')
     except json.JSONDecodeError as e:
-      return Skipped(where, 'bad_json', f'not valid JSON ({e.msg} at column {e.colno})')
+      return Skipped(where, 'bad_json', f'not valid JSON ({e.msg}, column {e.colno})')
     except RecursionError:
       return Skipped(where, 'bad_json', 'not valid JSON (nested too deeply)')
     if not isinstance(record, dict) or self._field not in record:
