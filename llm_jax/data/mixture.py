@@ -152,6 +152,9 @@ def shard_dataset(parts, shard: int, num_shards: int, seed: int, featurize) -> g
     if len(docs) < num_shards:
       raise UserError(f'a training source has {len(docs)} documents, fewer than the {num_shards} data shards '
                       '(config key data.shards)')
-    streams.append(EpochShuffle(docs, shard, num_shards, _seed(seed, j, shard)))
+    if getattr(docs, 'sequential', False):  # a tfrecord stream (streaming.py): its own order, unshuffled
+      streams.append(docs.shard(shard, num_shards))
+    else:
+      streams.append(EpochShuffle(docs, shard, num_shards, _seed(seed, j, shard)))
   mixed = streams[0] if len(streams) == 1 else WeightedMix(streams, [w for _, w in parts], _seed(seed, shard, -1))
   return mixed.map(featurize)

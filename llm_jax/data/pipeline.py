@@ -92,6 +92,9 @@ class TrainStream:
     self._rows = data_cfg.batch_size // self.num_shards  # validate() checks the divisibility
     parts = sources.open_sources(data_cfg, 'train')
     check_prepared_tokenizers(parts, tokenizer)
+    if data_cfg.workers and any(getattr(docs, 'sequential', False) for docs, _ in parts):
+      raise UserError(f'config key data.workers={data_cfg.workers}: a streamed (tfrecord) TFDS source is read '
+                      'in order by the training process; set data.workers=0')
     objective = objectives.for_config(data_cfg, tokenizer)
     self.streams = objective.streams(data_cfg.seq_len)
     featurize = Featurize(tokenizer, objective, data_cfg.max_doc_chars)
