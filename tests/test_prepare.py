@@ -62,6 +62,8 @@ class _NoTokenizing:
   def encode(self, text):
     raise AssertionError('the prepared dataset was tokenized again')
 
+  encode_array = encode
+
 
 @pytest.mark.parametrize('how', ['dir', 'name'])
 def test_training_from_prepared_shards_reads_ids_by_directory_or_by_name(prepared_dir, tokenizer, how):

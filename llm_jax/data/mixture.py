@@ -135,9 +135,9 @@ class Featurize:
       return item
     if isinstance(item, str):
       if len(item) <= self._max:
-        ids = np.asarray(self._tokenizer.encode(item), np.int32)
+        ids = self._tokenizer.encode_array(item)
       else:
-        ids = np.concatenate([np.asarray(self._tokenizer.encode(item[i:i + self._max]), np.int32)
+        ids = np.concatenate([self._tokenizer.encode_array(item[i:i + self._max])
                               for i in range(0, len(item), self._max)])
     else:
       ids = item

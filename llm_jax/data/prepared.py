@@ -34,7 +34,7 @@ def _tokenize(job):
   text = sources.doc_text(docs, i)
   if isinstance(text, Skipped):
     return docs.name(i), text, None
-  return docs.name(i), text, np.asarray(tokenizer.encode(text), np.int64)
+  return docs.name(i), text, tokenizer.encode_array(text)
 
 
 def _examples(docs_by_split, tokenizer, split: str, workers: int, dtype, stats: dict):
