@@ -21,7 +21,8 @@ def _all(docs):
 
 
 def _open(tmp_path, pattern, *overrides, split='train'):
-  cfg = tiny_config(('data.source', str(tmp_path / pattern)), ('data.heldout_percent', '0'), ('eval.every', '0'), *overrides)
+  cfg = tiny_config(('data.source', str(tmp_path / pattern)), ('data.heldout_percent', '0'), ('eval.every', '0'),
+                    *overrides)
   return sources.open_source(cfg.data, split)
 
 
@@ -162,7 +163,8 @@ def test_a_single_100mb_line_is_cut_into_pieces_and_never_hangs(tmp_path, tokeni
   assert all(len(txt[i]) <= 1_000_000 for i in (0, 1, pieces - 1))
   jsonl = _open(tmp_path, 'huge.jsonl')
   assert len(jsonl) == -(-os.path.getsize(tmp_path / 'huge.jsonl') // 1_000_000) and jsonl[5] == 'y' * 1_000_000
-  cfg = tiny_config(('data.source', str(tmp_path / 'huge.txt')), ('data.heldout_percent', '0'), ('eval.every', '0'))
+  cfg = tiny_config(('data.source', str(tmp_path / 'huge.txt')), ('data.heldout_percent', '0'),
+                    ('eval.every', '0'))
   batch = next(pipeline.TrainStream(cfg.data, tokenizer, seed=0))  # 8 shards each tokenize one piece
   assert batch['loss_mask'].all()
 
@@ -220,3 +222,17 @@ def test_cli_reports_an_empty_glob_in_one_line(tmp_path):
   assert res.returncode == 2 and 'Traceback' not in res.stderr
   assert res.stderr.strip() == (f"llm-jax: error: config key data.source='{tmp_path}/*.jsonl': the glob "
                                 'matches no files')
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('data.txt_mode', 'lines', "data.txt_mode='lines': expected one of ('file', 'blocks')"),
+    ('data.max_doc_chars', '10', 'data.max_doc_chars=10: expected at least 1000'),
+    ('data.workers', '-1', 'data.workers=-1'),
+    ('data.prefetch', '-1', 'data.prefetch=-1'),
+    ('data.shards', '0', 'data.shards=0'),
+    ('data.tfds_train_split', '', 'data.tfds_train_split'),
+    ('data.heldout_percent', '0', 'data.heldout_percent=0: expected above 0 while eval.every > 0'),
+])
+def test_data_keys_are_validated_by_name(key, value, needle):
+  with pytest.raises(UserError, match=needle.replace('(', r'\(').replace(')', r'\)')):
+    tiny_config((key, value))

@@ -26,7 +26,8 @@ def run(args, overrides) -> int:
     tok = workdir_lib.train_tokenizer(cfg)
   workdir_lib.check_vocab(tok, cfg)
   result = prepared.prepare(cfg.data, tok, args.output, args.name)
-  print(f'wrote {result["path"]}: {result["documents"]:,} documents ({", ".join(f"{s} {n:,}" for s, n in result["splits"].items())}), '
-        f'{result["tokens"]:,} tokens, {result["skipped"]} bad records skipped')
+  splits = ', '.join(f'{split} {n:,}' for split, n in result['splits'].items())
+  print(f'wrote {result["path"]}: {result["documents"]:,} documents ({splits}), {result["tokens"]:,} tokens, '
+        f'{result["skipped"]} bad records skipped')
   print(f'train from it with --config.data.source=tfds:{result["path"]}')
   return 0
