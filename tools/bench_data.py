@@ -24,19 +24,36 @@ from llm_jax import config as config_lib  # noqa: E402
 from llm_jax.data import pipeline, prepared, sources, tokenizer as tokenizer_lib  # noqa: E402
 
 
-def measure(data_cfg, tok, seconds: float, warmup_batches: int = 2) -> tuple[float, int]:
+def _cpu_seconds() -> float:
+  """CPU time of this process and its live worker processes (psutil comes with tensorflow-datasets)."""
+  import psutil
+  me = psutil.Process()
+  procs = [me] + me.children(recursive=True)
+  total = 0.0
+  for p in procs:
+    try:
+      t = p.cpu_times()
+      total += t.user + t.system
+    except psutil.NoSuchProcess:
+      pass
+  return total
+
+
+def measure(data_cfg, tok, seconds: float, warmup_batches: int = 2) -> tuple[float, int, float]:
+  """tokens/s, batches, and the cores the pipeline had on average (2.0 is the whole machine)."""
   stream = pipeline.TrainStream(data_cfg, tok, seed=0, process_index=0, process_count=1)
   try:
     for _ in range(warmup_batches):
       next(stream)
-    start, batches = time.perf_counter(), 0
+    start, batches, cpu = time.perf_counter(), 0, _cpu_seconds()
     while time.perf_counter() - start < seconds:
       next(stream)
       batches += 1
     elapsed = time.perf_counter() - start
+    cores = (_cpu_seconds() - cpu) / elapsed
   finally:
     stream.close()
-  return batches * data_cfg.batch_size * data_cfg.seq_len / elapsed, batches
+  return batches * data_cfg.batch_size * data_cfg.seq_len / elapsed, batches, cores
 
 
 def main() -> None:
@@ -67,8 +84,9 @@ def main() -> None:
   if args.only in (None, 'text'):
     for w in workers:
       data_cfg = config_lib.load(None, base + [('data.workers', str(w))]).data
-      rate, n = measure(data_cfg, tok, args.seconds)
-      print(f'(a) text + sentencepiece + packing, workers={w}: {rate:,.0f} tokens/s ({n} batches)', flush=True)
+      rate, n, cores = measure(data_cfg, tok, args.seconds)
+      print(f'(a) text + sentencepiece + packing, workers={w}: {rate:,.0f} tokens/s ({n} batches; '
+            f'{cores:.2f} cores busy, {rate / max(cores, 1e-9):,.0f} tokens per core-second)', flush=True)
   if args.only in (None, 'prepared'):
     with tempfile.TemporaryDirectory() as tmp:
       t = time.perf_counter()
@@ -78,9 +96,9 @@ def main() -> None:
       for w in workers:
         data_cfg = config_lib.load(None, base + [('data.source', f'tfds:{info["path"]}'),
                                                  ('data.workers', str(w))]).data
-        rate, n = measure(data_cfg, tok, args.seconds)
-        print(f'(b) prepared ArrayRecord + packing, workers={w}: {rate:,.0f} tokens/s ({n} batches)',
-              flush=True)
+        rate, n, cores = measure(data_cfg, tok, args.seconds)
+        print(f'(b) prepared ArrayRecord + packing, workers={w}: {rate:,.0f} tokens/s ({n} batches; '
+              f'{cores:.2f} cores busy, {rate / max(cores, 1e-9):,.0f} tokens per core-second)', flush=True)
   print(f'# load average {os.getloadavg()[0]:.2f} at end')
 
 
