@@ -70,11 +70,13 @@ class EpochShuffle(grain.MapDataset):
     if self._n > self.SMALL:
       return int(grain_exp.index_shuffle(i, max_index=self._n - 1, seed=_seed(self._shuffle_seed, epoch),
                                          rounds=4))
-    perm = self._perms.get(epoch)
+    perms = self._perms
+    perm = perms.get(epoch)
     if perm is None:
-      if len(self._perms) >= 2:  # reading ahead can straddle two epochs; older ones are done
-        self._perms.pop(min(self._perms))
-      perm = self._perms[epoch] = np.random.default_rng(_seed(self._shuffle_seed, epoch)).permutation(self._n)
+      perm = np.random.default_rng(_seed(self._shuffle_seed, epoch)).permutation(self._n)
+      # Reading ahead can straddle two epochs; older ones are done. The dict is replaced, not changed in
+      # place, because a prefetch thread of a feed being replaced (resume) may still be reading it.
+      self._perms = {**{e: p for e, p in perms.items() if e >= epoch - 1}, epoch: perm}
     return int(perm[i])
 
   def __getitem__(self, index):

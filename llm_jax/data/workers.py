@@ -78,21 +78,24 @@ class Feeds:
           initargs=(pickle.dumps(datasets),))
 
   def feed(self, position: int, start: int, limit: int | None = None):
-    ds = self._datasets[position]
+    """A new feed for `position` replaces (and stops) the one before it: a resume re-positions a shard."""
+    if position in self._open:
+      self._open.pop(position).close()
     if self._pool is not None:
-      if position in self._open:
-        self._open[position].close()
-      self._open[position] = _PoolFeed(self._pool, position, start, self._prefetch, limit)
-      return self._open[position]
-    sliced = ds[start:limit]
-    if self._prefetch <= 0:
-      return (sliced[k] for k in range(len(sliced)))
-    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch)
-    return iter(sliced.to_iter_dataset(options))
+      feed = _PoolFeed(self._pool, position, start, self._prefetch, limit)
+    else:
+      sliced = self._datasets[position][start:limit]
+      if self._prefetch <= 0:
+        return (sliced[k] for k in range(len(sliced)))
+      options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch)
+      feed = iter(sliced.to_iter_dataset(options))
+    self._open[position] = feed
+    return feed
 
   def close(self) -> None:
+    for feed in self._open.values():
+      feed.close()
+    self._open.clear()
     if self._pool is not None:
-      for f in self._open.values():
-        f.close()
       self._pool.shutdown(wait=False, cancel_futures=True)
       self._pool = None
