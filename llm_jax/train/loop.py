@@ -87,7 +87,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   lr_schedule = optim.schedule(cfg.train)
   factory = StateFactory(train_model, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed)
+  stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed, model_cfg=cfg.model)
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   latest = ckpt.latest_step()
@@ -173,4 +173,5 @@ def _periodic_eval_batches(cfg, tok, heldout):
   """The same held-out batches every time: the first documents, this process's share of them."""
   local = pipeline.local_batch_size(cfg.data)
   return pipeline.eval_batches(heldout, tok, cfg.data, local, num_batches=cfg.eval.batches,
+                               model_cfg=cfg.model, seed=cfg.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
