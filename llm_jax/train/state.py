@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import sharding
+from llm_jax.models import example_batch, model_args
 
 
 @flax.struct.dataclass
@@ -22,19 +23,18 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data: checkpoints hold plain arrays
 
 
-def _dummy_inputs():
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  return tokens, jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 8)), jnp.ones((1, 8), jnp.int32)
+def _dummy_inputs(model):
+  return model_args(model.cfg, example_batch(model.cfg))
 
 
 def param_logical_specs(model):
   """The logical PartitionSpec (axis names) of every parameter."""
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs())
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs(model))
   return nn.get_partition_spec(boxed)['params']
 
 
 def init_params(model, rng):
-  return nn.meta.unbox(model.init(rng, *_dummy_inputs()))['params']
+  return nn.meta.unbox(model.init(rng, *_dummy_inputs(model)))['params']
 
 
 def param_shardings(model, mesh, rules):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import sharding
+from llm_jax.models import model_args
 from llm_jax.train.state import TrainState
 
 Array = jax.Array
@@ -29,8 +30,7 @@ def global_norm(tree) -> Array:
 
 
 def forward(model, params, batch: dict[str, Array], rngs=None) -> Array:
-  logits_BTV, _ = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                              rngs=rngs)
+  logits_BTV, _ = model.apply({'params': params}, *model_args(model.cfg, batch), rngs=rngs)
   return logits_BTV
 
 
