@@ -31,7 +31,10 @@ def run(args, overrides) -> int:
     raise UserError(f'--batch_size={args.batch_size}: expected a positive integer')
   if args.data is not None and not args.data:
     raise UserError('--data is empty')
-  from llm_jax import evaluate, inference, tasks
+  from llm_jax import evaluate, inference, tasks, workdir as workdir_lib
+  if args.task:  # choices are ranked by their log-likelihood as a continuation: a decoder's
+    inference.require_family(workdir_lib.load_config(args.workdir), 'eval --task', ('decoder',),
+                             'multiple-choice tasks score continuations with a decoder-only model')
   task_items = {path: tasks.read(path) for path in args.task}  # bad task files fail before the model loads
   run_ = inference.load_run(args.workdir)
   result = {'step': run_.step}
@@ -56,9 +59,17 @@ def run(args, overrides) -> int:
 
 
 def _print_data(result) -> None:
-  base = result['baselines_bits_per_byte']
   print(f'step {result["step"]}: {result["data"]}: {result["documents"]} documents, {result["bytes"]:,} bytes, '
         f'{result["tokens"]:,} tokens')
+  if 'masked_token_loss' in result:
+    print(f'masked-token loss {result["masked_token_loss"]:.4f}  masked-token accuracy '
+          f'{result["masked_token_accuracy"]:.3f}  ({result["masked_tokens"]:,} masked tokens)')
+    return
+  if 'target_tokens' in result:
+    print(f'target loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  target token accuracy '
+          f'{result["token_accuracy"]:.3f}  ({result["target_tokens"]:,} target tokens)')
+    return
+  base = result['baselines_bits_per_byte']
   print(f'loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  '
         f'token accuracy {result["token_accuracy"]:.3f}')
   print('bits per byte: llm-jax {:.3f}   '.format(result['bits_per_byte'])
