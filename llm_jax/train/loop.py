@@ -91,7 +91,10 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   latest = ckpt.latest_step()
-  if latest is not None:
+  if latest is not None and not ckpt.has_train_state(latest):  # imported weights (convert from-hf)
+    state = factory.init_from_params(ckpt.restore_params(latest, factory.abstract_sharded().params), cfg.seed)
+    _say(f'starting from the params of step {latest} of {workdir} (no optimizer state: imported weights)')
+  elif latest is not None:
     state, data_state = ckpt.restore(latest, factory.abstract_sharded())
     stream.set_state(data_state)
     _say(f'resumed from step {latest} of {workdir}')

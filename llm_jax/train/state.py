@@ -67,6 +67,13 @@ class StateFactory:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                       rng=state_rng)
 
+  def init_from_params(self, params, seed: int) -> TrainState:
+    """A fresh state (step 0, new optimizer moments, rng from `seed`) around given params."""
+    def make(params, rng):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                        rng=jax.random.split(rng)[1])
+    return jax.jit(make, out_shardings=self.shardings)(params, jax.random.PRNGKey(seed))
+
   def init(self, seed: int) -> TrainState:
     init = jax.jit(self._init, out_shardings=self.shardings)
     return init(jax.random.PRNGKey(seed))
