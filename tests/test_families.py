@@ -141,7 +141,8 @@ def test_t5_scanned_layers_equal_the_loop():
   for stack in ('encoder_layers', 'decoder_layers'):
     for i in range(2):
       loop_params[f'{stack}_{i}'] = jax.tree.map(lambda a, i=i: a[i], params[stack])
-  assert jax.tree.map(jnp.shape, loop_params) == jax.tree.map(jnp.shape, init_params(looped.module, jax.random.PRNGKey(0)))
+  want = jax.tree.map(jnp.shape, init_params(looped.module, jax.random.PRNGKey(0)))
+  assert jax.tree.map(jnp.shape, loop_params) == want
   enc, dec = _tokens(8, 9), _tokens(9, 5)
   np.testing.assert_allclose(np.asarray(_t5(params, scanned, enc, dec)), np.asarray(_t5(loop_params, looped, enc, dec)),
                              atol=1e-5, rtol=1e-5)

@@ -95,7 +95,8 @@ def _stack(m, side: str) -> list[Tensor]:
   ff = f'{block}.layer.{n}.DenseReluDense'
   out.append(Tensor(f'{stack}/mlp_norm/scale', f'{block}.layer.{n}.layer_norm.weight'))
   if m.mlp_gated:
-    out += [Tensor(f'{stack}/mlp/gate', f'{ff}.wi_0.weight', 'linear'), Tensor(f'{stack}/mlp/up', f'{ff}.wi_1.weight', 'linear')]
+    out += [Tensor(f'{stack}/mlp/gate', f'{ff}.wi_0.weight', 'linear'),
+            Tensor(f'{stack}/mlp/up', f'{ff}.wi_1.weight', 'linear')]
   else:
     out.append(Tensor(f'{stack}/mlp/up', f'{ff}.wi.weight', 'linear'))
   out.append(Tensor(f'{stack}/mlp/down', f'{ff}.wo.weight', 'linear'))
