@@ -103,7 +103,8 @@ def test_model_loss_is_the_same_chunked_and_with_bfloat16_logits_close():
   chunked, _ = loss_and_stats(model, params, batch, loss_cfg=LossConfig(z_loss=1e-4, chunk=16))
   np.testing.assert_allclose(plain, chunked, rtol=1e-6)
   bf16 = build_model(tiny_config(('model.logits_dtype', 'bfloat16')).model)
-  assert model.apply({'params': params}, tokens, batch['positions'], batch['segment_ids'])[0].dtype == jnp.float32
-  assert bf16.apply({'params': params}, tokens, batch['positions'], batch['segment_ids'])[0].dtype == jnp.bfloat16
+  args = (tokens, batch['positions'], batch['segment_ids'])
+  assert model.apply({'params': params}, *args)[0].dtype == jnp.float32
+  assert bf16.apply({'params': params}, *args)[0].dtype == jnp.bfloat16
   low, _ = loss_and_stats(bf16, params, batch, loss_cfg=LossConfig(chunk=16))
   np.testing.assert_allclose(plain, low, rtol=2e-2)

@@ -2,9 +2,11 @@
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from llm_jax import sharding
+from llm_jax.errors import UserError
 from llm_jax.models import build_model
 from llm_jax.train import optim
 from llm_jax.train.loss import LossConfig
@@ -75,3 +77,22 @@ def test_a_poisoned_step_is_skipped_and_counted_when_asked():
   # Without skipping, the same poison reaches the parameters.
   _, bad, _ = _run(tiny_config(('train.warmup_steps', '0')), steps=2, poison_at=1)
   assert not all(np.all(np.isfinite(p)) for p in jax.tree.leaves(bad))
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('train.optimizer', 'sgd', 'train.optimizer'),
+    ('train.schedule', 'step', 'train.schedule'),
+    ('train.decay_fraction', '0', 'train.decay_fraction'),
+    ('train.opt_state_dtype', 'float16', 'train.opt_state_dtype'),
+    ('train.microbatches', '3', r'train.microbatches=3: expected a divisor of data.batch_size=8'),
+    ('train.loss_chunk', '7', r'train.loss_chunk=7: expected 0 \(off\) or a divisor of data.seq_len=64'),
+    ('train.label_smoothing', '1', 'train.label_smoothing'),
+    ('train.z_loss', '-1', 'train.z_loss'),
+    ('train.profile_steps', '5,2', r'train.profile_steps=\(5, 2\)'),
+    ('model.logits_dtype', 'int8', 'model.logits_dtype'),
+    ('model.dtype', 'fp8', 'model.dtype'),
+    ('model.remat', 'some', 'model.remat'),
+])
+def test_training_keys_are_checked_naming_the_key(key, value, needle):
+  with pytest.raises(UserError, match=needle):
+    tiny_config((key, value))

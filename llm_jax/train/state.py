@@ -54,10 +54,9 @@ def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, re
   Adafactor's factored row/column statistics, a skip counter) is small and replicated. Matching paths
   rather than optax.tree_map_params works for every optimizer and wrapper, including ones whose state is
   not a copy of the parameter tree."""
-  by_path = {}
-  for (path, a), s in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
-                          jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
-    by_path[tuple(path)] = (a.shape, s)
+  shardings = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  by_path = {tuple(path): (a.shape, s)
+             for (path, a), s in zip(jax.tree_util.tree_leaves_with_path(abstract_params), shardings)}
   lengths = sorted({len(p) for p in by_path}, reverse=True)
 
   def pick(path, leaf):
