@@ -1,111 +1,262 @@
-"""Decoding: prefill the prompts into a KV cache, then sample token by token in one compiled loop.
+"""Decoding: prefill the prompts into a KV cache and sample token by token, all in one compiled program.
 
-Einsum letters as in models/layers.py; P prompt length (padded), N new tokens, C cache length.
-Prompts of different lengths share a batch: each row is right-padded, and every row writes its cache at its
-own positions, so row b's first new token sits at position len_b and overwrites the padding there.
+Letters as in models/layers.py; P prompt length (padded), N new tokens (steps), K stop tokens, S stop strings,
+Q stop-string automaton states.
+
+One jit holds the prefill and a `lax.while_loop` over the steps: no Python runs per token. Rows of a batch
+are independent requests: each has its own prompt length (prompts are right-padded; every row writes its
+cache at its own positions, so a row's first new token overwrites the padding after its prompt), its own
+sampling knobs, seed, `max_new_tokens`, stop tokens and stop strings (stops.py). The loop ends when every row
+has finished. Batches are padded to a power of two that the mesh's batch shards divide, so any number of
+requests runs on any mesh and a few compiled programs serve them all.
+
+A model family plugs in through an adapter with four methods, so the same loop (and beam search) drives it:
+
+    init_cache(batch, prompt_len, steps) -> cache pytree, already constrained to its logical axes
+    prefill(params, prompt_BP, lengths_B, cache) -> (logits_BV of the first new token, cache, start_B)
+        start_B: the position the first new token is fed at. A decoder-only model runs the prompt and
+        starts at its length. An encoder-decoder encodes the prompt once into a cross-attention cache,
+        runs its start token, and starts at 1.
+    step(params, tokens_B, positions_B, cache) -> (logits_BV, cache)
+    reorder(cache, rows_B) -> cache whose row b is row rows_B[b] of the input (beam search)
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.models import init_cache
+from llm_jax import sampling, sharding, stops
+from llm_jax.models import CACHE_AXES, init_cache
+from llm_jax.sampling import SamplingParams, Stages
 
 Array = jax.Array
 
+__all__ = ['Engine', 'Request', 'Result', 'SamplingParams', 'adapter_for']
+
+FINISH_REASONS = {1: 'stop', 2: 'length'}
+
 
 @dataclass(frozen=True)
-class SamplingParams:
-  temperature: float = 1.0  # 0: greedy
-  top_k: int = 0  # 0: off
-  top_p: float = 1.0  # 1: off
-  max_new_tokens: int = 64
-  seed: int = 0
+class Request:
+  tokens: tuple[int, ...]
+  sampling: SamplingParams = field(default_factory=SamplingParams)
+  sample: int = 0  # which of several samples of one prompt: folded into the seed
 
 
-def sample_logits(logits_BV: Array, rng: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
-  """Greedy when temperature is 0, else a sample from the temperature-scaled, top-k and nucleus-truncated
-  distribution. All three knobs are traced values: changing them does not recompile."""
-  V = logits_BV.shape[-1]
-  logits_BV = logits_BV.astype(jnp.float32)
-  greedy_B = jnp.argmax(logits_BV, axis=-1)
-  scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-  sorted_BV = -jnp.sort(-scaled_BV, axis=-1)  # descending
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-  kth_B1 = jax.lax.dynamic_slice_in_dim(sorted_BV, k - 1, 1, axis=-1)
-  # Nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p (the first
-  # token always stays); its last logit is the cut.
-  probs_BV = jax.nn.softmax(jnp.where(sorted_BV >= kth_B1, sorted_BV, -jnp.inf), axis=-1)
-  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-  kept_BV = (mass_before_BV < top_p) & (sorted_BV >= kth_B1)
-  cut_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-  masked_BV = jnp.where(scaled_BV >= cut_B1, scaled_BV, -jnp.inf)
-  sampled_B = jax.random.categorical(rng, masked_BV, axis=-1)
-  return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+@dataclass
+class Result:
+  tokens: list[int]  # new tokens, up to and including the stop token or the token that ends a stop string
+  logprobs: list[float]  # of each new token under the model (before penalty, temperature, truncation)
+  finish_reason: str  # 'stop' (EOS, a stop token or a stop string) or 'length' (max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'cache_len'))
-def _generate(model, params, prompt_BP: Array, lengths_B: Array, rng: Array, temperature: Array,
-              top_k: Array, top_p: Array, eos_id: Array, *, max_new_tokens: int, cache_len: int):
-  B, P = prompt_BP.shape
-  cache = init_cache(model.cfg, B, cache_len)
-  positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-  logits_BPV, cache = model.apply({'params': params}, prompt_BP, positions_BP, jnp.ones_like(prompt_BP),
-                                  cache=cache)
-  last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  rng, step_rng = jax.random.split(rng)
-  first_B = sample_logits(last_BV, step_rng, temperature, top_k, top_p)
-  out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first_B)
-  done_B = first_B == eos_id
+@dataclass(frozen=True)
+class DecoderOnly:
+  """The adapter of the decoder-only family (models/decoder.py)."""
+  model: Any
 
-  def cond(carry):
-    i, _, _, _, done_B, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done_B)
+  def init_cache(self, batch: int, prompt_len: int, steps: int):
+    cache = init_cache(self.model.cfg, batch, prompt_len + steps)
+    return jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), cache)
 
-  def body(carry):
-    i, cache, prev_B, out_BN, done_B, rng = carry
-    positions_B1 = (lengths_B + i - 1)[:, None]
-    logits_B1V, cache = model.apply({'params': params}, prev_B[:, None], positions_B1,
-                                    jnp.ones_like(positions_B1), cache=cache)
-    rng, step_rng = jax.random.split(rng)
-    next_B = sample_logits(logits_B1V[:, 0], step_rng, temperature, top_k, top_p)
-    next_B = jnp.where(done_B, 0, next_B)
-    out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, next_B[:, None], i, axis=1)
-    return i + 1, cache, next_B, out_BN, done_B | (next_B == eos_id), rng
+  def prefill(self, params, prompt_BP: Array, lengths_B: Array, cache):
+    B, P = prompt_BP.shape
+    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    logits_BPV, cache = self.model.apply({'params': params}, prompt_BP, positions_BP,
+                                         jnp.ones_like(prompt_BP), cache=cache)
+    last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return last_BV, cache, lengths_B
 
-  init = (jnp.int32(1), cache, first_B, out_BN, done_B, rng)
-  _, _, _, out_BN, _, _ = jax.lax.while_loop(cond, body, init)
-  return out_BN
+  def step(self, params, tokens_B: Array, positions_B: Array, cache):
+    logits_B1V, cache = self.model.apply({'params': params}, tokens_B[:, None], positions_B[:, None],
+                                         jnp.ones_like(tokens_B)[:, None], cache=cache)
+    return logits_B1V[:, 0], jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), cache)
+
+  def reorder(self, cache, rows_B: Array):
+    return jax.tree.map(lambda a: sharding.constrain(jnp.take(a, rows_B, axis=1), CACHE_AXES), cache)
 
 
-def _bucket(n: int, multiple: int = 64) -> int:
-  """Round prompt lengths up so a handful of compiled programs serve all prompts."""
-  return max(multiple, -(-n // multiple) * multiple)
+def adapter_for(model):
+  family = model.cfg.family
+  if family == 'decoder':
+    return DecoderOnly(model)
+  raise ValueError(f'no decode adapter for model family {family!r}')
 
 
-def generate(model, params, prompts: list[list[int]], sampling: SamplingParams, eos_id: int) -> list[list[int]]:
-  """New tokens for each prompt (up to and including an EOS, if one is sampled)."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError('every prompt needs at least one token')
-  B = len(prompts)
-  P = _bucket(max(len(p) for p in prompts))
-  prompt_BP = np.zeros((B, P), np.int32)
-  for b, p in enumerate(prompts):
-    prompt_BP[b, :len(p)] = p
-  lengths_B = np.array([len(p) for p in prompts], np.int32)
-  N = sampling.max_new_tokens
-  out_BN = _generate(model, params, jnp.asarray(prompt_BP), jnp.asarray(lengths_B),
-                     jax.random.PRNGKey(sampling.seed), jnp.float32(sampling.temperature),
-                     jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), jnp.int32(eos_id),
-                     max_new_tokens=N, cache_len=P + N)
-  results = []
-  for row in np.asarray(out_BN).tolist():
-    if eos_id in row:
-      row = row[:row.index(eos_id) + 1]
-    results.append(row)
-  return results
+def _decode(adapter, mesh, rules, params, prompt_BP, lengths_B, max_new_B, knobs, sample_B, stop_ids_BK,
+            stop_table_SQV, stop_len_S, stop_mask_BS, *, stages: Stages, with_strings: bool, steps: int,
+            vocab: int):
+  with sharding.activation_sharding(mesh, rules):
+    B, P = prompt_BP.shape
+    rows_B = jnp.arange(B)
+    cache = adapter.init_cache(B, P, steps)
+    logits_BV, cache, start_B = adapter.prefill(params, prompt_BP, lengths_B, cache)
+    keys_B = sampling.row_keys(knobs['seed'], sample_B)
+    seen_BV = None
+    if stages.penalty:  # CTRL penalises the prompt's tokens too
+      in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
+      seen_BV = jnp.zeros((B, vocab), bool).at[rows_B[:, None], prompt_BP].max(in_prompt_BP)
+    S = stop_len_S.shape[0]
+
+    def choose(i, logits_BV, seen_BV, string_state_BS, count_B, done_B, finish_B):
+      step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, i)
+      token_B = sampling.next_tokens(logits_BV, step_keys_B, knobs, seen_BV, stages)
+      token_B = jnp.where(done_B, 0, token_B)
+      logits32_BV = logits_BV.astype(jnp.float32)
+      chosen_B = jnp.take_along_axis(logits32_BV, token_B[:, None], axis=-1)[:, 0]
+      logprob_B = chosen_B - jax.nn.logsumexp(logits32_BV, axis=-1)
+      count_B = count_B + (~done_B).astype(jnp.int32)
+      stopped_B = jnp.any(token_B[:, None] == stop_ids_BK, axis=-1)
+      if with_strings:
+        string_state_BS = stop_table_SQV[jnp.arange(S)[None, :], string_state_BS, token_B[:, None]]
+        matched_BS = (string_state_BS == stop_len_S[None, :]) & stop_mask_BS
+        stopped_B |= jnp.any(matched_BS, axis=-1)
+      new_finish_B = jnp.where(stopped_B, 1, jnp.where(count_B >= max_new_B, 2, 0))
+      finish_B = jnp.where(done_B, finish_B, new_finish_B)
+      if seen_BV is not None:
+        seen_BV = seen_BV.at[rows_B, token_B].set(True)
+      return token_B, logprob_B, seen_BV, string_state_BS, count_B, done_B | (finish_B > 0), finish_B
+
+    zeros_B = jnp.zeros((B,), jnp.int32)
+    string_state_BS = jnp.zeros((B, S), jnp.int32)
+    token_B, logprob_B, seen_BV, string_state_BS, count_B, done_B, finish_B = choose(
+        0, logits_BV, seen_BV, string_state_BS, zeros_B, zeros_B > 0, zeros_B)
+    tokens_BN = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(token_B)
+    logprobs_BN = jnp.zeros((B, steps), jnp.float32).at[:, 0].set(logprob_B)
+
+    def cond(carry):
+      i, done_B = carry[0], carry[6]
+      return (i < steps) & ~jnp.all(done_B)
+
+    def body(carry):
+      i, cache, token_B, seen_BV, string_state_BS, count_B, done_B, finish_B, tokens_BN, logprobs_BN = carry
+      logits_BV, cache = adapter.step(params, token_B, start_B + i - 1, cache)
+      token_B, logprob_B, seen_BV, string_state_BS, count_B, done_B, finish_B = choose(
+          i, logits_BV, seen_BV, string_state_BS, count_B, done_B, finish_B)
+      tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], i, axis=1)
+      logprobs_BN = jax.lax.dynamic_update_slice_in_dim(logprobs_BN, logprob_B[:, None], i, axis=1)
+      return i + 1, cache, token_B, seen_BV, string_state_BS, count_B, done_B, finish_B, tokens_BN, logprobs_BN
+
+    # The carry's `done` sits at index 6 for `cond`; keep the two tuples in step.
+    carry = (jnp.int32(1), cache, token_B, seen_BV, string_state_BS, count_B, done_B, finish_B, tokens_BN,
+             logprobs_BN)
+    carry = jax.lax.while_loop(cond, body, carry)
+    return carry[8], carry[9], carry[5], carry[7]
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+class Engine:
+  """A model and its params on a mesh, ready to decode batches of requests (and beam search).
+
+  `mesh=None` runs unsharded on the default device. `token_bytes` (stops.token_bytes) enables stop strings.
+  """
+
+  def __init__(self, model, params, *, eos_id: int, mesh=None, rules=(), token_bytes=None):
+    self.model, self.params, self.eos_id = model, params, eos_id
+    self.adapter = adapter_for(model)
+    self.mesh, self.rules = mesh, rules
+    self.vocab = stops.TokenBytes(token_bytes) if token_bytes is not None else None
+    self._decode = jax.jit(functools.partial(_decode, self.adapter, mesh, rules),
+                           static_argnames=('stages', 'with_strings', 'steps', 'vocab'))
+
+  # -- batch layout ---------------------------------------------------------------------------------------
+
+  def batch_shards(self) -> int:
+    """How many ways the mesh splits the batch axis: every batch is padded to a multiple of it."""
+    if self.mesh is None:
+      return 1
+    axes = sharding.logical_to_spec(('batch',), self.rules)[0]
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return int(np.prod([self.mesh.shape[a] for a in axes]))
+
+  def padded_rows(self, n: int) -> int:
+    return _round_up(_pow2(n), self.batch_shards())
+
+  def put(self, array: np.ndarray, names: Sequence[str | None]):
+    """A host array onto the mesh by logical names (or onto the default device without a mesh)."""
+    if self.mesh is None:
+      return jnp.asarray(array)
+    return jax.device_put(array, sharding.named_sharding(self.mesh, names, self.rules))
+
+  def prompts(self, token_lists: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded [rows, P] prompts (P a multiple of 64) and their lengths; padding rows hold one token."""
+    if any(len(t) == 0 for t in token_lists):
+      raise ValueError('every prompt needs at least one token')
+    P = _round_up(max(len(t) for t in token_lists), 64)
+    prompt_BP = np.zeros((rows, P), np.int32)
+    lengths_B = np.ones(rows, np.int32)
+    for b, t in enumerate(token_lists):
+      prompt_BP[b, :len(t)] = t
+      lengths_B[b] = len(t)
+    return prompt_BP, lengths_B
+
+  def stop_ids(self, stop_tokens: Sequence[Sequence[int]], with_eos: Sequence[bool], rows: int) -> np.ndarray:
+    """[rows, K] each row's stop ids (EOS where asked) padded with -1, which is never a token; K a power of
+    two. Rows past the given ones have none."""
+    sets = [sorted(set(t) | ({self.eos_id} if eos else set())) for t, eos in zip(stop_tokens, with_eos)]
+    out = np.full((rows, _pow2(max(1, max(len(s) for s in sets)))), -1, np.int32)
+    for b, s in enumerate(sets):
+      out[b, :len(s)] = s
+    return out
+
+  # -- sampling -------------------------------------------------------------------------------------------
+
+  def generate(self, requests: Sequence[Request]) -> list[Result]:
+    """Continue every request; the batch runs as one compiled program."""
+    if not requests:
+      return []
+    params_list = [r.sampling for r in requests]
+    rows = self.padded_rows(len(requests))
+    prompt_BP, lengths_B = self.prompts([r.tokens for r in requests], rows)
+    steps = _round_up(max(p.max_new_tokens for p in params_list), 32)
+    max_new_B = np.ones(rows, np.int32)
+    max_new_B[:len(requests)] = [p.max_new_tokens for p in params_list]
+    sample_B = np.zeros(rows, np.int32)
+    sample_B[:len(requests)] = [r.sample for r in requests]
+
+    stop_ids_BK = self.stop_ids([p.stop_tokens for p in params_list], [not p.ignore_eos for p in params_list],
+                                rows)
+    with_strings = any(p.stop_strings for p in params_list)
+    if with_strings:
+      if self.vocab is None:
+        raise ValueError('stop strings need the Engine to know the tokens\' bytes (token_bytes=...)')
+      table, length, mask = stops.build(self.vocab, [p.stop_strings for p in params_list], rows)
+    else:
+      table, length, mask = np.zeros((1, 1, 1), np.int32), np.ones(1, np.int32), np.zeros((rows, 1), bool)
+
+    knobs = {k: self.put(v, ('batch',)) for k, v in sampling.knob_arrays(params_list, rows).items()}
+    tokens_BN, logprobs_BN, count_B, finish_B = self._decode(
+        self.params, self.put(prompt_BP, ('batch', None)), self.put(lengths_B, ('batch',)),
+        self.put(max_new_B, ('batch',)), knobs, self.put(sample_B, ('batch',)),
+        self.put(stop_ids_BK, ('batch', None)), self.put(table, (None, None, None)),
+        self.put(length, (None,)), self.put(mask, ('batch', None)),
+        stages=Stages.of(params_list), with_strings=with_strings, steps=steps,
+        vocab=self.model.cfg.vocab_size)
+    tokens_BN, logprobs_BN, count_B, finish_B = jax.device_get((tokens_BN, logprobs_BN, count_B, finish_B))
+    return [Result(tokens=tokens_BN[b, :count_B[b]].tolist(), logprobs=logprobs_BN[b, :count_B[b]].tolist(),
+                   finish_reason=FINISH_REASONS[int(finish_B[b])]) for b in range(len(requests))]
+
+  def generate_one(self, tokens: Sequence[int], params: SamplingParams, sample: int = 0) -> Result:
+    """One prompt's continuation: what an interactive chat calls each turn."""
+    [result] = self.generate([Request(tuple(tokens), params, sample)])
+    return result
+
+  # -- beam search ----------------------------------------------------------------------------------------
+
+  def beam_search(self, token_lists: Sequence[Sequence[int]], params) -> list[list]:
+    """The finished beams of each prompt, best first (see beam_search.py for `params`)."""
+    from llm_jax import beam_search
+    return beam_search.run(self, token_lists, params)

@@ -1,27 +1,38 @@
-"""Evaluation of a run's latest checkpoint on held-out text: loss, perplexity, bits per byte, and the bits
-per byte that general-purpose compressors (gzip -9, xz -9) get on exactly the same bytes, for scale."""
+"""Evaluation of a run's latest checkpoint on text: loss, perplexity, token accuracy, bits per byte, and the
+bits per byte that general-purpose compressors (gzip -9, xz -9) get on exactly the same bytes, for scale.
+
+The text is the run's held-out split, or every document of another source (`data`: anything
+`sources.open_source` reads). Multiple-choice tasks live in tasks.py.
+"""
 
 from __future__ import annotations
 
 import gzip
 import lzma
 import math
-from typing import Iterable
+import sys
+from typing import Callable, Iterable
 
 import jax
+import ml_collections
 import numpy as np
 
-from llm_jax import inference, sharding
+from llm_jax import sharding
 from llm_jax.data import pipeline, sources
+from llm_jax.errors import UserError
 from llm_jax.train.step import make_eval_step
 
 
-def score(eval_step, params, batches: Iterable[dict[str, np.ndarray]], batch_sharding) -> dict:
-  """Sum the eval step's statistics over batches; loss is per predicted token."""
+def score(eval_step, params, batches: Iterable[dict[str, np.ndarray]], batch_sharding,
+          progress: Callable[[int], None] | None = None) -> dict:
+  """Sum the eval step's statistics over batches; loss is per predicted token. `progress(tokens)` is called
+  as each batch is dispatched, with the tokens it scores."""
   totals = {'nll_sum': 0.0, 'tokens': 0.0, 'correct': 0.0}
   pending = None
   for batch in batches:
     stats = eval_step(params, pipeline.to_global(batch, batch_sharding))
+    if progress is not None:
+      progress(int(batch['loss_mask'].sum()))
     if pending is not None:  # fetch the previous batch's sums while this one runs
       for k, v in jax.device_get(pending).items():
         totals[k] += float(v)
@@ -41,11 +52,10 @@ def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
   }
 
 
-def select_heldout(docs, tokenizer, max_tokens: int) -> list[str]:
-  """Whole held-out documents, in order, until they hold `max_tokens` tokens (at least one document)."""
+def select_documents(docs, tokenizer, max_tokens: int) -> list[str]:
+  """Whole documents, in order, until they hold `max_tokens` tokens (at least one document)."""
   chosen, count = [], 0
-  for i in range(len(docs)):
-    text = docs[i]
+  for text in sources.texts(docs):
     chosen.append(text)
     count += len(tokenizer.encode(text)) + 1
     if count >= max_tokens:
@@ -53,24 +63,71 @@ def select_heldout(docs, tokenizer, max_tokens: int) -> list[str]:
   return chosen
 
 
-def evaluate_workdir(workdir: str) -> dict:
-  run = inference.load_run(workdir)
+class _Concat:
+  """Documents of several splits as one sequence."""
+
+  def __init__(self, parts):
+    self._parts = parts
+
+  def __len__(self) -> int:
+    return sum(len(p) for p in self._parts)
+
+  def __getitem__(self, i: int) -> str:
+    for p in self._parts:
+      if i < len(p):
+        return p[i]
+      i -= len(p)
+    raise IndexError(i)
+
+
+def open_documents(data_cfg, data: str | None):
+  """The run's held-out split, or with `data` every document (both splits) of that source."""
+  if not data:
+    return sources.open_source(data_cfg, 'heldout')
+  cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  cfg.source = data
+  parts, errors = [], []
+  for split in sources.SPLITS:
+    try:
+      parts.append(sources.open_source(cfg, split))
+    except UserError as e:  # a small source may have no documents in one split
+      errors.append(e)
+  if not parts:
+    raise errors[0]
+  return _Concat(parts)
+
+
+def evaluate_run(run, data: str | None = None, max_tokens: int | None = None, progress: bool = False) -> dict:
   cfg, tok = run.cfg, run.tokenizer
-  texts = select_heldout(sources.open_source(cfg.data, 'heldout'), tok, cfg.eval.max_tokens)
+  max_tokens = max_tokens or cfg.eval.max_tokens
+  texts = select_documents(open_documents(cfg.data, data), tok, max_tokens)
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
   param_shardings = jax.tree.map(lambda a: a.sharding, run.params)
   eval_step = make_eval_step(run.model, run.mesh, run.rules, param_shardings, batch_sharding)
   batches = pipeline.eval_batches(texts, tok, cfg.data, cfg.data.batch_size)
-  scores = score(eval_step, run.params, batches, batch_sharding)
-  data = b''.join(t.encode('utf-8') for t in texts)
+  bar = progress_bar(sum(len(tok.encode(t)) + 1 for t in texts), 'tokens') if progress else None
+  try:
+    scores = score(eval_step, run.params, batches, batch_sharding, progress=bar.update if bar else None)
+  finally:
+    if bar is not None:
+      bar.close()
+  data_bytes = b''.join(t.encode('utf-8') for t in texts)
   return {
       'step': run.step,
+      'data': data or f'{cfg.data.source} (held out)',
       'documents': len(texts),
-      'bytes': len(data),
+      'bytes': len(data_bytes),
       'tokens': int(scores['tokens']),
       'loss': scores['loss'],
       'perplexity': math.exp(min(scores['loss'], 700.0)),
       'token_accuracy': scores['accuracy'],
-      'bits_per_byte': scores['nll_sum'] / math.log(2) / max(len(data), 1),
-      'baselines_bits_per_byte': compressor_bits_per_byte(data),
+      'bits_per_byte': scores['nll_sum'] / math.log(2) / max(len(data_bytes), 1),
+      'baselines_bits_per_byte': compressor_bits_per_byte(data_bytes),
   }
+
+
+def progress_bar(total: int, unit: str):
+  """tqdm on standard error, drawn only on a terminal (logs and tests stay clean)."""
+  from tqdm import tqdm
+  return tqdm(total=total, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr,
+              disable=not sys.stderr.isatty())

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llm_jax import decode
 from llm_jax.models import build_model, init_cache
 from llm_jax.train.state import init_params
 
@@ -158,40 +157,3 @@ def test_cache_logits_match_full_forward():
     steps.append(logits)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full),
                              atol=1e-4, rtol=1e-4)
-
-
-def _greedy_by_full_forward(model, params, prompt, n):
-  tokens = list(prompt)
-  for _ in range(n):
-    arr = jnp.asarray([tokens], jnp.int32)
-    tokens.append(int(jnp.argmax(_logits(model, params, arr)[0, -1])))
-  return tokens[len(prompt):]
-
-
-def test_greedy_decode_with_cache_equals_repeated_full_forward():
-  _, model, params = _setup()
-  sampling = decode.SamplingParams(temperature=0.0, max_new_tokens=12)
-  prompts = [[1, 17, 99, 250, 31], [1, 400, 12]]
-  # eos_id -1 never matches: every row decodes all 12 tokens.
-  got = decode.generate(model, params, prompts, sampling, eos_id=-1)
-  for prompt, out in zip(prompts, got):
-    assert out == _greedy_by_full_forward(model, params, prompt, 12)
-
-
-def test_sampling_is_seeded_and_top_k_1_is_greedy():
-  _, model, params = _setup()
-  prompts = [[1, 5, 6, 7]]
-  greedy = decode.generate(model, params, prompts, decode.SamplingParams(temperature=0.0), eos_id=-1)
-  top1 = decode.generate(model, params, prompts, decode.SamplingParams(temperature=1.0, top_k=1), eos_id=-1)
-  assert top1 == greedy
-  a = decode.generate(model, params, prompts, decode.SamplingParams(temperature=1.0, seed=3), eos_id=-1)
-  b = decode.generate(model, params, prompts, decode.SamplingParams(temperature=1.0, seed=3), eos_id=-1)
-  c = decode.generate(model, params, prompts, decode.SamplingParams(temperature=1.0, seed=4), eos_id=-1)
-  assert a == b and a != c
-
-
-def test_nucleus_keeps_only_the_top_mass():
-  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  draws = {int(decode.sample_logits(logits, jax.random.PRNGKey(s), jnp.float32(1.0), jnp.int32(0),
-                                    jnp.float32(0.7))[0]) for s in range(200)}
-  assert draws == {0, 1}

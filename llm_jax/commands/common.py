@@ -21,3 +21,15 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
   except OSError as e:
     raise UserError(f'cannot write {path}: {e.strerror}') from None
+
+
+def write_jsonl(path: str, records) -> None:
+  """One JSON object per line, written atomically like `write_json`."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      for r in records:
+        f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    os.replace(tmp, path)
+  except OSError as e:
+    raise UserError(f'cannot write {path}: {e.strerror}') from None

@@ -1,39 +1,160 @@
-"""`llm-jax generate`: continue a prompt with a run's latest checkpoint and the KV cache."""
+"""`llm-jax generate`: continue prompts with a run's latest checkpoint (sampling or beam search).
 
-from llm_jax.commands.common import no_overrides
+Prompts come from `--prompt`, from `--prompts_file` (one prompt per line; a line that is a JSON object gives
+its `prompt` field, and a `.jsonl` file must be all such lines; `-` is standard input), or from standard
+input when neither is given. Output is the text, or with `--jsonl` / `--output` one JSON object per
+completion: the prompt's index, the sample, the text, the new tokens and the finish reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from llm_jax.commands.common import no_overrides, write_jsonl
 from llm_jax.errors import UserError
 
-HELP = 'continue a prompt with the latest checkpoint'
+HELP = 'continue prompts with the latest checkpoint'
 
 
 def add_arguments(p) -> None:
   p.add_argument('--workdir', required=True)
-  p.add_argument('--prompt', default='def fibonacci(n):')
+  p.add_argument('--prompt', default=None, help='one prompt (else --prompts_file, else standard input)')
+  p.add_argument('--prompts_file', default=None, help='one prompt per line, or JSONL with "prompt"; - is stdin')
   p.add_argument('--max_new_tokens', type=int, default=64)
   p.add_argument('--temperature', type=float, default=0.0, help='0 is greedy')
   p.add_argument('--top_k', type=int, default=0, help='0 is off')
   p.add_argument('--top_p', type=float, default=1.0, help='1 is off')
+  p.add_argument('--min_p', type=float, default=0.0, help='0 is off')
+  p.add_argument('--repetition_penalty', type=float, default=1.0, help='1 is off')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--num_samples', type=int, default=1, help='completions per prompt')
+  p.add_argument('--stop', action='append', default=[], help='a stop string (repeatable)')
+  p.add_argument('--ignore_eos', action='store_true', help='EOS does not end a completion')
+  p.add_argument('--num_beams', type=int, default=0, help='beam search with this many beams (0: sample)')
+  p.add_argument('--length_penalty', type=float, default=1.0, help='beam search: GNMT alpha')
+  p.add_argument('--truncate', action='store_true', help='drop the oldest prompt tokens to fit the context')
+  p.add_argument('--batch_size', type=int, default=32, help='prompts decoded together')
+  p.add_argument('--jsonl', action='store_true', help='print JSON lines instead of text')
+  p.add_argument('--output', default=None, help='write the JSON lines to this file')
 
 
-def check_sampling_flags(args) -> None:
-  if args.temperature < 0:
-    raise UserError(f'--temperature={args.temperature}: expected a value >= 0 (0 is greedy)')
-  if not 0 < args.top_p <= 1:
-    raise UserError(f'--top_p={args.top_p}: expected a value in (0, 1]')
-  if args.top_k < 0:
-    raise UserError(f'--top_k={args.top_k}: expected a value >= 0 (0 is off)')
-  if args.max_new_tokens < 1:
-    raise UserError(f'--max_new_tokens={args.max_new_tokens}: expected a positive integer')
+def sampling_params(args):
+  from llm_jax.sampling import SamplingParams
+  params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, stop_strings=tuple(args.stop), ignore_eos=args.ignore_eos)
+  params.check()
+  return params
+
+
+def beam_params(args):
+  from llm_jax.beam_search import BeamParams
+  params = BeamParams(num_beams=args.num_beams, length_penalty=args.length_penalty,
+                      max_new_tokens=args.max_new_tokens)
+  params.check()
+  if args.num_samples > args.num_beams:
+    raise UserError(f'--num_samples={args.num_samples}: beam search returns at most --num_beams='
+                    f'{args.num_beams} beams per prompt')
+  if args.stop or args.temperature > 0:
+    raise UserError('--num_beams: beam search takes neither --stop strings nor --temperature')
+  return params
+
+
+def read_prompts(args) -> list[str]:
+  if args.prompt is not None and args.prompts_file is not None:
+    raise UserError('give --prompt or --prompts_file, not both')
+  if args.prompt is not None:
+    if not args.prompt:
+      raise UserError('--prompt is empty')
+    return [args.prompt]
+  source = args.prompts_file
+  if source is None and sys.stdin.isatty():
+    raise UserError('no prompt: give --prompt=TEXT, --prompts_file=FILE, or prompts on standard input')
+  if source in (None, '-'):
+    name, lines = 'standard input', sys.stdin.read().splitlines()
+  else:
+    try:
+      with open(source, encoding='utf-8') as f:
+        name, lines = source, f.read().splitlines()
+    except OSError as e:
+      raise UserError(f'cannot read --prompts_file={source}: {e.strerror}') from None
+    except UnicodeDecodeError:
+      raise UserError(f'--prompts_file={source} is not UTF-8 text') from None
+  prompts = [p for p in (_prompt_of(name, i, line, name.endswith('.jsonl')) for i, line in enumerate(lines, 1))
+             if p is not None]
+  if not prompts:
+    raise UserError(f'{name} holds no prompts')
+  return prompts
+
+
+def _prompt_of(name: str, lineno: int, line: str, jsonl: bool) -> str | None:
+  if not line.strip():
+    return None
+  if not jsonl and not line.lstrip().startswith('{'):
+    return line
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise UserError(f'{name}:{lineno}: not valid JSON ({e.msg})') from None
+  if not isinstance(record, dict) or not isinstance(record.get('prompt'), str) or not record['prompt']:
+    raise UserError(f'{name}:{lineno}: expected an object with a non-empty string "prompt"')
+  return record['prompt']
 
 
 def run(args, overrides) -> int:
   no_overrides('generate', overrides)
-  check_sampling_flags(args)
-  if not args.prompt:
-    raise UserError('--prompt is empty')
-  from llm_jax import inference
-  text = inference.generate_text(args.workdir, args.prompt, args.max_new_tokens, args.temperature,
-                                 args.top_k, args.top_p, args.seed)
-  print(args.prompt + text)
+  if args.num_samples < 1:
+    raise UserError(f'--num_samples={args.num_samples}: expected a positive integer')
+  if args.batch_size < 1:
+    raise UserError(f'--batch_size={args.batch_size}: expected a positive integer')
+  params = beam_params(args) if args.num_beams else sampling_params(args)
+  from llm_jax import inference, workdir as workdir_lib
+  workdir_lib.load_config(args.workdir)  # a missing run fails before prompts are read
+  texts = read_prompts(args)
+  run_ = inference.load_run(args.workdir)
+  prompts = [inference.prompt_tokens(run_, t, args.max_new_tokens, args.truncate,
+                                     name=f'prompt {i + 1}' if len(texts) > 1 else 'the prompt')
+             for i, t in enumerate(texts)]
+  records = _beam_records(run_, prompts, params, args) if args.num_beams else _sample_records(
+      run_, prompts, params, args)
+  records = [{'index': r['index'], 'prompt': texts[r['index']], **r} for r in records]
+  if args.output:
+    write_jsonl(args.output, records)
+  elif args.jsonl:
+    for r in records:
+      print(json.dumps(r, ensure_ascii=False))
+  else:
+    many = len(records) > 1
+    for r in records:
+      if many:
+        print(f'--- prompt {r["index"] + 1}, sample {r["sample"] + 1} ({r["finish_reason"]})')
+      print(r['prompt'] + r['text'])
   return 0
+
+
+def _sample_records(run_, prompts, params, args):
+  from llm_jax import inference
+  jobs = [(i, s) for i in range(len(prompts)) for s in range(args.num_samples)]
+  records = []
+  for start in range(0, len(jobs), args.batch_size):
+    chunk = jobs[start:start + args.batch_size]
+    done = inference.complete(run_, [prompts[i] for i, _ in chunk], [params] * len(chunk), [s for _, s in chunk])
+    for (i, s), c in zip(chunk, done):
+      records.append({'index': i, 'sample': s, 'text': c.text, 'tokens': c.tokens,
+                      'finish_reason': c.finish_reason, 'prompt_tokens': len(prompts[i])})
+  return records
+
+
+def _beam_records(run_, prompts, params, args):
+  records = []
+  for start in range(0, len(prompts), args.batch_size):
+    chunk = prompts[start:start + args.batch_size]
+    for offset, beams in enumerate(run_.engine.beam_search(chunk, params)):
+      i = start + offset
+      for s, beam in enumerate(beams[:args.num_samples]):
+        shown = beam.tokens[:-1] if beam.finish_reason == 'stop' else beam.tokens
+        records.append({'index': i, 'sample': s, 'text': run_.tokenizer.decode(shown), 'tokens': beam.tokens,
+                        'finish_reason': beam.finish_reason, 'prompt_tokens': len(prompts[i]),
+                        'score': beam.score, 'logprob': beam.logprob})
+  return records

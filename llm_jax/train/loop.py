@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import jax
@@ -102,6 +103,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   if start >= end:
     _say(f'{workdir} is already at step {start} of {total}; nothing to do')
     ckpt.close()
+    stream.close()
     return {'step': start}
 
   train_step = make_train_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
@@ -197,6 +199,9 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
       progress.close()
       sinks.close()
       ckpt.close()  # waits for the last asynchronous save: what was written is complete
+      stream.close()
+  if stream.skips.summary():
+    print(f'llm-jax: data: {stream.skips.summary()}', file=sys.stderr, flush=True)
   if stopped_by:
     _say(f'stopped by {stopped_by} at step {done}: checkpoint saved in {ckpt.directory}; '
          f'run `llm-jax train --workdir={workdir}` to resume')

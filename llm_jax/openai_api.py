@@ -1,0 +1,179 @@
+"""The OpenAI-compatible request and response bodies of `llm-jax serve`: parsing and checking requests
+(`/v1/completions`, `/v1/chat/completions`) into prompts and sampling params, and shaping the answers.
+
+Supported fields: model (ignored: the server serves one run), prompt (a string, a list of strings, a list of
+token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop, seed, stream, echo,
+logprobs (top-1 alternatives only), and the extensions top_k, min_p, repetition_penalty. A field of the
+wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
+
+Chat messages are rendered as `role: content` lines followed by `assistant:`; generation also stops at a new
+`user:` line. (Runs have no chat template of their own yet.)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from llm_jax.errors import UserError
+from llm_jax.sampling import MAX_SEED, SamplingParams
+
+
+class ApiError(Exception):
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+@dataclass
+class Parsed:
+  prompts: list  # str or list[int] each
+  sampling: SamplingParams
+  max_tokens: int | None  # 0: score the prompt only (echo); None: as many as the context leaves (chat)
+  n: int
+  echo: bool
+  logprobs: int | None
+  stream: bool
+  chat: bool
+
+
+_NUMBER = (int, float)
+
+
+def _field(body: dict, key: str, types, default, check=None, expected: str = ''):
+  types = types if isinstance(types, tuple) else (types,)
+  value = body.get(key, default)
+  if value is None:
+    value = default
+  if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+    raise ApiError(400, f'"{key}" must be {expected}, got {value!r}')
+  if value is not None and check is not None and not check(value):
+    raise ApiError(400, f'"{key}" must be {expected}, got {value!r}')
+  return value
+
+
+def _prompts(body: dict) -> list:
+  prompt = body.get('prompt')
+  bad = ApiError(400, '"prompt" must be a string, a list of strings, a list of token ids, or a list of '
+                      'such lists')
+  if isinstance(prompt, str):
+    return [prompt]
+  if not isinstance(prompt, list) or not prompt:
+    raise bad
+  if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    return [list(prompt)]
+  out = []
+  for p in prompt:
+    if isinstance(p, str):
+      out.append(p)
+    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+      out.append(list(p))
+    else:
+      raise bad
+  return out
+
+
+def render_chat(messages) -> str:
+  if not isinstance(messages, list) or not messages:
+    raise ApiError(400, '"messages" must be a non-empty list of {"role", "content"} objects')
+  lines = []
+  for i, m in enumerate(messages):
+    if not (isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str)):
+      raise ApiError(400, f'"messages"[{i}] must be an object with string "role" and "content"')
+    lines.append(f'{m["role"]}: {m["content"]}\n')
+  return ''.join(lines) + 'assistant:'
+
+
+def parse(body, chat: bool) -> Parsed:
+  if not isinstance(body, dict):
+    raise ApiError(400, 'the request body must be a JSON object')
+  prompts = [render_chat(body.get('messages'))] if chat else _prompts(body)
+  default_max = None if chat else 16  # the OpenAI defaults
+  max_key = 'max_completion_tokens' if chat and 'max_completion_tokens' in body else 'max_tokens'
+  max_tokens = _field(body, max_key, int, default_max, lambda v: v >= 0, 'a non-negative integer')
+  stop = body.get('stop')
+  if stop is None:
+    stop = []
+  elif isinstance(stop, str):
+    stop = [stop]
+  if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+    raise ApiError(400, '"stop" must be a non-empty string or a list of up to 4 of them')
+  if chat:
+    stop = stop + ['\nuser:']
+  echo = _field(body, 'echo', bool, False, expected='a boolean')
+  logprobs = body.get('logprobs')
+  if chat:
+    logprobs = 1 if logprobs is True else None  # chat's logprobs is a boolean
+  else:
+    logprobs = _field(body, 'logprobs', int, None, lambda v: 0 <= v <= 5, 'an integer from 0 to 5')
+  for key in ('presence_penalty', 'frequency_penalty'):
+    if _field(body, key, _NUMBER, 0, expected='a number') != 0:
+      raise ApiError(400, f'"{key}" is not supported (use "repetition_penalty")')
+  sampling = SamplingParams(
+      temperature=float(_field(body, 'temperature', _NUMBER, 1.0, lambda v: 0 <= v <= 2, 'a number in [0, 2]')),
+      top_p=float(_field(body, 'top_p', _NUMBER, 1.0, lambda v: 0 < v <= 1, 'a number in (0, 1]')),
+      top_k=_field(body, 'top_k', int, 0, lambda v: v >= 0, 'a non-negative integer'),
+      min_p=float(_field(body, 'min_p', _NUMBER, 0.0, lambda v: 0 <= v < 1, 'a number in [0, 1)')),
+      repetition_penalty=float(_field(body, 'repetition_penalty', _NUMBER, 1.0, lambda v: v > 0,
+                                      'a positive number')),
+      max_new_tokens=max(1, max_tokens or 1),
+      seed=_field(body, 'seed', int, 0, lambda v: 0 <= v <= MAX_SEED, f'an integer in [0, {MAX_SEED}]'),
+      stop_strings=tuple(stop))
+  try:
+    sampling.check(flag_prefix='')
+  except UserError as e:
+    raise ApiError(400, str(e)) from None
+  if max_tokens == 0 and not echo:
+    raise ApiError(400, '"max_tokens" is 0: nothing to do unless "echo" is true (scoring the prompt)')
+  n = _field(body, 'n', int, 1, lambda v: 1 <= v <= 16, 'an integer from 1 to 16')
+  stream = _field(body, 'stream', bool, False, expected='a boolean')
+  return Parsed(prompts, sampling, max_tokens, n, echo, logprobs, stream, chat)
+
+
+def logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs, offset: int = 0) -> dict:
+  """The completions API's `logprobs`: token strings, their log-probabilities (None for the first token of
+  an echoed prompt, which has no context), the top alternative at each place, text offsets."""
+  strings = [tokenizer.decode([t]) for t in tokens]
+  offsets, at = [], offset
+  for s in strings:
+    offsets.append(at)
+    at += len(s)
+  tops = [None if lp is None else {tokenizer.decode([t]): lp} for t, lp in zip(top_tokens, top_logprobs)]
+  return {'tokens': strings, 'token_logprobs': token_logprobs, 'top_logprobs': tops, 'text_offset': offsets}
+
+
+def response(parsed: Parsed, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+  kind = 'chatcmpl' if parsed.chat else 'cmpl'
+  return {
+      'id': f'{kind}-{uuid.uuid4().hex[:24]}',
+      'object': 'chat.completion' if parsed.chat else 'text_completion',
+      'created': int(time.time()),
+      'model': model,
+      'choices': choices,
+      'usage': {'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens,
+                'total_tokens': prompt_tokens + completion_tokens},
+  }
+
+
+def choice(parsed: Parsed, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+  if parsed.chat:
+    return {'index': index, 'message': {'role': 'assistant', 'content': text}, 'logprobs': logprobs,
+            'finish_reason': finish_reason}
+  return {'index': index, 'text': text, 'logprobs': logprobs, 'finish_reason': finish_reason}
+
+
+def stream_chunks(parsed: Parsed, full: dict) -> list[dict]:
+  """A whole answer as server-sent-event chunks (one per choice: text arrives at once, not token by token)."""
+  chunks = []
+  for c in full['choices']:
+    chunk = {k: full[k] for k in ('id', 'created', 'model')}
+    if parsed.chat:
+      chunk['object'] = 'chat.completion.chunk'
+      chunk['choices'] = [{'index': c['index'], 'delta': {'role': 'assistant', 'content': c['message']['content']},
+                           'logprobs': c['logprobs'], 'finish_reason': c['finish_reason']}]
+    else:
+      chunk['object'] = 'text_completion'
+      chunk['choices'] = [c]
+    chunks.append(chunk)
+  return chunks

@@ -1,0 +1,115 @@
+"""The OpenAI-compatible server, in process: answers equal the library's, concurrent requests share a batch,
+echo + logprobs score the prompt like the model does, bad requests get a 400 and the server keeps serving."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import inference, server
+from llm_jax.sampling import SamplingParams
+from random_run import make_run
+
+
+@pytest.fixture(scope='module')
+def served(tokenizer_path):
+  run = make_run(tokenizer_path)
+  app = server.App(run, 'tiny', max_batch=8, batch_wait_s=0.3)
+  sizes = []
+  generate = app.batcher._generate
+  app.batcher._generate = lambda group: sizes.append(len(group)) or generate(group)
+  httpd = server.make_server(app, '127.0.0.1', 0)
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  yield run, f'http://127.0.0.1:{httpd.server_address[1]}', sizes
+  httpd.shutdown()
+  httpd.server_close()
+  app.close()
+
+
+def _post(url, body, raw=None):
+  data = raw if raw is not None else json.dumps(body).encode()
+  req = urllib.request.Request(url, data=data, headers={'Content-Type': 'application/json'})
+  try:
+    with urllib.request.urlopen(req, timeout=120) as r:
+      return r.status, r.read().decode()
+  except urllib.error.HTTPError as e:
+    return e.code, e.read().decode()
+
+
+def test_concurrent_completions_are_batched_and_equal_the_library(served):
+  run, base, sizes = served
+  prompts = ['import os\n', 'def f(x):', 'class A:']
+  answers = [None] * 3
+
+  def ask(i):
+    answers[i] = _post(f'{base}/v1/completions', {'prompt': prompts[i], 'max_tokens': 6, 'temperature': 0})
+
+  threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+  sizes.clear()
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert sizes == [3]  # one batch for the three requests
+  for prompt, (status, text) in zip(prompts, answers):
+    assert status == 200, text
+    body = json.loads(text)
+    ids = inference.prompt_tokens(run, prompt, 6)
+    [want] = inference.complete(run, [ids], [SamplingParams(max_new_tokens=6)])
+    assert body['choices'][0]['text'] == want.text
+    assert body['usage'] == {'prompt_tokens': len(ids), 'completion_tokens': len(want.tokens),
+                             'total_tokens': len(ids) + len(want.tokens)}
+
+
+def test_echo_logprobs_score_the_prompt_like_the_model(served):
+  run, base, _ = served
+  status, text = _post(f'{base}/v1/completions', {'prompt': 'import os', 'max_tokens': 0, 'echo': True,
+                                                  'logprobs': 1})
+  assert status == 200, text
+  lp = json.loads(text)['choices'][0]['logprobs']
+  ids = inference.prompt_tokens(run, 'import os', 1)
+  tokens = jnp.asarray([ids])
+  logits = run.model.apply({'params': run.params}, tokens, jnp.arange(len(ids))[None], jnp.ones_like(tokens))[0]
+  want = jax.nn.log_softmax(logits[0], axis=-1)[jnp.arange(len(ids) - 1), tokens[0, 1:]]
+  assert lp['token_logprobs'][0] is None
+  np.testing.assert_allclose(lp['token_logprobs'][1:], np.asarray(want), atol=1e-4)
+  assert ''.join(lp['tokens']) == 'import os'
+
+
+def test_chat_and_streaming(served):
+  _, base, _ = served
+  body = {'messages': [{'role': 'user', 'content': 'hello'}], 'max_tokens': 5, 'temperature': 0}
+  status, text = _post(f'{base}/v1/chat/completions', body)
+  assert status == 200, text
+  answer = json.loads(text)
+  assert answer['object'] == 'chat.completion'
+  content = answer['choices'][0]['message']['content']
+  status, text = _post(f'{base}/v1/chat/completions', {**body, 'stream': True})
+  events = [line[len('data: '):] for line in text.splitlines() if line.startswith('data: ')]
+  assert status == 200 and events[-1] == '[DONE]'
+  assert json.loads(events[0])['choices'][0]['delta']['content'] == content
+
+
+@pytest.mark.parametrize('body,raw,needle', [
+    (None, b'{"prompt": ', 'not valid JSON'),
+    ({'prompt': 'x', 'top_p': 1.5}, None, '"top_p"'),
+    ({'prompt': 'x', 'temperature': -1}, None, '"temperature"'),
+    ({'prompt': 7}, None, '"prompt"'),
+    ({'prompt': 'x', 'max_tokens': 1000}, None, 'context'),
+    ({'prompt': 'word ' * 200, 'max_tokens': 4}, None, 'context'),
+    ({'prompt': [1, 99999], 'max_tokens': 4}, None, 'token id'),
+    ({'messages': 'hi'}, None, '"messages"'),
+])
+def test_bad_requests_get_a_400_naming_the_problem_and_the_server_keeps_serving(served, body, raw, needle):
+  _, base, _ = served
+  chat = body is not None and 'messages' in body
+  status, text = _post(f'{base}/v1/{"chat/" if chat else ""}completions', body, raw)
+  assert status == 400 and needle in json.loads(text)['error']['message'], text
+  status, _ = _post(f'{base}/v1/completions', {'prompt': 'x', 'max_tokens': 2})
+  assert status == 200
