@@ -2,9 +2,9 @@
 
 Batch arrays are [B, T] (see data/pipeline.py): inputs, targets, loss_mask, segment_ids, positions.
 Gradient accumulation happens inside the one train step: the batch is cut into k microbatches of B / k rows
-that a `lax.scan` runs one after the other, summing gradients of the token-summed objective, and the
-optimizer updates once. The update equals that of one batch of B rows (tests/test_train_step.py) and the
-activations are those of B / k rows.
+that a `lax.scan` runs one after the other, summing the gradients of their token sums divided by the whole
+batch's token count, and the optimizer updates once. The update equals that of one batch of B rows
+(tests/test_train_step.py) and the activations are those of B / k rows.
 """
 
 from __future__ import annotations
@@ -67,13 +67,15 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
   tokens, finite (loss and gradients finite), and skipped (total skipped updates) with skip_nonfinite.
   """
 
-  def grads_and_sums(params, batch, dropout_rng):
+  def grads_and_sums(params, batch, dropout_rng, tokens):
+    # Dividing by the whole batch's token count inside the objective (a constant to the gradient) makes
+    # microbatch gradients add up to the batch's, with no extra pass over the gradients afterwards.
     def objective(p):
       sums = model_sums(model, p, batch, loss_cfg, rngs={'dropout': dropout_rng})
-      return objective_sum(sums, loss_cfg), sums
+      return objective_sum(sums, loss_cfg) / tokens, sums
     return jax.grad(objective, has_aux=True)(params)
 
-  def accumulate(params, batch, dropout_rng):
+  def accumulate(params, batch, dropout_rng, tokens):
     micro = split_microbatches(batch, microbatches)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
@@ -81,7 +83,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
     def body(carry, xs):
       grads_acc, sums_acc = carry
       mb, i = xs
-      grads, sums = grads_and_sums(params, mb, jax.random.fold_in(dropout_rng, i))
+      grads, sums = grads_and_sums(params, mb, jax.random.fold_in(dropout_rng, i), tokens)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
       grads_acc = jax.lax.with_sharding_constraint(grads_acc, state_shardings.params)
       return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
@@ -92,12 +94,11 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
   def train_step(state: TrainState, batch: dict[str, Array]):
     with sharding.activation_sharding(mesh, rules):
       rng, dropout_rng = jax.random.split(state.rng)
+      tokens = jnp.maximum(batch['loss_mask'].astype(jnp.float32).sum(), 1.0)
       if microbatches > 1:
-        grads, sums = accumulate(state.params, batch, dropout_rng)
+        grads, sums = accumulate(state.params, batch, dropout_rng, tokens)
       else:
-        grads, sums = grads_and_sums(state.params, batch, dropout_rng)
-      tokens = jnp.maximum(sums['tokens'], 1.0)
-      grads = jax.tree.map(lambda g: (g / tokens).astype(g.dtype), grads)
+        grads, sums = grads_and_sums(state.params, batch, dropout_rng, tokens)
       loss = sums['nll_sum'] / tokens
       grad_norm = global_norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
