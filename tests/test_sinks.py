@@ -166,3 +166,20 @@ def test_metrics_values_are_plain_json_numbers(tmp_path):
   [event_file] = list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
   tags = [v.tag for r in _read_records(str(event_file))[1:] for v in _event_class().FromString(r).summary.value]
   assert tags == ['train/loss', 'train/skipped']  # None (unknown MFU) is not invented as a number
+
+
+def test_progress_plain_lines_and_bar(capsys):
+  from llm_jax.train.progress import Progress
+  record = {'loss': 2.5, 'learning_rate': 1e-3, 'tokens_per_sec': 12345.0, 'step_time': 0.5, 'mfu': 0.42}
+  plain = Progress(0, 100, interactive=False)
+  plain.update(40, record)
+  plain.update(50, dict(record, mfu=None))
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith('step     40  loss 2.5000') and '12,345 tok/s' in lines[0]
+  assert 'MFU 42.0%' in lines[0] and lines[0].endswith('ETA 0:30')  # 60 steps left at 0.5 s
+  assert 'MFU' not in lines[1]
+  bar = Progress(0, 100, interactive=True)
+  bar.update(40, record)
+  bar.close()
+  err = capsys.readouterr().err
+  assert '40/100' in err and 'loss=2.5000' in err and '12,345' in err and 'mfu=42.0%' in err
