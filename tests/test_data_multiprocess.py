@@ -22,7 +22,7 @@ from llm_jax.data import pipeline, tokenizer
 cfg = config_lib.load(sys.argv[5], json.loads(sys.argv[3]))
 stream = pipeline.TrainStream(cfg.data, tokenizer.load(sys.argv[4]), seed=0)
 rows = [next(stream)['inputs'].tolist() for _ in range(3)]
-print(json.dumps({'state': stream.get_state(), 'rows': rows}))
+print('RESULT ' + json.dumps({'state': stream.get_state(), 'rows': rows}), flush=True)
 '''
 
 
@@ -46,7 +46,9 @@ def test_two_processes_checkpoint_every_shard_and_match_one_process(tmp_path, to
   for p in procs:
     out, err = p.communicate(timeout=240)
     assert p.returncode == 0, err[-2000:]
-    outs.append(json.loads(out.strip().splitlines()[-1]))
+    # Other lines may reach stdout (runtime warnings under load); the result line is marked.
+    [line] = [l for l in out.splitlines() if l.startswith('RESULT ')]
+    outs.append(json.loads(line[len('RESULT '):]))
   assert outs[0]['state'] == outs[1]['state']  # process 0 writes it, and it is the whole truth
   assert set(outs[0]['state']['positions']) == {str(s) for s in range(8)}
 

@@ -15,12 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Norm
-from llm_jax.models.transformer import CACHE_AXES, embed, logits, run_layers
+from llm_jax.models.layers import Norm, compute_dtype
+from llm_jax.models.transformer import CACHE_AXES, embed, logits, project, run_layers
 
 Array = jax.Array
 
-__all__ = ['CACHE_AXES', 'Decoder', 'init_cache']
+__all__ = ['CACHE_AXES', 'Decoder', 'init_cache', 'project']
 
 
 class Decoder(nn.Module):
@@ -29,16 +29,19 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array, segment_ids_BT: Array,
-               cache: dict[str, Array] | None = None) -> tuple[Array, dict | None]:
+               cache: dict[str, Array] | None = None, return_hidden: bool = False):
+    """-> (logits_BTV, cache); with `return_hidden`, ((final hidden states x_BTD, unembedding w_DV), cache)
+    for a loss computed chunk by chunk (train/loss.py)."""
     c = self.cfg
     x_BTD, embedding_VD = embed(self, c, tokens_BT, positions_BT)
     x_BTD, cache = run_layers(self, c, x_BTD, positions_BT, segment_ids_BT, name='layers',
                               num_layers=c.num_layers, causal=True, deterministic=self.deterministic, cache=cache)
     if c.norm_position == 'pre':
       x_BTD = Norm(c, name='final_norm')(x_BTD)
-    return logits(self, c, x_BTD, embedding_VD), cache
+    return logits(self, c, x_BTD, embedding_VD, return_hidden=return_hidden), cache
 
 
 def init_cache(cfg, batch: int, max_len: int) -> dict[str, Array]:
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {'k': jnp.zeros(shape, jnp.dtype(cfg.dtype)), 'v': jnp.zeros(shape, jnp.dtype(cfg.dtype))}
+  dtype = compute_dtype(cfg.dtype)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}

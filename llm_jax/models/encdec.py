@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Norm
+from llm_jax.models.layers import Norm, compute_dtype
 from llm_jax.models.transformer import CACHE_AXES, embed, logits, run_layers
 
 Array = jax.Array
@@ -46,7 +46,7 @@ class EncoderDecoder(nn.Module):
   @nn.compact
   def __call__(self, inputs_BS: Array | None, positions_BS: Array | None, segment_ids_BS: Array | None,
                decoder_inputs_BT: Array, decoder_positions_BT: Array, decoder_segment_ids_BT: Array,
-               cache: dict[str, Array] | None = None, step: bool = False) -> tuple[Array, dict | None]:
+               cache: dict[str, Array] | None = None, step: bool = False, return_hidden: bool = False):
     c = self.cfg
     encoded_BSD = embedding_VD = None
     if not step:
@@ -71,12 +71,12 @@ class EncoderDecoder(nn.Module):
       y_BTD = y_BTD * (c.embed_dim ** -0.5)
     if cache is not None:
       cache = {**cache, **layer_cache}
-    return logits(self, c, y_BTD, embedding_VD), cache
+    return logits(self, c, y_BTD, embedding_VD, return_hidden=return_hidden), cache
 
 
 def init_cache(cfg, batch: int, encoder_len: int, decoder_len: int) -> dict[str, Array]:
   L = cfg.num_decoder_layers or cfg.num_layers
-  dtype = jnp.dtype(cfg.dtype)
+  dtype = compute_dtype(cfg.dtype)
   self_shape = (L, batch, decoder_len, cfg.num_kv_heads, cfg.head_dim)
   cross_shape = (L, batch, encoder_len, cfg.num_kv_heads, cfg.head_dim)
   return {'k': jnp.zeros(self_shape, dtype), 'v': jnp.zeros(self_shape, dtype),

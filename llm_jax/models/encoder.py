@@ -28,7 +28,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array, segment_ids_BT: Array, cache: None = None,
-               hidden_only: bool = False):
+               hidden_only: bool = False, return_hidden: bool = False):
     c = self.cfg
     x_BTD, embedding_VD = embed(self, c, tokens_BT, positions_BT)
     x_BTD, _ = run_layers(self, c, x_BTD, positions_BT, segment_ids_BT, name='layers', num_layers=c.num_layers,
@@ -44,5 +44,5 @@ class Encoder(nn.Module):
     if c.use_bias:
       h_BTD = h_BTD + _bias(self, 'head_dense_bias', ('mlp',), (c.embed_dim,), c).astype(x_BTD.dtype)
     h_BTD = Norm(c, name='head_norm')(ACTIVATIONS[c.mlp_activation](constrain(h_BTD, ('batch', 'seq', 'mlp'))))
-    return logits(self, c, h_BTD, embedding_VD, output_bias=c.use_bias), None
+    return logits(self, c, h_BTD, embedding_VD, output_bias=c.use_bias, return_hidden=return_hidden), None
 

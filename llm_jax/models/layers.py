@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.sharding import constrain
 
@@ -32,6 +33,14 @@ ACTIVATIONS = {
     'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),  # GPT-2 and T5 v1.1 ("gelu_new")
     'relu': jax.nn.relu,
 }
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """`model.dtype` as a dtype: 'auto' is bfloat16 on accelerators (their matmul units run it at full rate,
+  float32 master weights keep the updates exact) and float32 on CPU, where bfloat16 matmuls are slower."""
+  if name == 'auto':
+    return jnp.dtype(jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16)
+  return jnp.dtype(name)
 
 
 def _param(module: nn.Module, name: str, init, names: tuple[str, ...], shape: tuple[int, ...], cfg) -> Array:
@@ -59,7 +68,7 @@ class Norm(nn.Module):
     y = y * scale_D.astype(jnp.float32)
     if c.norm_type == 'layer' and c.use_bias:
       y = y + _bias(self, 'bias', ('embed',), (D,), c).astype(jnp.float32)
-    return y.astype(jnp.dtype(c.dtype))
+    return y.astype(compute_dtype(c.dtype))
 
 
 def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
@@ -102,7 +111,7 @@ def relative_bias(module: nn.Module, cfg, name: str, q_positions_BT: Array, k_po
   relative_BTS = k_positions_BS[:, None, :] - q_positions_BT[:, :, None]
   bucket_BTS = relative_bucket(relative_BTS, bidirectional, cfg.relative_buckets, cfg.relative_max_distance)
   bias_BTSN = jnp.take(table_RN, bucket_BTS, axis=0)
-  return jnp.transpose(bias_BTSN, (0, 3, 1, 2)).astype(jnp.dtype(cfg.dtype))
+  return jnp.transpose(bias_BTSN, (0, 3, 1, 2)).astype(compute_dtype(cfg.dtype))
 
 
 def attention_mask(q_pos_BT: Array, q_seg_BT: Array, k_pos_BS: Array, k_seg_BS: Array,
@@ -159,7 +168,7 @@ class Attention(nn.Module):
 
   def _project(self, x_BxD: Array, name: str, heads: int, axis: str) -> Array:
     c = self.cfg
-    dtype = jnp.dtype(c.dtype)
+    dtype = compute_dtype(c.dtype)
     w_DXH = _param(self, name, nn.initializers.normal(c.init_std), ('embed', axis, 'head_dim'),
                    (c.embed_dim, heads, c.head_dim), c).astype(dtype)
     y = jnp.einsum('BTD,DXH->BTXH', x_BxD, w_DXH)
@@ -173,7 +182,7 @@ class Attention(nn.Module):
                kv_segment_ids_BS: Array | None = None) -> tuple[Array, dict | None]:
     c = self.cfg
     N, K = c.num_heads, c.num_kv_heads
-    dtype = jnp.dtype(c.dtype)
+    dtype = compute_dtype(c.dtype)
     q_BTNH = self._project(x_BTD, 'q', N, 'heads')
     if self.cross:
       if kv_BSD is not None:
@@ -191,9 +200,10 @@ class Attention(nn.Module):
       if c.position_type == 'rope':
         q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta)
         k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta)
-      q_BTNH = constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim'))
-      k_BTKH = constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim'))
-      v_BTKH = constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim'))
+      # Named for remat policies (transformer.REMAT_POLICIES): 'save_attention' keeps these for the backward pass.
+      q_BTNH = checkpoint_name(constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim')), 'attn_qkv')
+      k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
+      v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
       if cache is None:
         mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, self.causal)
         out_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, bias_BNTS, c.scale_attention)
@@ -206,6 +216,7 @@ class Attention(nn.Module):
         mask_BTS = slots_BS[:, None, :] <= positions_BT[:, :, None]
         out_BTNH = dot_attention(q_BTNH, cache['k'].astype(dtype), cache['v'].astype(dtype), mask_BTS, bias_BNTS,
                                  c.scale_attention)
+    out_BTNH = checkpoint_name(out_BTNH, 'attn_out')
     # GPT-2's scaled init of residual outputs keeps the residual stream's variance flat in depth.
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
     wo_NHD = _param(self, 'o', out_init, ('heads', 'head_dim', 'embed'), (N, c.head_dim, c.embed_dim),
@@ -223,7 +234,7 @@ class Mlp(nn.Module):
 
   def _dense(self, x: Array, name: str, names: tuple[str, str], shape: tuple[int, int], init) -> Array:
     c = self.cfg
-    dtype = jnp.dtype(c.dtype)
+    dtype = compute_dtype(c.dtype)
     y = jnp.einsum('BTX,XY->BTY', x, _param(self, name, init, names, shape, c).astype(dtype))
     if c.use_bias:
       y = y + _bias(self, f'{name}_bias', names[1:], shape[1:], c).astype(dtype)

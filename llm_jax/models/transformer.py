@@ -13,16 +13,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, relative_bias
+from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, relative_bias
 from llm_jax.sharding import constrain
 
 Array = jax.Array
 
 CACHE_AXES = ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim')
 
+# What each block keeps for the backward pass; everything else is recomputed there. The loss (and so the
+# gradients) is the same whatever the policy; only memory and time change.
 REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block in the backward pass
+    # Save the weight matmuls' outputs, recompute attention scores and elementwise ops.
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Save the attention inputs (q, k, v after rotary) and output (layers.Attention names them): the
+    # backward pass recomputes only norms, the MLP and the attention softmax.
+    'save_attention': jax.checkpoint_policies.save_only_these_names('attn_qkv', 'attn_out'),
 }
 
 
@@ -115,7 +121,7 @@ def embed(parent: nn.Module, cfg, tokens_BT: Array, positions_BT: Array, embeddi
   normalised when the model is post-norm (BERT's embedding LayerNorm). A second stack sharing the token
   table (T5's decoder) passes it in and a `prefix` for its own position table and norm."""
   c = cfg
-  dtype = jnp.dtype(c.dtype)
+  dtype = compute_dtype(c.dtype)
   init = nn.initializers.normal(c.init_std)
   if embedding_VD is None:
     embedding_VD = _param(parent, 'embedding', init, ('vocab', 'embed'), (c.vocab_size, c.embed_dim), c)
@@ -133,16 +139,30 @@ def embed(parent: nn.Module, cfg, tokens_BT: Array, positions_BT: Array, embeddi
   return constrain(x_BTD, ('batch', 'seq', 'embed')), embedding_VD
 
 
-def logits(parent: nn.Module, cfg, x_BTD: Array, embedding_VD: Array, output_bias: bool = False) -> Array:
-  """float32 logits_BTV: the tied embedding (x @ E^T) or a separate `unembed`, plus BERT's output bias."""
+def logits(parent: nn.Module, cfg, x_BTD: Array, embedding_VD: Array, output_bias: bool = False,
+           return_hidden: bool = False):
+  """logits_BTV in model.logits_dtype: the tied embedding (x @ E^T) or a separate `unembed`, plus BERT's output
+  bias. With `return_hidden`, (x_BTD, unembed_DV) instead, so that a loss can project chunk by chunk and
+  never hold the logits of the whole batch (train/loss.py; not with an output bias: config.py refuses it)."""
   c = cfg
-  dtype = jnp.dtype(c.dtype)
+  dtype = compute_dtype(c.dtype)
   if c.tie_embeddings:
-    logits_BTV = jnp.einsum('BTD,VD->BTV', x_BTD, embedding_VD.astype(dtype))
+    unembed_DV = embedding_VD.T
   else:
     unembed_DV = _param(parent, 'unembed', nn.initializers.normal(c.init_std), ('embed', 'vocab'),
                         (c.embed_dim, c.vocab_size), c)
-    logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, unembed_DV.astype(dtype))
-  if output_bias:
-    logits_BTV = logits_BTV + _bias(parent, 'unembed_bias', ('vocab',), (c.vocab_size,), c).astype(dtype)
-  return constrain(logits_BTV.astype(jnp.float32), ('batch', 'seq', 'vocab'))
+  unembed_DV = unembed_DV.astype(dtype)
+  bias_V = _bias(parent, 'unembed_bias', ('vocab',), (c.vocab_size,), c) if output_bias else None
+  if return_hidden:
+    return x_BTD, unembed_DV
+  logits_BTV = project(x_BTD, unembed_DV, jnp.dtype(c.logits_dtype))
+  if bias_V is not None:
+    logits_BTV = logits_BTV + bias_V.astype(logits_BTV.dtype)
+  return logits_BTV
+
+
+def project(x_BTD: Array, unembed_DV: Array, logits_dtype) -> Array:
+  """Logits in `logits_dtype`, accumulated in it too (a float32 result of bfloat16 inputs is exact where a
+  bfloat16 result cast up is not)."""
+  logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, unembed_DV, preferred_element_type=logits_dtype)
+  return constrain(logits_BTV, ('batch', 'seq', 'vocab'))
