@@ -163,3 +163,22 @@ def test_relative_buckets_are_exact_near_and_logarithmic_far(bidirectional):
     assert fwd.min() >= half and np.all(np.diff(fwd) >= 0)  # keys after the query: their own buckets
   else:
     assert np.all(fwd == 0)  # a causal decoder never looks ahead: one shared bucket
+
+
+def test_biases_and_position_tables_are_not_decayed_or_counted_as_matmuls():
+  from llm_jax import flops
+  from llm_jax.train import optim
+  for name in ('gpt2_124m', 'bert_base', 't5_small'):
+    cfg = recipe_config(name)
+    shapes = jax.eval_shape(lambda: init_params(build_model(cfg.model), jax.random.PRNGKey(0)))
+    decayed = {jax.tree_util.keystr(p): d for p, d in
+               jax.tree_util.tree_leaves_with_path(optim.decay_mask(decay_embeddings=False)(shapes))}
+    for path, d in decayed.items():
+      if 'bias' in path or 'norm' in path or 'embedding' in path:
+        assert not d, (name, path)
+    assert decayed["['layers']['attn']['q']"] if 'layers' in shapes else decayed["['encoder_layers']['attn']['q']"]
+    matmuls = flops.matmul_params(cfg.model)
+    biases = sum(int(np.prod(a.shape)) for p, a in jax.tree_util.tree_leaves_with_path(shapes)
+                 if jax.tree_util.keystr(p).endswith("_bias']"))
+    total = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+    assert matmuls < total - biases
