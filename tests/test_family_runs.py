@@ -52,6 +52,9 @@ def test_tiny_recipe_trains_evaluates_and_generates(tmp_path, tokenizer_path, re
 
   if recipe == 'bert_base':
     _one_line_error(_cli('generate', f'--workdir={workdir}', '--prompt=x'), 'does not generate text')
+    task = tmp_path / 'mc.jsonl'
+    task.write_text('{"context": "import ", "choices": ["os", "sys"], "gold": 0}\n')
+    _one_line_error(_cli('eval', f'--workdir={workdir}', f'--task={task}'), 'multiple-choice tasks score')
     return
   prompt = 'def f(x):<extra_id_0> x + 1\n' if recipe == 't5_small' else 'import os'
   res = _cli('generate', f'--workdir={workdir}', f'--prompt={prompt}', '--max_new_tokens=6', '--jsonl')
@@ -70,6 +73,7 @@ def test_tiny_recipe_trains_evaluates_and_generates(tmp_path, tokenizer_path, re
     _one_line_error(_cli('generate', f'--workdir={workdir}', f'--prompt={prompt}', '--max_new_tokens=17'),
                     'data.target_len')
     _one_line_error(_cli('generate', f'--workdir={workdir}', '--prompt=a<extra_id_100>b'), '<extra_id_100>')
+    _one_line_error(_cli('serve', f'--workdir={workdir}'), "serve: this run has model.family='encdec'")
 
 
 def _tokens(tokenizer_path, text):
