@@ -211,3 +211,21 @@ def test_a_layout_without_a_hugging_face_architecture_is_refused(tmp_path):
                                       r"\(needs 'rope'\)"):
     convert.to_hf(run, str(tmp_path / 'hf'))
   assert not (tmp_path / 'hf').exists()
+
+
+def test_a_sharded_checkpoint_reads_like_one_file(tmp_path, gpt2_hf):
+  src = _variant(tmp_path, gpt2_hf)
+  tensors = load_file(os.path.join(src, 'model.safetensors'))
+  os.remove(os.path.join(src, 'model.safetensors'))
+  names = sorted(tensors)
+  shards = {'model-00001-of-00002.safetensors': names[:len(names) // 2],
+            'model-00002-of-00002.safetensors': names[len(names) // 2:]}
+  for file, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, os.path.join(src, file), metadata={'format': 'pt'})
+  with open(os.path.join(src, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': {k: file for file, keys in shards.items() for k in keys}}, f)
+  convert.from_hf(src, str(tmp_path / 'sharded'), say=lambda msg: None)
+  convert.from_hf(gpt2_hf, str(tmp_path / 'single'), say=lambda msg: None)
+  for a, b in zip(jax.tree.leaves(_params(str(tmp_path / 'sharded'))[1]),
+                  jax.tree.leaves(_params(str(tmp_path / 'single'))[1])):
+    np.testing.assert_array_equal(a, b)
