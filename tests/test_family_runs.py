@@ -70,12 +70,29 @@ def test_tiny_recipe_trains_evaluates_and_generates(tmp_path, tokenizer_path, re
     assert beams.returncode == 0, beams.stderr
     scores = [json.loads(line)['score'] for line in beams.stdout.splitlines()]
     assert len(scores) == 2 and scores[0] >= scores[1]
-    _one_line_error(_cli('generate', f'--workdir={workdir}', f'--prompt={prompt}', '--max_new_tokens=17'),
-                    'data.target_len')
-    _one_line_error(_cli('generate', f'--workdir={workdir}', '--prompt=a<extra_id_100>b'), '<extra_id_100>')
     _one_line_error(_cli('serve', f'--workdir={workdir}'), "serve: this run has model.family='encdec'")
 
 
 def _tokens(tokenizer_path, text):
   from llm_jax.data import tokenizer as tokenizer_lib
   return tokenizer_lib.load(tokenizer_path).encode(text)
+
+
+def test_encoder_decoder_prompts_read_and_write_sentinels(tokenizer):
+  from conftest import recipe_config
+  from llm_jax import inference
+  from llm_jax.errors import UserError
+  cfg = recipe_config('t5_small')
+  run = inference.Run(cfg, tokenizer, model=None, params=None, mesh=None, rules=(), step=0)
+  first = tokenizer.vocab_size + cfg.data.num_sentinels - 1
+  ids = inference.prompt_tokens(run, 'x = <extra_id_0> + <extra_id_7>', max_new_tokens=8)
+  assert ids == tokenizer.encode('x = ') + [first] + tokenizer.encode(' + ') + [first - 7, tokenizer.eos_id]
+  assert run.text(ids) == 'x = <extra_id_0> + <extra_id_7>'  # EOS is not text
+  with pytest.raises(UserError, match=r'<extra_id_100> is not a sentinel of this run \(data.num_sentinels=100\)'):
+    run.encode('a<extra_id_100>b')
+  with pytest.raises(UserError, match=r"--max_new_tokens=17 is more than the decoder's 16 tokens"):
+    inference.prompt_tokens(run, 'x', max_new_tokens=17)
+  with pytest.raises(UserError, match=r'the encoder reads 64 \(data.seq_len\)'):
+    inference.prompt_tokens(run, 'word ' * 80, max_new_tokens=4)
+  kept = inference.prompt_tokens(run, 'word ' * 80, max_new_tokens=4, truncate=True)
+  assert len(kept) == 64 and kept[-1] == tokenizer.eos_id

@@ -73,6 +73,7 @@ class Packer:
   def _advance(self) -> None:
     self._index += 1
     self._part = 0
+    self._offsets = [0] * len(self._streams)
     self._examples = None
 
   def _front(self):
