@@ -1,6 +1,8 @@
 """Properties of the GPT-2, BERT and T5 layouts: who sees whom (causal, bidirectional, cross-attention, packed
 documents), cached decoding equals the full forward pass, scanned layers equal the loop, T5's buckets."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,9 @@ class _Jitted:
     self.apply = jax.jit(model.apply, static_argnames=('step', 'hidden_only'))
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(name, *overrides):
+  """One model, its params and its compiled apply per recipe, shared by the tests (compiling dominates)."""
   cfg = recipe_config(name, *overrides)
   model = build_model(cfg.model)
   return cfg, _Jitted(model), jax.jit(lambda rng: init_params(model, rng))(jax.random.PRNGKey(0))
@@ -143,7 +147,7 @@ def test_t5_scanned_layers_equal_the_loop():
       loop_params[f'{stack}_{i}'] = jax.tree.map(lambda a, i=i: a[i], params[stack])
   want = jax.tree.map(jnp.shape, init_params(looped.module, jax.random.PRNGKey(0)))
   assert jax.tree.map(jnp.shape, loop_params) == want
-  enc, dec = _tokens(8, 9), _tokens(9, 5)
+  enc, dec = _tokens(8, 12), _tokens(9, 8)  # the shapes of the tests above: compiled once
   np.testing.assert_allclose(np.asarray(_t5(params, scanned, enc, dec)), np.asarray(_t5(loop_params, looped, enc, dec)),
                              atol=1e-5, rtol=1e-5)
 
