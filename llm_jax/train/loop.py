@@ -27,13 +27,6 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def check_batch_fits_mesh(cfg, mesh) -> None:
-  batch_axes = mesh.shape['data'] * mesh.shape['fsdp']
-  if cfg.data.batch_size % batch_axes:
-    raise UserError(f'config key data.batch_size={cfg.data.batch_size} is not divisible by the '
-                    f'{batch_axes} batch shards of the mesh (mesh.data x mesh.fsdp)')
-
-
 class _Progress:
   """A tqdm bar on an interactive terminal, plain lines otherwise (logs, CI); process 0 only."""
 
@@ -77,8 +70,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """
   workdir_lib.prepare(workdir, cfg)
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
-  check_batch_fits_mesh(cfg, mesh)
+  rules = sharding.rules_from_config(cfg.mesh)
+  sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules)
   tok = workdir_lib.tokenizer_for_training(workdir, cfg)
 
   train_model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
