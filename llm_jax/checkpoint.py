@@ -1,7 +1,8 @@
 """Checkpoints: the whole truth of a run in one orbax step directory.
 
 Items: `params` and `train` (optimizer state, step, rng) as sharded arrays, `data` (the input iterator's
-state) and `config` (the resolved config) as JSON. `eval` and `generate` restore `params` alone.
+state) and `config` (the resolved config) as JSON. Orbax writes JSON from process 0 only, so the data state
+it is given already holds every process's shards (data/pipeline.py: TrainStream.get_state gathers them). `eval` and `generate` restore `params` alone.
 Nothing is pickled: arrays go through tensorstore, everything else is JSON.
 """
 

@@ -74,8 +74,17 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   d = c.data
-  d.source = 'builtin'  # 'builtin' or a glob of .txt / .jsonl files
-  d.text_field = 'text'  # the field read from .jsonl records
+  d.source = 'builtin'  # 'builtin', a glob of .txt/.jsonl(.gz) files, or 'tfds:NAME' / 'tfds:DIR'
+  d.mixture = ()  # ((source, weight), ...): when set, these sources mixed by weight replace data.source
+  d.text_field = 'text'  # the field read from .jsonl records and TFDS examples
+  d.txt_mode = 'file'  # .txt files: 'file' (one document each) or 'blocks' (split at blank lines)
+  d.max_doc_chars = 1_000_000  # longer documents are cut into pieces of this size (bytes for .txt)
+  d.tfds_data_dir = ''  # where tfds:NAME datasets are prepared; '' is tfds' default
+  d.tfds_train_split = 'train'
+  d.tfds_heldout_split = ''  # '' takes the first of heldout / validation / test the dataset has
+  d.shards = 8  # logical data shards: fixed for a run, a multiple of the process count, divides batch_size
+  d.workers = 0  # worker processes that read and tokenize (0: in the training process)
+  d.prefetch = 64  # documents read ahead per shard
   d.heldout_percent = 5  # share of documents held out, chosen by a hash of their name
   d.tokenizer = ''  # path to a sentencepiece .model; '' trains one into WORKDIR/tokenizer.model
   d.tokenizer_train_chars = 20_000_000  # text the tokenizer is trained on, at most
@@ -267,6 +276,7 @@ def _to_tuples(value):
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _REMAT = ('none', 'full', 'dots_no_batch')
 _FAMILIES = ('decoder',)
+_TXT_MODES = ('file', 'blocks')
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -293,9 +303,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(m.norm_eps > 0, 'model.norm_eps', m.norm_eps, 'positive')
   _require(d.seq_len >= 2, 'data.seq_len', d.seq_len, 'at least 2')
   _require(d.batch_size >= 1, 'data.batch_size', d.batch_size, 'a positive integer')
-  _require(0 < d.heldout_percent < 100, 'data.heldout_percent', d.heldout_percent, 'between 1 and 99')
+  _require(0 <= d.heldout_percent < 100, 'data.heldout_percent', d.heldout_percent,
+           'between 0 (no held-out documents) and 99')
+  _require(d.heldout_percent > 0 or cfg.eval.every == 0, 'data.heldout_percent', d.heldout_percent,
+           'above 0 while eval.every > 0 (held-out loss needs held-out documents)')
   _require(d.tokenizer_train_chars > 0, 'data.tokenizer_train_chars', d.tokenizer_train_chars, 'positive')
-  _require(bool(d.source), 'data.source', d.source, "'builtin' or a glob of .txt/.jsonl files")
+  _require(bool(d.source), 'data.source', d.source, "'builtin', a glob of .txt/.jsonl files, or tfds:NAME")
+  _check_mixture(d.mixture)
+  _require(d.txt_mode in _TXT_MODES, 'data.txt_mode', d.txt_mode, f'one of {_TXT_MODES}')
+  _require(d.max_doc_chars >= 1000, 'data.max_doc_chars', d.max_doc_chars, 'at least 1000')
+  _require(bool(d.tfds_train_split), 'data.tfds_train_split', d.tfds_train_split, 'a split name')
+  _require(d.shards >= 1, 'data.shards', d.shards, 'a positive integer')
+  _require(d.batch_size % d.shards == 0, 'data.shards', d.shards,
+           f'a divisor of data.batch_size={d.batch_size} (each shard gives the same rows to every batch)')
+  _require(d.workers >= 0, 'data.workers', d.workers, 'a non-negative integer (0: no worker processes)')
+  _require(d.prefetch >= 0, 'data.prefetch', d.prefetch, 'a non-negative integer')
   _require(t.steps >= 0, 'train.steps', t.steps, 'a non-negative integer')
   _require(t.learning_rate > 0, 'train.learning_rate', t.learning_rate, 'positive')
   _require(0 <= t.warmup_steps, 'train.warmup_steps', t.warmup_steps, 'non-negative')
@@ -344,6 +366,16 @@ def _check_mesh(mesh) -> None:
     _require(mesh[key] >= 1, f'mesh.{key}', mesh[key], 'a positive integer')
   _require(mesh.preset in RULE_PRESETS, 'mesh.preset', mesh.preset, f'one of {tuple(RULE_PRESETS)}')
   _check_rules(mesh.rules)
+
+
+def _check_mixture(mixture) -> None:
+  for entry in mixture:
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
+            and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and entry[1] > 0):
+      raise UserError(f'config key data.mixture: each entry is (source, positive weight), got {entry!r}')
+  if mixture:
+    from llm_jax.data.mixture import check_weights
+    check_weights([w for _, w in mixture])
 
 
 def _check_rules(rules) -> None:

@@ -55,8 +55,7 @@ def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
 def select_documents(docs, tokenizer, max_tokens: int) -> list[str]:
   """Whole documents, in order, until they hold `max_tokens` tokens (at least one document)."""
   chosen, count = [], 0
-  for i in range(len(docs)):
-    text = docs[i]
+  for text in sources.texts(docs):
     chosen.append(text)
     count += len(tokenizer.encode(text)) + 1
     if count >= max_tokens:

@@ -97,15 +97,31 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
     elif os.path.isfile(path):
       tok = tokenizer_lib.load(path)
     else:
-      docs = sources.open_source(cfg.data, 'train')
-      texts = (docs[i] for i in range(len(docs)))
-      tok = tokenizer_lib.train(texts, cfg.model.vocab_size, cfg.data.tokenizer_train_chars)
+      tok = prepared_tokenizer(cfg.data) or train_tokenizer(cfg)
       tokenizer_lib.save(tok, path)
     proto = tok.serialized()
   proto = _broadcast_bytes(proto)
   tok = tokenizer_lib.Tokenizer(proto)
   check_vocab(tok, cfg)
   return tok
+
+
+def train_tokenizer(cfg) -> tokenizer_lib.Tokenizer:
+  docs = sources.open_source(cfg.data, 'train')
+  return tokenizer_lib.train(sources.texts(docs), cfg.model.vocab_size, cfg.data.tokenizer_train_chars)
+
+
+def prepared_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer | None:
+  """The tokenizer of the prepared (pre-tokenized) TFDS sources the config reads, if any: a run trains on
+  their ids, so it must use their tokenizer."""
+  if not any(spec.startswith(sources.TFDS_PREFIX) for spec, _ in sources.source_specs(data_cfg)):
+    return None
+  from llm_jax.data import tfds_source
+  protos = tfds_source.prepared_tokenizers(data_cfg)
+  if len(set(protos.values())) > 1:
+    raise UserError('the prepared sources of data.mixture were made with different tokenizers: '
+                    + ', '.join(f'{spec} ({tfds_source.tokenizer_digest(p)})' for spec, p in protos.items()))
+  return tokenizer_lib.Tokenizer(next(iter(protos.values()))) if protos else None
 
 
 def load_tokenizer(workdir: str, cfg) -> tokenizer_lib.Tokenizer:

@@ -24,7 +24,7 @@ def tokenizer_path(tmp_path_factory):
   from llm_jax.data import sources, tokenizer as tokenizer_lib
   cfg = tiny_config()
   docs = sources.open_source(cfg.data, 'train')
-  tok = tokenizer_lib.train((docs[i] for i in range(len(docs))), cfg.model.vocab_size,
+  tok = tokenizer_lib.train(sources.texts(docs), cfg.model.vocab_size,
                             cfg.data.tokenizer_train_chars, num_threads=1)
   path = str(tmp_path_factory.mktemp('tok') / 'tokenizer.model')
   tokenizer_lib.save(tok, path)
@@ -35,3 +35,20 @@ def tokenizer_path(tmp_path_factory):
 def tokenizer(tokenizer_path):
   from llm_jax.data import tokenizer as tokenizer_lib
   return tokenizer_lib.load(tokenizer_path)
+
+
+@pytest.fixture(scope='session')
+def small_corpus(tmp_path_factory):
+  """A glob of 64 small .txt documents (pieces of standard-library files): streams over it start fast."""
+  from llm_jax.data import sources
+  root = tmp_path_factory.mktemp('corpus')
+  paths = [path for _, path in sources.builtin_files()[:64]]
+  for i, path in enumerate(paths):
+    with open(path, encoding='utf-8') as f:
+      text = f.read()[:200 + 40 * i]
+    (root / f'doc{i:02d}.txt').write_text(text, encoding='utf-8')
+  return str(root / '*.txt')
+
+
+def corpus_config(glob, *overrides):
+  return tiny_config(('data.source', glob), ('data.heldout_percent', '10'), *overrides)

@@ -1,13 +1,16 @@
-"""The built-in corpus, the tokenizer and the packed, resumable input stream."""
+"""The built-in corpus, the tokenizer, packing, and the sharded, resumable training stream."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from llm_jax.data import pipeline, sources
+from conftest import corpus_config, tiny_config
+from llm_jax.data import objectives, pipeline, sources
+from llm_jax.data.mixture import EpochShuffle
+from llm_jax.data.packing import Packer, empty_batch
 from llm_jax.errors import UserError
+from llm_jax.models.layers import attention_mask
 
 
 def test_builtin_corpus_is_the_stdlib_without_tests_split_by_name():
@@ -22,6 +25,7 @@ def test_builtin_corpus_is_the_stdlib_without_tests_split_by_name():
   assert not any('/test/' in n or n.startswith(('test/', 'tests/')) for n in train_names | heldout_names)
   # The split depends only on the name: recomputing it gives the same answer.
   assert all(sources.in_heldout(n, cfg.data.heldout_percent) for n in heldout_names)
+  assert all(isinstance(train[i], str) and train[i].strip() for i in range(0, len(train), 50))
 
 
 def test_tokenizer_round_trips_code_exactly(tokenizer):
@@ -31,26 +35,82 @@ def test_tokenizer_round_trips_code_exactly(tokenizer):
   assert tokenizer.id_to_piece(tokenizer.encode('\n')[0]) == '\n'
 
 
+def _assert_rows_are_well_formed(batch, streams):
+  for stream in streams:
+    seg, pos = batch[stream.segment_key], batch[stream.position_key]
+    for b in range(seg.shape[0]):
+      for t in range(1, seg.shape[1]):
+        if seg[b, t] == seg[b, t - 1] and seg[b, t] > 0:
+          assert pos[b, t] == pos[b, t - 1] + 1
+        elif seg[b, t] > 0:
+          assert pos[b, t] == 0 and seg[b, t] == seg[b, t - 1] + 1
+      assert pos[b, 0] == 0
+    for key in stream.features:
+      assert np.all(batch[key][seg == 0] == 0)
+
+
 def test_packed_rows_have_consistent_segments_positions_and_targets(tokenizer):
   cfg = tiny_config()
   stream = pipeline.TrainStream(cfg.data, tokenizer, seed=0)
   for batch in itertools.islice(stream, 5):
-    B, T = batch['inputs'].shape
-    assert (B, T) == (cfg.data.batch_size, cfg.data.seq_len)
-    for b in range(B):
-      seg, pos = batch['segment_ids'][b], batch['positions'][b]
-      for t in range(1, T):
-        if seg[t] == seg[t - 1] and seg[t] > 0:
-          assert pos[t] == pos[t - 1] + 1
-          # Within a document the target at t - 1 is the input at t: next-token prediction.
-          assert batch['targets'][b, t - 1] == batch['inputs'][b, t]
-        elif seg[t] > 0:
-          assert pos[t] == 0
-      assert np.all(batch['loss_mask'][b][seg == 0] == 0)
+    assert batch['inputs'].shape == (cfg.data.batch_size, cfg.data.seq_len)
+    _assert_rows_are_well_formed(batch, stream.streams)
+    seg = batch['segment_ids']
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    # Within a document the target at t - 1 is the input at t: next-token prediction.
+    assert np.all(batch['targets'][:, :-1][same] == batch['inputs'][:, 1:][same])
 
 
-def test_data_stream_resumes_exactly(tokenizer):
-  cfg = tiny_config()
+def _docs_feed(lengths):
+  """Document d is the token 100 + d, repeated lengths[d] times (a causal-LM objective's features)."""
+  def feed(start):
+    for d in range(start, len(lengths)):
+      ids = np.full(lengths[d], 100 + d, np.int32)
+      yield {'inputs': ids, 'targets': ids, 'loss_mask': np.ones_like(ids)}
+  return feed
+
+
+def test_no_token_of_one_document_is_visible_to_another():
+  lengths = [5, 40, 3, 17, 9, 1, 64, 30, 2, 11]
+  streams = objectives.CausalLM(1, 2, True, True).streams(16)
+  packer = Packer(streams, _docs_feed(lengths))
+  batch = empty_batch(streams, 16)
+  rows = sum(packer.fill(batch, r) for r in range(16))
+  # Overlong documents are split over rows, never dropped: every token of every document is packed.
+  assert rows == -(-sum(lengths) // 16) and packer.exhausted
+  tokens = batch['inputs'][batch['segment_ids'] > 0]
+  assert sorted(np.unique(tokens, return_counts=True)[1]) == sorted(lengths)
+  mask = np.asarray(attention_mask(batch['positions'], batch['segment_ids'], batch['positions'],
+                                   batch['segment_ids']))
+  docs = batch['inputs']
+  b, t, s = np.nonzero(mask)
+  real = batch['segment_ids'][b, t] > 0
+  assert np.all(docs[b, t][real] == docs[b, s][real])  # a query only ever sees keys of its own document
+
+
+def test_packing_takes_stream_lengths_from_the_objective():
+  """An encoder-decoder layout: two streams of different lengths sharing segment ids."""
+  streams = (objectives.Stream(('enc',), 12, 'encoder_'), objectives.Stream(('dec',), 4, 'decoder_'))
+
+  def feed(start):
+    for d in range(start, 6):
+      yield {'enc': np.full(5, 10 + d, np.int32), 'dec': np.full(2, 10 + d, np.int32)}
+
+  packer = Packer(streams, feed)
+  batch = empty_batch(streams, 4)
+  for r in range(4):
+    packer.fill(batch, r)
+  assert batch['enc'].shape == (4, 12) and batch['dec'].shape == (4, 4)
+  _assert_rows_are_well_formed(batch, streams)
+  for r in range(4):  # the decoder stream fills first (2 of 4 per document): two documents per row
+    for seg in range(1, 3):
+      enc = set(batch['enc'][r][batch['encoder_segment_ids'][r] == seg])
+      dec = set(batch['dec'][r][batch['decoder_segment_ids'][r] == seg])
+      assert enc == dec and len(enc) <= 1
+
+
+def test_same_seed_same_batches_and_resume_equals_uninterrupted(tokenizer, small_corpus):
+  cfg = corpus_config(small_corpus)
   first = pipeline.TrainStream(cfg.data, tokenizer, seed=0)
   for _ in range(3):
     next(first)
@@ -58,19 +118,96 @@ def test_data_stream_resumes_exactly(tokenizer):
   expected = [next(first) for _ in range(4)]
   resumed = pipeline.TrainStream(cfg.data, tokenizer, seed=0)
   resumed.set_state(state)
-  for want, got in zip(expected, (next(resumed) for _ in range(4))):
+  again = pipeline.TrainStream(cfg.data, tokenizer, seed=0)
+  for _ in range(3):
+    next(again)
+  for want, got, same in zip(expected, (next(resumed) for _ in range(4)), (next(again) for _ in range(4))):
     for k in pipeline.BATCH_KEYS:
       np.testing.assert_array_equal(want[k], got[k])
+      np.testing.assert_array_equal(want[k], same[k])
   other_seed = next(pipeline.TrainStream(cfg.data, tokenizer, seed=1))
   assert not np.array_equal(other_seed['inputs'], expected[0]['inputs'])
 
 
-def test_processes_read_disjoint_documents(tokenizer):
-  cfg = tiny_config()
-  docs = sources.open_source(cfg.data, 'train')
-  import grain
-  shards = [set(grain.MapDataset.source(range(len(docs)))[i::2]) for i in range(2)]
-  assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(len(docs)))
+def _run(cfg, tokenizer, processes, batches, state=None):
+  """`batches` global batches as `processes` simulated processes would make them, and the merged state."""
+  streams = [pipeline.TrainStream(cfg.data, tokenizer, seed=0, process_index=p, process_count=processes)
+             for p in range(processes)]
+  if state is not None:
+    for s in streams:
+      s.set_state(state)
+  out = []
+  for _ in range(batches):
+    parts = [next(s) for s in streams]
+    out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+  return out, pipeline.merge_states([s.local_state() for s in streams])
+
+
+@pytest.mark.parametrize('processes', [2, 4])
+def test_processes_read_disjoint_shards_that_together_make_the_one_process_batches(tokenizer, processes,
+                                                                                  small_corpus):
+  cfg = corpus_config(small_corpus)
+  single, _ = _run(cfg, tokenizer, 1, 3)
+  split, _ = _run(cfg, tokenizer, processes, 3)
+  for a, b in zip(single, split):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  owned = [set(pipeline.shards_of(p, processes, cfg.data.shards)) for p in range(processes)]
+  assert set().union(*owned) == set(range(cfg.data.shards)) and sum(map(len, owned)) == cfg.data.shards
+  # Document level: over one epoch, the shards read every document exactly once.
+  docs = list(range(103))
+  seen = [EpochShuffle(docs, s, 8, seed=s)[k] for s in range(8) for k in range(len(range(s, 103, 8)))]
+  assert sorted(seen) == docs
+
+
+def test_resume_with_a_different_number_of_processes_is_exact(tokenizer, small_corpus):
+  cfg = corpus_config(small_corpus)
+  uninterrupted, _ = _run(cfg, tokenizer, 1, 5)
+  _, state = _run(cfg, tokenizer, 2, 2)  # saved by 2 processes after 2 batches
+  for processes in (1, 4):
+    resumed, _ = _run(cfg, tokenizer, processes, 3, state=state)
+    for a, b in zip(uninterrupted[2:], resumed):
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_state_mismatches_are_refused_with_one_clear_line(tokenizer, small_corpus):
+  cfg = corpus_config(small_corpus)
+  stream = pipeline.TrainStream(cfg.data, tokenizer, seed=0)
+  state = stream.get_state()
+  other = pipeline.TrainStream(corpus_config(small_corpus, ('data.shards', '4')).data, tokenizer, seed=0)
+  with pytest.raises(UserError, match='data.shards=8.*data.shards=4'):
+    other.set_state(state)
+  with pytest.raises(UserError, match='older llm-jax'):
+    stream.set_state({'last_seen_indices': {}})
+  with pytest.raises(UserError, match='data.shards=8 cannot be split evenly over 3 processes'):
+    pipeline.TrainStream(cfg.data, tokenizer, seed=0, process_index=0, process_count=3)
+  with pytest.raises(UserError, match='data.shards'):
+    tiny_config(('data.shards', '3'))  # does not divide data.batch_size=8
+
+
+def test_gathered_state_of_one_process_is_its_local_state(tokenizer, small_corpus):
+  stream = pipeline.TrainStream(corpus_config(small_corpus).data, tokenizer, seed=0)
+  next(stream)
+  assert pipeline.gather_states(stream.local_state()) == stream.local_state()
+
+
+def test_worker_processes_change_speed_not_batches(tokenizer, small_corpus):
+  cfg = corpus_config(small_corpus)
+  inline = pipeline.TrainStream(cfg.data, tokenizer, seed=0)
+  workers = pipeline.TrainStream(corpus_config(small_corpus, ('data.workers', '1'), ('data.prefetch', '4')).data,
+                                 tokenizer, seed=0)
+  try:
+    for _ in range(3):
+      a, b = next(inline), next(workers)
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    state = inline.get_state()
+    workers.set_state(state)
+    inline.set_state(state)
+    np.testing.assert_array_equal(next(inline)['inputs'], next(workers)['inputs'])
+  finally:
+    workers.close()
 
 
 def test_eval_batches_pad_to_full_batches(tokenizer):
@@ -81,22 +218,3 @@ def test_eval_batches_pad_to_full_batches(tokenizer):
   assert batches[0]['loss_mask'].sum() == sum(len(tokenizer.encode(t)) + 1 for t in texts)
   fixed = list(pipeline.eval_batches(texts, tokenizer, cfg.data, batch_size=4, num_batches=3))
   assert len(fixed) == 3 and fixed[2]['loss_mask'].sum() == 0
-
-
-def test_user_text_files_and_bad_sources(tmp_path):
-  for i in range(40):
-    (tmp_path / f'doc{i}.txt').write_text(f'document number {i}\n' * 3)
-  (tmp_path / 'more.jsonl').write_text('{"text": "a jsonl document"}\n\n{"text": "another"}\n')
-  cfg = tiny_config(('data.source', str(tmp_path / '*')), ('data.heldout_percent', '20'))
-  train = sources.open_source(cfg.data, 'train')
-  heldout = sources.open_source(cfg.data, 'heldout')
-  assert len(train) + len(heldout) == 42
-  names = [train.name(i) for i in range(len(train))] + [heldout.name(i) for i in range(len(heldout))]
-  assert any(n.endswith('more.jsonl:3') for n in names)  # blank line 2 skipped, line numbers kept
-  with pytest.raises(UserError, match='matches no files'):
-    sources.open_source(tiny_config(('data.source', str(tmp_path / '*.none'))).data, 'train')
-  (tmp_path / 'bad.jsonl').write_text('{"txt": 1}\n')
-  docs = sources.open_source(tiny_config(('data.source', str(tmp_path / 'bad.jsonl')),
-                                         ('data.heldout_percent', '1')).data, 'train')
-  with pytest.raises(UserError, match=r'bad.jsonl:1: record has no field .text.'):
-    docs[0]

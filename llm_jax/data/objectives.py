@@ -1,37 +1,67 @@
 """Training objectives as per-document transforms, applied before packing.
 
-Each objective maps one document's token ids to aligned per-token features (`inputs`, `targets`,
-`loss_mask`), or None to skip the document. The packer after it is objective-agnostic: it concatenates
-whatever features it is given and adds segment ids and positions.
+An objective maps one document's token ids to its per-token features, or None to skip the document, and
+declares the packed layout it needs: one or more *streams*, each a group of aligned features packed into
+rows of its own length and given its own `segment_ids` and `positions`. A decoder-only objective has one
+stream (`inputs`, `targets`, `loss_mask` -> batch keys `segment_ids`, `positions`); an encoder-decoder
+objective declares two of different lengths (say `encoder_` and `decoder_` prefixed keys). The packer
+(packing.py) reads nothing else, so new objectives (masked LM, span corruption, SFT) plug in here.
+
+Objectives are plain picklable classes (no closures): grain worker processes receive them.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
 
 import numpy as np
 
-Objective = Callable[[np.ndarray], 'dict[str, np.ndarray] | None']
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """Features packed together into rows of `length`; `prefix` names its segment_ids / positions keys."""
+  features: tuple[str, ...]
+  length: int
+  prefix: str = ''
+
+  @property
+  def segment_key(self) -> str:
+    return f'{self.prefix}segment_ids'
+
+  @property
+  def position_key(self) -> str:
+    return f'{self.prefix}positions'
 
 
-def causal_lm(bos_id: int, eos_id: int, add_bos: bool, add_eos: bool) -> Objective:
+def batch_keys(streams: tuple[Stream, ...]) -> tuple[str, ...]:
+  keys = []
+  for s in streams:
+    keys.extend(s.features)
+    keys.extend((s.segment_key, s.position_key))
+  return tuple(keys)
+
+
+class CausalLM:
   """Next-token prediction: the input at t is token t, the target token t + 1."""
 
-  def apply(ids: np.ndarray) -> dict[str, np.ndarray] | None:
-    parts = ([np.array([bos_id], np.int32)] if add_bos else []) + [ids.astype(np.int32)]
-    if add_eos:
-      parts.append(np.array([eos_id], np.int32))
-    tokens = np.concatenate(parts)
-    if len(tokens) < 2:
+  def __init__(self, bos_id: int, eos_id: int, add_bos: bool, add_eos: bool):
+    self.bos_id, self.eos_id, self.add_bos, self.add_eos = bos_id, eos_id, add_bos, add_eos
+
+  def streams(self, seq_len: int) -> tuple[Stream, ...]:
+    return (Stream(('inputs', 'targets', 'loss_mask'), seq_len),)
+
+  def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray] | None:
+    n = len(ids) + self.add_bos + self.add_eos
+    if n < 2:
       return None
-    return {
-        'inputs': tokens[:-1],
-        'targets': tokens[1:],
-        'loss_mask': np.ones(len(tokens) - 1, np.int32),
-    }
+    tokens = np.empty(n, np.int32)
+    tokens[self.add_bos:self.add_bos + len(ids)] = ids
+    if self.add_bos:
+      tokens[0] = self.bos_id
+    if self.add_eos:
+      tokens[-1] = self.eos_id
+    return {'inputs': tokens[:-1], 'targets': tokens[1:], 'loss_mask': np.ones(n - 1, np.int32)}
 
-  return apply
 
-
-def for_config(data_cfg, tokenizer) -> Objective:
-  return causal_lm(tokenizer.bos_id, tokenizer.eos_id, data_cfg.add_bos, data_cfg.add_eos)
+def for_config(data_cfg, tokenizer) -> CausalLM:
+  return CausalLM(tokenizer.bos_id, tokenizer.eos_id, data_cfg.add_bos, data_cfg.add_eos)

@@ -1,115 +1,189 @@
-"""The input pipeline: documents -> tokens -> objective -> packed rows -> per-host batches -> global arrays.
+"""The input pipeline: documents -> tokens -> objective -> packed rows -> per-process batches -> global arrays.
 
-Built on grain: a random-access `MapDataset` of documents (sliced per JAX process, shuffled afresh each
-epoch, repeated), tokenized and transformed in prefetch threads, then packed into rows of `seq_len` with
-`segment_ids` and `positions` (documents longer than a row are split, never dropped), then batched. The
-iterator's state is a small JSON object saved in every checkpoint, so a resumed run sees exactly the
-batches the uninterrupted run would have seen.
+The data is cut into `data.shards` logical shards, fixed for the life of a run. Shard s reads documents
+i with i % shards == s of every source, shuffled afresh each epoch and mixed by weight (mixture.py), and
+packs them into rows (packing.py). A global batch is `batch_size / shards` rows from each shard, shard 0
+first. Process p of P reads and packs shards [p S/P, (p+1) S/P) only, which are exactly its rows of the
+global batch, so the batches, and the state that says where every shard is, do not depend on the number
+of processes: a run saved by 2 processes resumes exactly on 1 or 4.
+
+The state is a small JSON object (per shard: next document index and offsets into it) saved in every
+checkpoint; `get_state` gathers all processes' shards so that process 0's copy is the whole truth.
 """
 
 from __future__ import annotations
 
-import json
+import collections
+import sys
 from typing import Iterator, Sequence
 
-import grain
 import jax
 import numpy as np
-from grain import experimental as grain_exp
 
-from llm_jax.data import objectives
-from llm_jax.data.sources import open_source
+from llm_jax.data import objectives, sources
+from llm_jax.data.files import Skipped
+from llm_jax.data.mixture import Featurize, shard_dataset
+from llm_jax.data.packing import Packer, empty_batch
+from llm_jax.data.workers import Feeds
 from llm_jax.errors import UserError
 
-FEATURES = ('inputs', 'targets', 'loss_mask')
-BATCH_KEYS = FEATURES + ('segment_ids', 'positions')
+STATE_FORMAT = 'llm-jax-data/1'
+BATCH_KEYS = objectives.batch_keys(objectives.CausalLM(1, 2, True, True).streams(2))
+_MESSAGES_PER_KIND = 3
 
 
-def _transform(tokenizer, objective):
-  def fn(text: str):
-    return objective(np.asarray(tokenizer.encode(text), np.int32))
-  return fn
-
-
-def _packed_row(x: dict) -> dict[str, np.ndarray]:
-  row = {k: x[k] for k in FEATURES}
-  row['segment_ids'] = x['inputs_segment_ids']
-  row['positions'] = x['inputs_positions']
-  return row
-
-
-def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
-  """Concatenate documents and cut rows of `seq_len`; a document cut at a row's end continues in the next
-  row as a new segment (positions restart), and the last row of a finite stream is padded (segment 0)."""
-  packed = grain_exp.ConcatThenSplitIterDataset(ds, length_struct={k: seq_len for k in FEATURES})
-  return packed.map(_packed_row)
-
-
-def local_batch_size(data_cfg) -> int:
-  count = jax.process_count()
+def local_batch_size(data_cfg, process_count: int | None = None) -> int:
+  count = jax.process_count() if process_count is None else process_count
   if data_cfg.batch_size % count:
     raise UserError(f'config key data.batch_size={data_cfg.batch_size} is not divisible by the '
                     f'{count} processes')
   return data_cfg.batch_size // count
 
 
+def shards_of(process_index: int, process_count: int, num_shards: int) -> range:
+  if num_shards % process_count:
+    raise UserError(f'config key data.shards={num_shards} cannot be split evenly over {process_count} '
+                    'processes; use a multiple of the process count (it must stay the same for a run)')
+  per = num_shards // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+class SkipLog:
+  """Counts bad records by kind; says the first few of each kind (file and line) on stderr."""
+
+  def __init__(self, label: str = ''):
+    self.counts: collections.Counter = collections.Counter()
+    self._label = label
+
+  def __call__(self, item: Skipped) -> None:
+    self.counts[item.kind] += 1
+    n = self.counts[item.kind]
+    if n <= _MESSAGES_PER_KIND:
+      more = ' (further ones counted, not shown)' if n == _MESSAGES_PER_KIND else ''
+      print(f'llm-jax: warning:{self._label} skipped {item.message()}{more}', file=sys.stderr, flush=True)
+
+  def summary(self) -> str:
+    if not self.counts:
+      return ''
+    parts = ', '.join(f'{n} {kind}' for kind, n in sorted(self.counts.items()))
+    return f'skipped {sum(self.counts.values())} bad records ({parts})'
+
+
+def check_prepared_tokenizers(parts, tokenizer) -> None:
+  from llm_jax.data.tfds_source import tokenizer_digest
+  for docs, _ in parts:
+    proto = getattr(docs, 'tokenizer_proto', None)
+    if proto is not None and proto != tokenizer.serialized():
+      raise UserError(f'{docs.name(0).split("[")[0]} was tokenized with tokenizer {tokenizer_digest(proto)}, '
+                      f'but this run uses {tokenizer_digest(tokenizer.serialized())}; leave data.tokenizer '
+                      'empty in a new workdir to use the prepared one')
+
+
 class TrainStream:
-  """Endless, shuffled, packed training batches of this process's slice of the documents."""
+  """Endless, shuffled, packed training batches: this process's rows of each global batch."""
 
   def __init__(self, data_cfg, tokenizer, seed: int, process_index: int | None = None,
                process_count: int | None = None):
+    self._gather = process_count is None and jax.process_count() > 1
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    docs = open_source(data_cfg, 'train')
-    if len(docs) < pc:
-      raise UserError(f'data.source has {len(docs)} training documents, fewer than the {pc} processes')
+    self.num_shards = data_cfg.shards
+    self.shards = shards_of(pi, pc, self.num_shards)
+    self._rows = data_cfg.batch_size // self.num_shards  # validate() checks the divisibility
+    parts = sources.open_sources(data_cfg, 'train')
+    check_prepared_tokenizers(parts, tokenizer)
+    if data_cfg.workers and any(getattr(docs, 'sequential', False) for docs, _ in parts):
+      raise UserError(f'config key data.workers={data_cfg.workers}: a streamed (tfrecord) TFDS source is read '
+                      'in order by the training process; set data.workers=0')
     objective = objectives.for_config(data_cfg, tokenizer)
-    ds = grain.MapDataset.source(docs)[pi::pc].shuffle(seed=seed).repeat()
-    ds = ds.map(_transform(tokenizer, objective)).filter(lambda x: x is not None)
-    it_ds = pack(ds.to_iter_dataset(), data_cfg.seq_len)
-    it_ds = it_ds.batch(data_cfg.batch_size // pc, drop_remainder=True)
-    self._it = iter(it_ds)
+    self.streams = objective.streams(data_cfg.seq_len)
+    featurize = Featurize(tokenizer, objective, data_cfg.max_doc_chars)
+    datasets = [shard_dataset(parts, s, self.num_shards, seed, featurize) for s in self.shards]
+    self._feeds = Feeds(datasets, data_cfg.workers, data_cfg.prefetch)
+    self.skips = SkipLog(f' process {pi}:' if pc > 1 else '')
+    self._packers = [Packer(self.streams, (lambda start, p=p: self._feeds.feed(p, start)), self.skips)
+                     for p in range(len(self.shards))]
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+    out = empty_batch(self.streams, self._rows * len(self._packers))
+    for p, packer in enumerate(self._packers):
+      for r in range(p * self._rows, (p + 1) * self._rows):
+        packer.fill(out, r)
+    return out
+
+  def local_state(self) -> dict:
+    """This process's shards only (what a process can say without talking to the others)."""
+    return {'format': STATE_FORMAT, 'shards': self.num_shards,
+            'positions': {str(s): p.state() for s, p in zip(self.shards, self._packers)}}
 
   def get_state(self) -> dict:
-    return json.loads(json.dumps(self._it.get_state()))
+    """The state of every shard. With several JAX processes, a collective: all must call it together."""
+    local = self.local_state()
+    return gather_states(local) if self._gather else local
 
   def set_state(self, state: dict) -> None:
-    self._it.set_state(state)
+    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
+      raise UserError('the checkpoint holds a data-iterator state of an older llm-jax; it cannot be resumed '
+                      'exactly (start a new workdir)')
+    if state['shards'] != self.num_shards:
+      raise UserError(f'the checkpoint was written with data.shards={state["shards"]}, this run has '
+                      f'data.shards={self.num_shards}; the shard count cannot change during a run')
+    for s, packer in zip(self.shards, self._packers):
+      if str(s) not in state['positions']:
+        raise UserError(f'the checkpoint\'s data state has no position for shard {s} (saved by a run whose '
+                        'processes did not all contribute their state)')
+      packer.restore(state['positions'][str(s)])
+
+  def close(self) -> None:
+    self._feeds.close()
 
 
-def eval_batches(texts: Sequence[str], tokenizer, data_cfg, batch_size: int,
-                 num_batches: int | None = None, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def merge_states(states: Sequence[dict]) -> dict:
+  """One state from the local states of all processes (each holds its own shards)."""
+  merged = dict(states[0])
+  merged['positions'] = {}
+  for st in states:
+    merged['positions'].update(st['positions'])
+  return merged
+
+
+def gather_states(local: dict) -> dict:
+  """Every process's shard positions, on every process (they are small integers: gathered as an array)."""
+  from jax.experimental import multihost_utils
+  keys = sorted(local['positions'], key=int)
+  rows = [[int(k), local['positions'][k]['index'], *local['positions'][k]['offsets']] for k in keys]
+  everything = np.asarray(multihost_utils.process_allgather(np.asarray(rows, np.int64)))
+  everything = everything.reshape(-1, everything.shape[-1])
+  positions = {str(int(r[0])): {'index': int(r[1]), 'offsets': [int(x) for x in r[2:]]} for r in everything}
+  return {**local, 'positions': positions}
+
+
+def eval_batches(docs: Sequence, tokenizer, data_cfg, batch_size: int, num_batches: int | None = None,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Packed batches of the documents in order (this process's share), the last padded to `batch_size`
-  rows of segment 0. Documents are read lazily.
+  rows of segment 0. `docs` is a list of texts or a source's documents; bad records are left out.
 
   With `num_batches`, exactly that many are yielded (all-padding batches once the documents run out), so
   every process of a multi-host run steps the same number of times.
   """
   objective = objectives.for_config(data_cfg, tokenizer)
-  ds = grain.MapDataset.source(texts)[process_index::process_count]
-  ds = ds.map(_transform(tokenizer, objective))
-  ds = ds.filter(lambda x: x is not None)
-  rows = iter(pack(ds.to_iter_dataset(), data_cfg.seq_len))
+  streams = objective.streams(data_cfg.seq_len)
+  featurize = Featurize(tokenizer, objective, data_cfg.max_doc_chars)
+  mine = range(process_index, len(docs), process_count)
+  packer = Packer(streams, lambda start: (featurize(docs[i]) for i in mine[start:]))
   yielded = 0
   while num_batches is None or yielded < num_batches:
-    batch = [row for _, row in zip(range(batch_size), rows)]
-    if not batch and num_batches is None:
+    out = empty_batch(streams, batch_size)
+    rows = 0
+    while rows < batch_size and not packer.exhausted and packer.fill(out, rows):
+      rows += 1
+    if rows == 0 and num_batches is None:
       return
-    while len(batch) < batch_size:
-      batch.append(_empty_row(data_cfg.seq_len))
-    yield {k: np.stack([r[k] for r in batch]) for k in BATCH_KEYS}
+    yield out
     yielded += 1
-
-
-def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
-  return {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

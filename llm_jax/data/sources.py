@@ -1,26 +1,36 @@
-"""Text sources: random-access collections of documents, split into train and held-out by a hash of each
-document's name (stable across machines, runs and process counts).
+"""Text sources: random-access collections of documents, each split into train and held-out.
+
+A source is named by one string (`data.source`, or each entry of `data.mixture`):
 
 - `builtin`: the Python standard library's own source files of the running interpreter, minus its test
-  folders and minus machine-generated files. Real text nobody here wrote, present on every machine, no
-  download.
-- a glob of `.txt` files (one document per file) and/or `.jsonl` files (one document per line, the text
-  in `data.text_field`).
+  folders, machine-generated and empty files. Real text nobody here wrote, present on every machine.
+- a glob of local files (files.py): `.txt`, `.jsonl` and their `.gz` forms.
+- `tfds:NAME` or `tfds:DIR` (tfds_source.py): a TensorFlow Datasets dataset in ArrayRecord format, read
+  by name from `data.tfds_data_dir` (a catalog dataset such as lm1b prepared there) or from a directory,
+  such as one written by `llm-jax prepare` (whose records also carry the token ids).
+
+Local sources are split by a hash of each document's name (stable across machines, runs and process
+counts); TFDS sources use the dataset's own splits.
+
+`documents[i]` is the text (str), pre-tokenized ids (int32 array, prepared datasets), or `Skipped` for a bad
+record (never None); `documents.text(i)` is always the text (or `Skipped`).
 """
 
 from __future__ import annotations
 
 import glob as globlib
 import hashlib
-import json
 import os
 import re
 import sysconfig
-from typing import Sequence
+from typing import Iterator
 
+from llm_jax.data import files
+from llm_jax.data.files import Skipped
 from llm_jax.errors import UserError
 
 SPLITS = ('train', 'heldout')
+TFDS_PREFIX = 'tfds:'
 _TEST_DIRS = frozenset({'test', 'tests', 'idle_test', 'site-packages', '__pycache__'})
 # A file that says in its first lines that a program wrote it (the code-page tables made by gencodec.py,
 # pydoc's 750 kB topic dump, token.py, ...) is data, not code anyone wrote: code corpora such as The Stack
@@ -28,34 +38,12 @@ _TEST_DIRS = frozenset({'test', 'tests', 'idle_test', 'site-packages', '__pycach
 _GENERATED = re.compile(r'auto-?generated|automatically generated|generated\b[^\n]{0,80}\.py\b|do not edit',
                         re.IGNORECASE)
 
+__all__ = ['Skipped', 'open_source', 'source_specs', 'texts', 'in_heldout', 'builtin_files']
+
 
 def in_heldout(name: str, heldout_percent: int) -> bool:
   digest = hashlib.sha256(name.encode('utf-8')).digest()
   return int.from_bytes(digest[:8], 'little') % 100 < heldout_percent
-
-
-class Documents:
-  """A random-access sequence of documents; `name(i)` says where document i came from."""
-
-  def __init__(self, names: Sequence[str], loaders: Sequence):
-    self._names = list(names)
-    self._loaders = list(loaders)
-
-  def __len__(self) -> int:
-    return len(self._names)
-
-  def __getitem__(self, i: int) -> str:
-    return self._loaders[i]()
-
-  def name(self, i: int) -> str:
-    return self._names[i]
-
-
-def _read_text(path: str) -> str:
-  with open(path, 'rb') as f:
-    data = f.read()
-  # Invalid bytes become U+FFFD rather than ending the run; the tokenizer byte-falls-back on them.
-  return data.decode('utf-8', errors='replace')
 
 
 def is_generated(path: str) -> bool:
@@ -72,66 +60,104 @@ def builtin_files() -> list[tuple[str, str]]:
     dirnames[:] = sorted(d for d in dirnames if d not in _TEST_DIRS)
     for fn in sorted(filenames):
       path = os.path.join(dirpath, fn)
-      if fn.endswith('.py') and not is_generated(path):
+      if fn.endswith('.py') and os.path.getsize(path) > 0 and not is_generated(path):
         out.append((os.path.relpath(path, root).replace(os.sep, '/'), path))
   return sorted(out)
 
 
-def _jsonl_loader(path: str, offset: int, lineno: int, field: str):
-  def load() -> str:
-    with open(path, 'rb') as f:
-      f.seek(offset)
-      line = f.readline()
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
-    if not isinstance(record, dict) or field not in record:
-      raise UserError(f'{path}:{lineno}: record has no field {field!r}')
-    text = record[field]
-    if not isinstance(text, str):
-      raise UserError(f'{path}:{lineno}: field {field!r} is {type(text).__name__}, expected a string')
-    return text
-  return load
+def source_specs(data_cfg) -> list[tuple[str, float]]:
+  """(source, weight) of every source the config reads: `data.mixture` if set, else `data.source`."""
+  if data_cfg.mixture:
+    return [(str(s), float(w)) for s, w in data_cfg.mixture]
+  return [(data_cfg.source, 1.0)]
 
 
-def _jsonl_entries(path: str, field: str) -> list[tuple[str, object]]:
-  entries = []
-  offset = 0
-  with open(path, 'rb') as f:
-    for lineno, line in enumerate(f, start=1):
-      if line.strip():
-        entries.append((f'{path}:{lineno}', _jsonl_loader(path, offset, lineno, field)))
-      offset += len(line)
-  return entries
+def glob_paths(pattern: str, key: str = 'data.source') -> list[str]:
+  paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  if not paths:
+    where = 'the path does not exist' if not globlib.has_magic(pattern) else 'the glob matches no files'
+    raise UserError(f'config key {key}={pattern!r}: {where}')
+  for p in paths:
+    files.kind_of(p)  # every file must be a kind we read: say which one is not, before any work
+  return paths
 
 
-def open_source(data_cfg, split: str) -> Documents:
-  """The documents of `split` ('train' or 'heldout') of the configured source."""
+def _open_one(spec: str, data_cfg, split: str, key: str):
+  if spec.startswith(TFDS_PREFIX):
+    from llm_jax.data import tfds_source  # tensorflow_datasets is imported only when asked for
+    return tfds_source.open_tfds(spec[len(TFDS_PREFIX):], data_cfg, split, key)
+  want_heldout = split == 'heldout'
+
+  def select(name: str) -> bool:
+    return in_heldout(name, data_cfg.heldout_percent) == want_heldout
+
+  if spec == 'builtin':
+    names, paths = zip(*builtin_files())
+    docs = files.open_files(list(paths), 'file', data_cfg.text_field, data_cfg.max_doc_chars, select,
+                            names=list(names), kind='txt')
+  else:
+    docs = files.open_files(glob_paths(spec, key), data_cfg.txt_mode, data_cfg.text_field,
+                            data_cfg.max_doc_chars, select)
+  if not len(docs):
+    raise UserError(f'{key}={spec!r} has no {split} documents (data.heldout_percent='
+                    f'{data_cfg.heldout_percent})')
+  return docs
+
+
+def open_sources(data_cfg, split: str) -> list[tuple[object, float]]:
+  """(documents, weight) of each configured source, for `split` ('train' or 'heldout')."""
   if split not in SPLITS:
     raise ValueError(split)
-  want_heldout = split == 'heldout'
-  entries: list[tuple[str, object]] = []
-  if data_cfg.source == 'builtin':
-    for name, path in builtin_files():
-      entries.append((name, lambda path=path: _read_text(path)))
-  else:
-    paths = sorted(globlib.glob(os.path.expanduser(data_cfg.source), recursive=True))
-    paths = [p for p in paths if os.path.isfile(p)]
-    if not paths:
-      raise UserError(f'config key data.source={data_cfg.source!r}: the glob matches no files')
-    for path in paths:
-      if path.endswith('.jsonl'):
-        try:
-          entries.extend(_jsonl_entries(path, data_cfg.text_field))
-        except OSError as e:
-          raise UserError(f'cannot read {path}: {e.strerror}') from None
-      elif path.endswith('.txt'):
-        entries.append((path, lambda path=path: _read_text(path)))
-      else:
-        raise UserError(f'{path}: unsupported file type (expected .txt or .jsonl)')
-  chosen = [(n, load) for n, load in entries if in_heldout(n, data_cfg.heldout_percent) == want_heldout]
-  if not chosen:
-    raise UserError(f'data.source={data_cfg.source!r} has no {split} documents '
-                    f'({len(entries)} in all, data.heldout_percent={data_cfg.heldout_percent})')
-  return Documents([n for n, _ in chosen], [load for _, load in chosen])
+  specs = source_specs(data_cfg)
+  key = 'data.source' if not data_cfg.mixture else 'data.mixture'
+  return [(_open_one(spec, data_cfg, split, key), w) for spec, w in specs]
+
+
+class Interleaved:
+  """Finite documents of several sources interleaved in proportion to their weights, every document once:
+  a mixture's held-out set, read in order by evaluation."""
+
+  def __init__(self, parts: list[tuple[object, float]]):
+    order = []
+    for p, (docs, w) in enumerate(parts):
+      order.extend(((j + 0.5) / w, p, j) for j in range(len(docs)))
+    order.sort()
+    self._parts = [d for d, _ in parts]
+    self._order = [(p, j) for _, p, j in order]
+
+  def __len__(self) -> int:
+    return len(self._order)
+
+  def __getitem__(self, i: int):
+    p, j = self._order[i]
+    return self._parts[p][j]
+
+  def text(self, i: int):
+    p, j = self._order[i]
+    return doc_text(self._parts[p], j)
+
+  def name(self, i: int) -> str:
+    p, j = self._order[i]
+    return self._parts[p].name(j)
+
+
+def open_source(data_cfg, split: str):
+  """All documents of `split`: one source, or a mixture's sources interleaved by weight."""
+  parts = open_sources(data_cfg, split)
+  return parts[0][0] if len(parts) == 1 else Interleaved(parts)
+
+
+def doc_text(docs, i: int):
+  return docs.text(i) if hasattr(docs, 'text') else docs[i]
+
+
+def texts(docs, limit_chars: int | None = None) -> Iterator[str]:
+  """The texts of `docs` in order, bad records left out (for tokenizer training and evaluation)."""
+  seen = 0
+  for i in range(len(docs)):
+    text = doc_text(docs, i)
+    if isinstance(text, str):
+      yield text
+      seen += len(text)
+      if limit_chars is not None and seen >= limit_chars:
+        return

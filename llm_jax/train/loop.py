@@ -95,6 +95,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   if start >= end:
     _say(f'{workdir} is already at step {start} of {total}; nothing to do')
     ckpt.close()
+    stream.close()
     return {'step': start}
 
   train_step = make_train_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding)
@@ -154,6 +155,9 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     report(*pending)
   progress.close()
   ckpt.close()
+  stream.close()
+  if stream.skips.summary():
+    print(f'llm-jax: data: {stream.skips.summary()}', file=sys.stderr, flush=True)
   _say(f'{"finished" if end == total else "stopped"} at step {end}; checkpoint in {ckpt.directory}')
   return {'step': end, **last}
 

@@ -1,0 +1,107 @@
+"""Objective-agnostic packing: documents (per-token features, as an objective makes them) -> rows.
+
+Documents are laid end to end in rows of each stream's length (objectives.Stream). Each document in a row
+gets the next segment id (1, 2, ...; 0 is padding, whose loss_mask is 0) and positions counting from 0; a
+document that does not fit in what is left of a row is cut there and continues at the start of the next
+row as a new segment (positions restart), so an overlong document is split, never dropped. With several
+streams (encoder-decoder), a document's streams share its segment id and the row ends when any stream's
+row is full.
+
+The packer's state is two numbers and an offset per stream: which document comes next and how much of it
+the earlier rows already took. Documents come from a `feed(start)` that yields the document at index
+start, start + 1, ...; resuming re-reads at most the one document that was cut.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from llm_jax.data.files import Skipped
+from llm_jax.data.objectives import Stream
+
+Feed = Callable[[int], Iterator]
+
+
+class Packer:
+  """Fills rows of a batch from one ordered document feed."""
+
+  def __init__(self, streams: tuple[Stream, ...], feed: Feed, on_skip: Callable[[Skipped], None] = None):
+    self._streams = streams
+    self._feed = feed
+    self._on_skip = on_skip
+    self._arange = np.arange(max(s.length for s in streams), dtype=np.int32)
+    self._index = 0  # the document at the front: partly taken (offsets > 0) or next to read
+    self._offsets = [0] * len(streams)
+    self._doc = None
+    self._it = None
+    self.exhausted = False  # a finite feed ran out
+
+  def state(self) -> dict:
+    return {'index': self._index, 'offsets': list(self._offsets)}
+
+  def restore(self, state: dict) -> None:
+    self._index = int(state['index'])
+    self._offsets = [int(o) for o in state['offsets']]
+    if len(self._offsets) != len(self._streams):
+      raise ValueError(f'packer state has {len(self._offsets)} streams, expected {len(self._streams)}')
+    self._doc, self._it, self.exhausted = None, None, False
+
+  def _next_doc(self):
+    """The document at self._index, skipping empty and bad ones; None when the feed ends."""
+    if self._it is None:
+      self._it = iter(self._feed(self._index))
+    while True:
+      try:
+        item = next(self._it)
+      except StopIteration:
+        self.exhausted = True
+        return None
+      if isinstance(item, dict):
+        return item
+      if isinstance(item, Skipped) and not item.silent and self._on_skip is not None:
+        self._on_skip(item)
+      self._index += 1
+      self._offsets = [0] * len(self._streams)
+
+  def fill(self, out: dict[str, np.ndarray], row: int) -> bool:
+    """Pack one row into out[key][row] (zeroed by the caller); False if the feed ended before any token."""
+    streams = self._streams
+    cursors = [0] * len(streams)
+    segment = 0
+    while True:
+      if self._doc is None:
+        self._doc = self._next_doc()
+        if self._doc is None:
+          return segment > 0
+      doc = self._doc
+      segment += 1
+      finished, full = True, False
+      for s, stream in enumerate(streams):
+        n = len(doc[stream.features[0]])
+        o, c = self._offsets[s], cursors[s]
+        take = min(n - o, stream.length - c)
+        if take > 0:
+          for key in stream.features:
+            out[key][row, c:c + take] = doc[key][o:o + take]
+          out[stream.segment_key][row, c:c + take] = segment
+          out[stream.position_key][row, c:c + take] = self._arange[:take]
+          cursors[s] = c + take
+          self._offsets[s] = o + take
+        finished &= self._offsets[s] >= n
+        full |= cursors[s] >= stream.length
+      if finished:
+        self._doc = None
+        self._index += 1
+        self._offsets = [0] * len(streams)
+      if full or not finished:
+        return True
+
+
+def empty_batch(streams: tuple[Stream, ...], rows: int) -> dict[str, np.ndarray]:
+  out = {}
+  for s in streams:
+    for key in s.features + (s.segment_key, s.position_key):
+      out[key] = np.zeros((rows, s.length), np.int32)
+  return out
