@@ -187,6 +187,11 @@ def initialize(cluster: Cluster, timeout_s: float) -> None:
                   process_id=cluster.process_id,
                   local_device_ids=list(cluster.local_device_ids) if cluster.local_device_ids else None)
   try:
+    # CPU processes (launch/local.sh) need cross-process collectives: gloo is the one built into jaxlib.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  except (AttributeError, ValueError):  # a jax without the option: its default then
+    pass
+  try:
     jax.distributed.initialize(initialization_timeout=remaining, **kwargs)
   except (RuntimeError, ValueError) as e:  # TPU metadata missing or malformed: say so in one line
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
