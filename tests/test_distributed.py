@@ -141,3 +141,37 @@ def test_a_process_that_never_comes_is_named_by_the_coordinator(tmp_path):
   assert res.returncode == 2
   assert res.stderr.strip() == (f'llm-jax: error: only 1 of 3 processes reached the coordinator 127.0.0.1:{port} '
                                 'within 1.5s (--distributed_timeout); missing process ids 1, 2')
+
+
+SLURM_WORKER = r'''
+import argparse
+from llm_jax import distributed
+parser = argparse.ArgumentParser()
+distributed.add_arguments(parser)
+cluster = distributed.initialize_from_args(parser.parse_args(['--distributed_timeout=60']), say=lambda _: None)
+import jax
+print('RESULT', cluster.source, jax.process_index(), jax.process_count(), jax.device_count(), flush=True)
+'''
+
+
+def test_two_processes_join_from_slurm_variables_alone():
+  # srun's environment, faked: two tasks of one job on this host; no flags at all.
+  for job in range(1000, 5000):
+    port = 61000 + job % 4000
+    try:
+      with socket.create_server(('', port)):
+        break
+    except OSError:
+      continue
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             SLURM_JOB_ID=str(job), SLURM_NTASKS='2', SLURM_STEP_NODELIST='localhost', PYTHONPATH=ROOT)
+  procs = [subprocess.Popen([sys.executable, '-c', SLURM_WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(env, SLURM_PROCID=str(i), SLURM_LOCALID='0'))
+           for i in range(2)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    [line] = [l for l in out.splitlines() if l.startswith('RESULT ')]
+    results.append(line.split()[1:])
+  assert results == [['slurm', '0', '2', '4'], ['slurm', '1', '2', '4']]
