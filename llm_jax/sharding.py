@@ -193,6 +193,29 @@ def check_divisible(shapes, logical_specs, mesh: Mesh, rules: Rules, what: str =
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Host arrays that every process holds whole (prompts, evaluation batches), to and from the mesh.
+
+
+def host_to_global(array: np.ndarray, sharding_: NamedSharding) -> jax.Array:
+  """The same host array on every process -> one global array: each process places its own devices' blocks
+  (jax.device_put would need every device to be this process's)."""
+  array = np.asarray(array)
+  if sharding_.is_fully_addressable:
+    return jax.device_put(array, sharding_)
+  return jax.make_array_from_callback(array.shape, sharding_, lambda index: array[index])
+
+
+def fetch(tree):
+  """Global arrays -> numpy on every process (gathered across processes where they span several)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(one, tree)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Activation constraints: installed by the step functions while tracing.
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar('llm_jax_mesh',

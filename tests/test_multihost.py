@@ -63,3 +63,36 @@ def test_two_processes_train_and_stop_then_one_process_on_another_mesh_resumes(t
   for step in sorted(got):
     np.testing.assert_allclose(got[step], want[step], rtol=2e-4, err_msg=f'step {step}')
   assert want[8] < want[2] - 0.1  # it did learn: equal losses are not those of an untrained model
+
+
+def _local(tmp_path, name, *command):
+  logs = tmp_path / f'logs_{name}'
+  res = subprocess.run([os.path.join(ROOT, 'launch', 'local.sh'), '--devices_per_process=4', f'--port={free_port()}',
+                        f'--log_dir={logs}', '2', '--', sys.executable, '-m', 'llm_jax.cli', *command,
+                        '--distributed_timeout=120'], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:] + ''.join(p.read_text()[-2000:] for p in logs.glob('*.log'))
+  assert (logs / 'process_1.log').read_text().count('loss ') == 0  # only process 0 reports
+  return res.stdout
+
+
+def test_eval_and_generate_on_two_processes_equal_one(tmp_path, tokenizer_path, capsys):
+  from llm_jax import cli
+  from llm_jax.train import loop
+  workdir = str(tmp_path / 'run')
+  loop.train(tiny_config(('data.tokenizer', tokenizer_path), ('train.steps', '3'), ('eval.every', '0'),
+                         ('mesh.data', '2'), ('mesh.fsdp', '4')), workdir)
+  prompt = ['--prompt=def main():', '--max_new_tokens=6', '--jsonl']
+
+  _local(tmp_path, 'eval', 'eval', f'--workdir={workdir}', f'--output={tmp_path / "eval2.json"}',
+         '--max_tokens=3000')
+  two_gen = _local(tmp_path, 'gen', 'generate', f'--workdir={workdir}', *prompt)
+  assert cli.main(['eval', f'--workdir={workdir}', f'--output={tmp_path / "eval1.json"}', '--max_tokens=3000']) == 0
+  assert cli.main(['generate', f'--workdir={workdir}', *prompt]) == 0
+  one_gen = capsys.readouterr().out
+
+  one, two = (json.loads((tmp_path / f).read_text()) for f in ('eval1.json', 'eval2.json'))
+  assert one['tokens'] == two['tokens'] > 1000 and one['documents'] == two['documents']
+  np.testing.assert_allclose(two['loss'], one['loss'], rtol=1e-5)
+  np.testing.assert_allclose(two['bits_per_byte'], one['bits_per_byte'], rtol=1e-5)
+  tokens = [json.loads(l)['tokens'] for l in one_gen.splitlines() if l.startswith('{')]
+  assert tokens and tokens == [json.loads(l)['tokens'] for l in two_gen.splitlines() if l.startswith('{')]
