@@ -173,10 +173,7 @@ def initialize_from_args(args, say=print) -> Cluster | None:
 
 
 def initialize(cluster: Cluster, timeout_s: float) -> None:
-  import jax
-  from jax._src import xla_bridge
-  if xla_bridge.backends_are_initialized():
-    raise RuntimeError('llm_jax.distributed.initialize must run before anything touches a jax device')
+  import jax  # jax.distributed.initialize itself refuses to run once a device has been touched
   start = time.monotonic()
   if cluster.coordinator_address is not None:
     rendezvous(cluster.coordinator_address, cluster.num_processes, cluster.process_id, timeout_s)

@@ -77,6 +77,14 @@ def _devices(count: int | None):
   return cpus[:count]
 
 
+def _backend_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # private: without it, assume not started (the usual case for a command)
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):
+    return False
+
+
 def run(args, overrides) -> int:
   from llm_jax import config as config_lib, plan, workdir as workdir_lib
   if args.top < 1:
@@ -86,8 +94,7 @@ def run(args, overrides) -> int:
   count = device_count(cfg, args.devices, args.mesh)
   cluster = distributed.initialize_from_args(args)
   import jax
-  from jax._src import xla_bridge
-  if cluster is None and count is not None and not xla_bridge.backends_are_initialized():
+  if cluster is None and count is not None and not _backend_started():
     # Fake CPU devices for a mesh this machine does not have; must precede the backend's start.
     jax.config.update('jax_num_cpu_devices', count)
   devices = _devices(count)
