@@ -67,10 +67,12 @@ def default_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = False
   m.init_std = 0.02
   m.dropout_rate = 0.0
-  m.dtype = 'float32'  # compute dtype of activations and matmuls
-  m.param_dtype = 'float32'  # master weights
+  # Precision: 'auto' computes in bfloat16 on GPU/TPU and float32 on CPU (where bfloat16 matmuls are slower).
+  m.dtype = 'auto'  # compute dtype of activations and matmuls: auto | float32 | bfloat16 | float16
+  m.param_dtype = 'float32'  # master weights (what the optimizer updates and checkpoints hold)
+  m.logits_dtype = 'float32'  # dtype of the output logits; the loss upcasts to float32 either way
   m.scan_layers = True
-  m.remat = 'none'  # none | full | dots_no_batch
+  m.remat = 'none'  # none | full | dots_no_batch | save_attention (see models/decoder.py)
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -96,15 +98,28 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   t = c.train
   t.steps = 1000
-  t.learning_rate = 3e-3
+  t.optimizer = 'adamw'  # adamw | adafactor | lion (see train/optim.py)
+  t.learning_rate = 3e-3  # peak
+  t.schedule = 'cosine'  # after linear warmup: cosine | linear | constant | rsqrt | wsd
   t.warmup_steps = 100
-  t.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio
-  t.weight_decay = 0.1
-  t.beta1 = 0.9
-  t.beta2 = 0.95
-  t.eps = 1e-8
-  t.grad_clip = 1.0
+  t.min_lr_ratio = 0.1  # cosine, linear and wsd decay to learning_rate * min_lr_ratio
+  t.decay_fraction = 0.2  # wsd: the share of all steps spent in the final decay
+  t.weight_decay = 0.1  # decoupled; never on norms or biases
+  t.decay_embeddings = True  # whether weight decay also applies to embedding tables
+  t.beta1 = 0.9  # adamw and lion
+  t.beta2 = 0.95  # adamw and lion
+  t.eps = 1e-8  # adamw
+  t.grad_clip = 1.0  # global-norm clipping; 0 disables it
+  t.opt_state_dtype = 'float32'  # dtype the optimizer's moments are stored in: float32 | bfloat16
+  t.microbatches = 1  # gradient accumulation: the batch is split into this many sequential microbatches
+  t.z_loss = 0.0  # weight of the PaLM auxiliary loss z_loss * log(Z)^2 on the softmax normaliser
+  t.label_smoothing = 0.0  # share of the target mass spread uniformly over the vocabulary
+  t.loss_chunk = 0  # >0: cross-entropy over chunks of this many positions, never all logits at once
+  t.skip_nonfinite = False  # skip (and count) updates whose loss or gradient is NaN/inf instead of stopping
   t.log_every = 10
+  t.tensorboard = True  # also write TensorBoard event files under WORKDIR/tensorboard/
+  t.wandb_project = ''  # non-empty: also log to this Weights & Biases project (needs `pip install wandb`)
+  t.profile_steps = ()  # (first, last): JAX profiler trace of those steps into WORKDIR/tensorboard/
   t.checkpoint_every = 200
   t.keep_checkpoints = 3
 
@@ -274,7 +289,9 @@ def _to_tuples(value):
 # Validation: once, at start, each error names its key.
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
-_REMAT = ('none', 'full', 'dots_no_batch')
+_REMAT = ('none', 'full', 'dots_no_batch', 'save_attention')
+_OPTIMIZERS = ('adamw', 'adafactor', 'lion')
+_SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt', 'wsd')
 _FAMILIES = ('decoder',)
 _TXT_MODES = ('file', 'blocks')
 
@@ -296,8 +313,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary embeddings)')
   _require(m.vocab_size >= 260, 'model.vocab_size', m.vocab_size,
            'at least 260 (4 special tokens and 256 byte-fallback pieces)')
-  _require(m.dtype in _DTYPES, 'model.dtype', m.dtype, f'one of {_DTYPES}')
+  _require(m.dtype in ('auto',) + _DTYPES, 'model.dtype', m.dtype, f'one of {("auto",) + _DTYPES}')
   _require(m.param_dtype in _DTYPES, 'model.param_dtype', m.param_dtype, f'one of {_DTYPES}')
+  _require(m.logits_dtype in _DTYPES, 'model.logits_dtype', m.logits_dtype, f'one of {_DTYPES}')
   _require(m.remat in _REMAT, 'model.remat', m.remat, f'one of {_REMAT}')
   _require(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'in [0, 1)')
   _require(m.norm_eps > 0, 'model.norm_eps', m.norm_eps, 'positive')
@@ -326,12 +344,31 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(0 <= t.beta1 < 1, 'train.beta1', t.beta1, 'in [0, 1)')
   _require(0 <= t.beta2 < 1, 'train.beta2', t.beta2, 'in [0, 1)')
   _require(t.grad_clip >= 0, 'train.grad_clip', t.grad_clip, 'non-negative (0 disables clipping)')
+  _require(t.optimizer in _OPTIMIZERS, 'train.optimizer', t.optimizer, f'one of {_OPTIMIZERS}')
+  _require(t.schedule in _SCHEDULES, 'train.schedule', t.schedule, f'one of {_SCHEDULES}')
+  _require(0 < t.decay_fraction <= 1, 'train.decay_fraction', t.decay_fraction, 'in (0, 1]')
+  _require(t.opt_state_dtype in ('float32', 'bfloat16'), 'train.opt_state_dtype', t.opt_state_dtype,
+           "'float32' or 'bfloat16'")
+  _require(t.microbatches >= 1, 'train.microbatches', t.microbatches, 'a positive integer')
+  _require(d.batch_size % t.microbatches == 0, 'train.microbatches', t.microbatches,
+           f'a divisor of data.batch_size={d.batch_size}')
+  _require(t.z_loss >= 0, 'train.z_loss', t.z_loss, 'non-negative')
+  _require(0 <= t.label_smoothing < 1, 'train.label_smoothing', t.label_smoothing, 'in [0, 1)')
+  _require(t.loss_chunk >= 0 and (t.loss_chunk == 0 or d.seq_len % t.loss_chunk == 0), 'train.loss_chunk',
+           t.loss_chunk, f'0 (off) or a divisor of data.seq_len={d.seq_len}')
+  _check_profile_steps(t.profile_steps)
   for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(t[key] >= 1, f'train.{key}', t[key], 'a positive integer')
   _require(cfg.eval.every >= 0, 'eval.every', cfg.eval.every, 'non-negative (0: never)')
   _require(cfg.eval.batches >= 1, 'eval.batches', cfg.eval.batches, 'a positive integer')
   _require(cfg.eval.max_tokens >= 1, 'eval.max_tokens', cfg.eval.max_tokens, 'a positive integer')
   _check_mesh(cfg.mesh)
+
+
+def _check_profile_steps(steps) -> None:
+  ints = all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)
+  ok = len(steps) <= 2 and ints and (len(steps) < 2 or steps[0] <= steps[1])
+  _require(ok, 'train.profile_steps', tuple(steps), 'empty, one step, or first,last with 1 <= first <= last')
 
 
 def _check_types(cfg, defaults, prefix: str) -> None:

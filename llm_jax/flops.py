@@ -1,12 +1,16 @@
-"""Model FLOPs of training, per token (PaLM, Chowdhery et al. 2022, appendix B):
+"""Model FLOPs per token and the peak FLOP rates of known accelerators: the two halves of MFU.
 
-    6 * N  +  12 * L * num_heads * head_dim * T
+MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s of the devices, where
+the model FLOPs of one trained token are
 
-N: the weights that multiply activations (every matrix, the output projection included; the input
-embedding only when tied to the output, since a lookup is no matmul; norm gains never). 6 = 2 FLOPs per
-multiply-add x (forward + backward, which is twice the forward). The second term is attention's scores and
-weighted sum over a row of T positions, counted over the whole row as the convention is. Recomputation
-under remat is not counted: it is the implementation's cost, not the model's work.
+    6 * N  +  12 * L * (num_heads * head_dim) * T
+
+N the parameters that take part in a matmul (every weight matrix, the output projection included; not the
+input embedding, a gather, unless it is tied to the output; not norm gains or biases), L layers, T the
+sequence length. The first term is the forward (2 FLOPs per multiply-add) plus backward (twice the forward)
+of the weight matmuls, the second the same for the attention scores and their weighted sum. Recomputation
+under remat is not counted: it is a cost of the implementation, not work the model needs, which is what
+makes MFU comparable across remat policies and with published numbers.
 """
 
 from __future__ import annotations
@@ -15,18 +19,49 @@ import math
 
 import jax
 
+# Dense bfloat16 peak FLOP/s per chip (TPU) or per GPU, from the vendors' data sheets (without 2:4
+# sparsity). Matched in order against the lower-cased `device_kind`, so more specific names come first.
+PEAK_BF16_FLOPS = (
+    (('tpu v6 lite', 'tpu v6e'), 918e12),  # Trillium
+    (('tpu v5 lite', 'tpu v5e'), 197e12),
+    (('tpu v5p', 'tpu v5'), 459e12),
+    (('tpu v4',), 275e12),
+    (('h200',), 989e12),  # the H100 SXM's compute, more and faster memory
+    (('h100 pcie',), 756e12),
+    (('h100 nvl',), 835e12),
+    (('h100',), 989e12),  # SXM5
+    (('a100',), 312e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The peak of a device kind, or None when unknown (CPUs among them): no MFU beats a wrong MFU."""
+  kind = device_kind.lower()
+  for names, peak in PEAK_BF16_FLOPS:
+    if any(name in kind for name in names):
+      return peak
+  return None
+
+
+def device_peak_flops(devices=None) -> float | None:
+  devices = jax.devices() if devices is None else devices
+  if not devices or devices[0].platform == 'cpu':
+    return None
+  return peak_flops(devices[0].device_kind)
+
 
 def _is_matmul_weight(path, tie_embeddings: bool) -> bool:
   names = [str(getattr(k, 'key', k)) for k in path]
-  if any('norm' in n for n in names):
+  leaf = names[-1] if names else ''
+  if any('norm' in n for n in names) or leaf in ('bias', 'scale'):
     return False
-  if names and names[-1] == 'embedding':
-    return tie_embeddings
+  if 'embedding' in leaf:
+    return tie_embeddings and leaf == 'embedding'  # a tied table is also the output projection
   return True
 
 
 def matmul_params(model_cfg) -> int:
-  """N above, from the model's abstract parameters (nothing is allocated)."""
+  """N above, counted from the model's abstract parameters (no memory is allocated)."""
   from llm_jax.models import build_model
   from llm_jax.train.state import init_params
   model = build_model(model_cfg)
@@ -36,6 +71,13 @@ def matmul_params(model_cfg) -> int:
 
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
-  """Training FLOPs (forward and backward) per token of rows of `seq_len` tokens."""
+  """Training FLOPs (forward + backward) per token of a row of `seq_len` tokens."""
   m = model_cfg
-  return 6 * matmul_params(m) + 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
+  attention = 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
+  return 6 * matmul_params(m) + attention
+
+
+def mfu(tokens_per_sec: float, flops_per_token_: float, num_devices: int, peak: float | None) -> float | None:
+  if peak is None or tokens_per_sec <= 0:
+    return None
+  return tokens_per_sec * flops_per_token_ / (num_devices * peak)

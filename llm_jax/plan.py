@@ -24,6 +24,7 @@ from llm_jax.data import objectives, packing
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
 from llm_jax.train import optim
+from llm_jax.train.loss import LossConfig
 from llm_jax.train.state import StateFactory
 from llm_jax.train.step import make_train_step
 
@@ -107,12 +108,14 @@ def make_plan(cfg, devices, capacity: Capacity | None, top: int = 8) -> dict:
   """Compile the train step of `cfg` on `devices` and measure it; the report's data."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   rules = sharding.rules_from_config(cfg.mesh)
-  sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules)
+  sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules, cfg.train.microbatches)
   model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
   tx = optim.make_optimizer(cfg.train)
   factory = StateFactory(model, tx, mesh, rules)
   batch_sh = sharding.batch_sharding(mesh, rules)
-  step = make_train_step(model, tx, optim.schedule(cfg.train), mesh, rules, factory.shardings, batch_sh)
+  # The step exactly as train/loop.py builds it (loss options and microbatches change its memory).
+  step = make_train_step(model, tx, optim.schedule(cfg.train), mesh, rules, factory.shardings, batch_sh,
+                         loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
   compiled = step.lower(factory.abstract_sharded(), abstract_batch(cfg.data, batch_sh)).compile()
   mem = compiled.memory_analysis()
 

@@ -166,16 +166,21 @@ def _axes(entry) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def check_batch(batch_size: int, seq_len: int, mesh: Mesh, rules: Rules) -> None:
-  """The global batch [batch_size, seq_len] splits evenly over the mesh axes that `batch` and `seq` map to."""
+def check_batch(batch_size: int, seq_len: int, mesh: Mesh, rules: Rules, microbatches: int = 1) -> None:
+  """The global batch [batch_size, seq_len], and each of its microbatches, split evenly over the mesh axes
+  that `batch` and `seq` map to."""
   spec = logical_to_spec(('batch', 'seq'), rules)
   for entry, key, value, what in zip(spec, ('data.batch_size', 'data.seq_len'), (batch_size, seq_len),
                                      ('batch', 'sequence')):
     axes = _axes(entry)
     shards = math.prod(mesh.shape[a] for a in axes)
+    names = " x ".join("mesh." + a for a in axes)
     if value % shards:
       raise UserError(f'config key {key}={value} is not divisible by the {shards} {what} shards of the mesh '
-                      f'({" x ".join("mesh." + a for a in axes)})')
+                      f'({names})')
+    if what == 'batch' and (value // microbatches) % shards:
+      raise UserError(f'config key train.microbatches={microbatches}: microbatches of {value // microbatches} '
+                      f'rows do not divide over the {shards} batch shards of the mesh ({names})')
 
 
 def check_divisible(shapes, logical_specs, mesh: Mesh, rules: Rules, what: str = 'parameter') -> None:

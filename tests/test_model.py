@@ -78,17 +78,68 @@ def test_scanned_layers_equal_python_loop():
                              np.asarray(_logits(looped, loop_params, tokens)), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('remat', ['full', 'dots_no_batch'])
+def _lm_batch(tokens):
+  return {'inputs': tokens, 'targets': jnp.roll(tokens, -1, axis=1), 'loss_mask': jnp.ones_like(tokens),
+          'positions': _positions(*tokens.shape), 'segment_ids': jnp.ones_like(tokens)}
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots_no_batch', 'save_attention'])
 def test_remat_does_not_change_loss_or_grads(remat):
   from llm_jax.train.step import loss_and_stats
   _, model, params = _setup()
   rematted = build_model(tiny_config(('model.remat', remat)).model)
-  tokens = _tokens(3)
-  batch = {'inputs': tokens, 'targets': jnp.roll(tokens, -1, axis=1), 'loss_mask': jnp.ones_like(tokens),
-           'positions': _positions(), 'segment_ids': jnp.ones_like(tokens)}
-  grad = lambda m: jax.grad(lambda p: loss_and_stats(m, p, batch)[0])(params)  # noqa: E731
-  for a, b in zip(jax.tree.leaves(grad(model)), jax.tree.leaves(grad(rematted))):
+  batch = _lm_batch(_tokens(3))
+  def value_and_grad(m):
+    return jax.jit(jax.value_and_grad(lambda p: loss_and_stats(m, p, batch)[0]))(params)
+  (loss, grads), (loss_r, grads_r) = value_and_grad(model), value_and_grad(rematted)
+  np.testing.assert_allclose(loss, loss_r, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def _saved_per_layer(remat):
+  """Shapes of the per-layer activations the backward pass keeps (stacked [L, ...] outputs of the scan)."""
+  import contextlib
+  import io
+  import re
+  from llm_jax.train.step import loss_and_stats
+  cfg, _, params = _setup()
+  model = build_model(tiny_config(('model.remat', remat)).model)
+  batch = _lm_batch(_tokens(4))
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    jax.ad_checkpoint.print_saved_residuals(lambda p: loss_and_stats(model, p, batch)[0], params)
+  shapes = [tuple(int(d) for d in m.split(','))
+            for m in re.findall(r'^f32\[([\d,]+)\] output of scan', out.getvalue(), flags=re.M)]
+  return sorted(s for s in shapes if len(s) >= 4)  # [L, B, T, ...]; the scan's final carry is [B, T, D]
+
+
+def test_remat_policies_keep_what_their_names_say():
+  cfg = tiny_config().model
+  L, D, N, K, H = cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  x, q_or_out, kv = (L, B, T, D), (L, B, T, N, H), (L, B, T, K, H)
+  assert _saved_per_layer('full') == [x]  # only each block's input
+  # q, k, v and the attention output, named in layers.Attention.
+  assert _saved_per_layer('save_attention') == sorted([x, q_or_out, q_or_out, kv, kv])
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_gradients():
+  from llm_jax.train.step import loss_and_stats
+  _, model, params = _setup()
+  bf16 = build_model(tiny_config(('model.dtype', 'bfloat16')).model)
+  batch = _lm_batch(_tokens(5))
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  loss, grads = jax.jit(jax.value_and_grad(lambda p: loss_and_stats(model, p, batch)[0]))(params)
+  loss16, grads16 = jax.jit(jax.value_and_grad(lambda p: loss_and_stats(bf16, p, batch)[0]))(params)
+  assert {g.dtype for g in jax.tree.leaves(grads16)} == {jnp.dtype(jnp.float32)}
+  logits = bf16.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])[0]
+  assert logits.dtype == jnp.float32  # model.logits_dtype
+  np.testing.assert_allclose(loss, loss16, rtol=1e-2)
+  assert float(loss) != float(loss16)  # it really computed in bfloat16
+  # 'auto' is float32 on this CPU-only test machine.
+  assert build_model(tiny_config(('model.dtype', 'auto')).model).apply(
+      {'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])[0].tolist() == \
+      model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])[0].tolist()
 
 
 def test_cache_logits_match_full_forward():

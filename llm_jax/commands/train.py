@@ -17,5 +17,7 @@ def run(args, overrides) -> int:
   from llm_jax.train import loop
   cfg = workdir_lib.resolve_train_config(args.workdir, args.config, overrides)
   distributed.initialize_from_args(args)  # before anything touches a device
-  loop.train(cfg, args.workdir)
-  return 0
+  result = loop.train(cfg, args.workdir)
+  # Stopped by SIGTERM / SIGINT with a checkpoint: the shell's convention for death by a signal (128 + its
+  # number), so a scheduler sees the run as not finished and can requeue it.
+  return 128 + result['signum'] if result.get('signum') else 0

@@ -13,16 +13,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Attention, RMSNorm, SwiGLU, _param
+from llm_jax.models.layers import Attention, RMSNorm, SwiGLU, _param, compute_dtype
 from llm_jax.sharding import constrain
 
 Array = jax.Array
 
 CACHE_AXES = ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim')
 
+# What each block keeps for the backward pass; everything else is recomputed there. The loss (and so the
+# gradients) is the same whatever the policy; only memory and time change.
 REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block in the backward pass
+    # Save the weight matmuls' outputs, recompute attention scores and elementwise ops.
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Save the attention inputs (q, k, v after rotary) and output (layers.Attention names them): the
+    # backward pass recomputes only norms, the MLP and the attention softmax.
+    'save_attention': jax.checkpoint_policies.save_only_these_names('attn_qkv', 'attn_out'),
 }
 
 
@@ -56,10 +62,12 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array, segment_ids_BT: Array,
-               cache: dict[str, Array] | None = None) -> tuple[Array, dict | None]:
+               cache: dict[str, Array] | None = None, return_hidden: bool = False):
+    """-> (logits_BTV, cache); with `return_hidden`, ((final hidden states x_BTD, unembedding w_DV), cache)
+    so that a loss can project chunk by chunk and never hold the logits of the whole batch (train/loss.py)."""
     c = self.cfg
     V, D, L = c.vocab_size, c.embed_dim, c.num_layers
-    dtype = jnp.dtype(c.dtype)
+    dtype = compute_dtype(c.dtype)
     embedding_VD = _param(self, 'embedding', nn.initializers.normal(c.init_std), ('vocab', 'embed'),
                           (V, D), c)
     # Gathered over the FSDP axes first, as FSDP does for every weight before use: the lookup is then local
@@ -86,14 +94,23 @@ class Decoder(nn.Module):
 
     x_BTD = RMSNorm(c, name='final_norm')(x_BTD)
     if c.tie_embeddings:
-      logits_BTV = jnp.einsum('BTD,VD->BTV', x_BTD, embedding_VD.astype(dtype))
+      unembed_DV = embedding_VD.T
     else:
       unembed_DV = _param(self, 'unembed', nn.initializers.normal(c.init_std), ('embed', 'vocab'), (D, V), c)
-      logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, unembed_DV.astype(dtype))
-    logits_BTV = constrain(logits_BTV.astype(jnp.float32), ('batch', 'seq', 'vocab'))
-    return logits_BTV, cache
+    unembed_DV = unembed_DV.astype(dtype)
+    if return_hidden:
+      return (x_BTD, unembed_DV), cache
+    return project(x_BTD, unembed_DV, jnp.dtype(c.logits_dtype)), cache
+
+
+def project(x_BTD: Array, unembed_DV: Array, logits_dtype) -> Array:
+  """Logits in `logits_dtype`, accumulated in it too (a float32 result of bfloat16 inputs is exact where a
+  bfloat16 result cast up is not)."""
+  logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, unembed_DV, preferred_element_type=logits_dtype)
+  return constrain(logits_BTV, ('batch', 'seq', 'vocab'))
 
 
 def init_cache(cfg, batch: int, max_len: int) -> dict[str, Array]:
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {'k': jnp.zeros(shape, jnp.dtype(cfg.dtype)), 'v': jnp.zeros(shape, jnp.dtype(cfg.dtype))}
+  dtype = compute_dtype(cfg.dtype)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}

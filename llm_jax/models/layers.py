@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.sharding import constrain
 
@@ -23,6 +24,14 @@ Array = jax.Array
 # A large finite negative rather than -inf: a fully masked row (a padding query) then gives a uniform
 # distribution instead of NaNs that would leak into gradients through 0 * NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """`model.dtype` as a dtype: 'auto' is bfloat16 on accelerators (their matmul units run it at full rate,
+  float32 master weights keep the updates exact) and float32 on CPU, where bfloat16 matmuls are slower."""
+  if name == 'auto':
+    return jnp.dtype(jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16)
+  return jnp.dtype(name)
 
 
 def _param(module: nn.Module, name: str, init, names: tuple[str, ...], shape: tuple[int, ...], cfg) -> Array:
@@ -38,7 +47,7 @@ class RMSNorm(nn.Module):
     x32 = x_BTD.astype(jnp.float32)
     # Statistics in float32 whatever the compute dtype: bf16 sums of squares lose the small components.
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return (y * scale_D.astype(jnp.float32)).astype(jnp.dtype(self.cfg.dtype))
+    return (y * scale_D.astype(jnp.float32)).astype(compute_dtype(self.cfg.dtype))
 
 
 def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
@@ -94,7 +103,7 @@ class Attention(nn.Module):
                cache: dict[str, Array] | None = None) -> tuple[Array, dict | None]:
     c = self.cfg
     D, N, K, H = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
-    dtype = jnp.dtype(c.dtype)
+    dtype = compute_dtype(c.dtype)
     init = nn.initializers.normal(c.init_std)
     # GPT-2's scaled init of residual outputs keeps the residual stream's variance flat in depth.
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
@@ -106,9 +115,10 @@ class Attention(nn.Module):
     q_BTNH = rope(jnp.einsum('BTD,DNH->BTNH', x_BTD, wq_DNH), positions_BT, c.rope_theta)
     k_BTKH = rope(jnp.einsum('BTD,DKH->BTKH', x_BTD, wk_DKH), positions_BT, c.rope_theta)
     v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, wv_DKH)
-    q_BTNH = constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim'))
-    k_BTKH = constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim'))
-    v_BTKH = constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim'))
+    # Named for remat policies (decoder.REMAT_POLICIES): 'save_attention' keeps these for the backward pass.
+    q_BTNH = checkpoint_name(constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim')), 'attn_qkv')
+    k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
+    v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
 
     if cache is None:
       # Context parallelism: queries stay split over the sequence axis while keys and values are gathered
@@ -125,6 +135,7 @@ class Attention(nn.Module):
       slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
       mask_BTS = slots_BS[:, None, :] <= positions_BT[:, :, None]
       out_BTNH = dot_attention(q_BTNH, cache['k'].astype(dtype), cache['v'].astype(dtype), mask_BTS)
+    out_BTNH = checkpoint_name(out_BTNH, 'attn_out')
     out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, wo_NHD)
     return out_BTD, cache
 
@@ -137,7 +148,7 @@ class SwiGLU(nn.Module):
   def __call__(self, x_BTD: Array) -> Array:
     c = self.cfg
     D, F = c.embed_dim, c.mlp_dim
-    dtype = jnp.dtype(c.dtype)
+    dtype = compute_dtype(c.dtype)
     init = nn.initializers.normal(c.init_std)
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
     w_gate_DF = _param(self, 'gate', init, ('embed', 'mlp'), (D, F), c).astype(dtype)

@@ -1,23 +1,30 @@
-"""The training loop: resume or init, step, log one step late, evaluate, checkpoint.
+"""The training loop: resume or init, step, log one step late, evaluate, checkpoint, stop cleanly.
 
 The host never waits on the device in the hot loop: step s+1 is dispatched before step s's metrics are
-fetched, so the fetch overlaps with device work (nanodo's pattern).
+fetched, so the fetch overlaps with device work (nanodo's pattern). The only other waits are the ones a
+checkpoint needs anyway: before saving step s, step s's own metrics are checked, so a checkpoint never holds
+a state that went non-finite.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
 import jax
 
-from llm_jax import evaluate, sharding, workdir as workdir_lib
+from llm_jax import evaluate, flops, sharding, workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
 from llm_jax.train import optim
+from llm_jax.train.loss import LossConfig
+from llm_jax.train.preemption import StopRequests
+from llm_jax.train.progress import Progress
+from llm_jax.train.sinks import TENSORBOARD_DIR, Sinks
 from llm_jax.train.state import StateFactory
 from llm_jax.train.step import make_eval_step, make_train_step
 
@@ -27,51 +34,41 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-class _Progress:
-  """A tqdm bar on an interactive terminal, plain lines otherwise (logs, CI); process 0 only."""
+class _Profile:
+  """A JAX profiler trace of train.profile_steps (first, last), for TensorBoard's profile tab or Perfetto."""
 
-  def __init__(self, start: int, total: int):
-    self._bar = None
-    self._enabled = jax.process_index() == 0
-    if self._enabled and sys.stdout.isatty():
-      from tqdm import tqdm
-      self._bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+  def __init__(self, steps, logdir: str, say):
+    self.first, self.last = (tuple(steps) * 2)[:2] if steps else (None, None)
+    self.logdir, self._say, self._active = logdir, say, False
 
-  def update(self, step: int, record: dict) -> None:
-    if not self._enabled:
-      return
-    if self._bar is not None:
-      self._bar.n = step
-      self._bar.set_postfix(loss=f'{record["loss"]:.4f}', tok_s=f'{record["tokens_per_sec"]:.0f}',
-                            refresh=False)
-      self._bar.refresh()
-    else:
-      print(f'step {step:>6}  loss {record["loss"]:.4f}  lr {record["learning_rate"]:.2e}  '
-            f'{record["tokens_per_sec"]:,.0f} tok/s  {record["step_time"] * 1000:.0f} ms/step', flush=True)
+  def before(self, step: int) -> None:
+    if step == self.first:
+      jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
+      self._active = True
 
-  def write(self, msg: str) -> None:
-    if not self._enabled:
-      return
-    if self._bar is not None:
-      self._bar.write(msg)
-    else:
-      print(msg, flush=True)
+  def after(self, step: int, state) -> None:
+    if self._active and step >= self.last:
+      self.stop(state)
 
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
+  def stop(self, state) -> None:
+    if self._active:
+      jax.block_until_ready(state)  # the trace must contain the device work of the last profiled step
+      jax.profiler.stop_trace()
+      self._active = False
+      self._say(f'profiled steps {self.first}-{self.last}: trace in {self.logdir}/plugins/profile/')
 
 
 def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Train `cfg` in `workdir` until cfg.train.steps, resuming from its latest checkpoint if any.
 
   `stop_at` ends this invocation early (with a checkpoint) without changing the run itself: the schedule
-  still runs to cfg.train.steps, so a later invocation continues the same run.
+  still runs to cfg.train.steps, so a later invocation continues the same run. So does SIGTERM / SIGINT;
+  the result then names the signal ('stopped_by').
   """
   workdir_lib.prepare(workdir, cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
-  sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules)
+  sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules, cfg.train.microbatches)
   tok = workdir_lib.tokenizer_for_training(workdir, cfg)
 
   train_model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
@@ -98,24 +95,39 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     stream.close()
     return {'step': start}
 
-  train_step = make_train_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding)
-  eval_step = make_eval_step(eval_model, mesh, rules, factory.param_shardings, batch_sharding)
+  train_step = make_train_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
+                               loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
+  eval_step = make_eval_step(eval_model, mesh, rules, factory.param_shardings, batch_sharding,
+                             loss_chunk=cfg.train.loss_chunk)
   heldout = sources.open_source(cfg.data, 'heldout') if cfg.eval.every else None
-  writer = workdir_lib.MetricsWriter(workdir)
   config_json = cfg.to_dict()
+  sinks = Sinks(workdir, cfg.train, config_json)
+  progress = Progress(start, total)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  progress = _Progress(start, total)
-  _say(f'training {end - start} steps on {len(jax.devices())} device(s), mesh {dict(mesh.shape)}')
+  flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+  peak = flops.device_peak_flops()
+  profile = _Profile(cfg.train.profile_steps, os.path.join(workdir, TENSORBOARD_DIR), progress.write)
+  _say(f'training {end - start} steps on {len(jax.devices())} device(s), mesh {dict(mesh.shape)}, '
+       f'{flops_per_token / 1e6:,.1f} MFLOPs/token'
+       + ('' if peak else f' (MFU not reported: no known peak for {jax.devices()[0].device_kind})'))
 
   clock = {'t': time.perf_counter(), 'step': start}
   last: dict = {}
+  multi_process = jax.process_count() > 1
 
   def report(step: int, metrics) -> None:
     m = jax.device_get(metrics)
-    for key in ('loss', 'grad_norm'):
-      if not math.isfinite(float(m[key])):
-        raise UserError(f'{key} became {float(m[key])} at step {step}; stopping '
-                        f'(last good checkpoint: step {ckpt.latest_step()})')
+    if not bool(m['finite']):
+      bad = ' and '.join(k for k in ('loss', 'grad_norm') if not math.isfinite(float(m[k])))
+      if 'skipped' not in m:
+        ckpt.wait()
+        good = ckpt.latest_step()
+        where = f'the last good checkpoint is step {good} in {ckpt.directory}' if good is not None else \
+            'no checkpoint was written'
+        raise UserError(f'{bad or "a gradient"} became non-finite at step {step}; stopping ({where}; '
+                        'lower train.learning_rate or set train.skip_nonfinite=true to skip such steps)')
+      progress.write(f'step {step:>6}  {bad or "a gradient"} non-finite: update skipped '
+                     f'({int(m["skipped"])} skipped so far)')
     if step == start + 1:
       progress.write(f'first step (with compilation) took {time.perf_counter() - clock["t"]:.1f}s')
       clock.update(t=time.perf_counter(), step=step)
@@ -125,39 +137,64 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     now = time.perf_counter()
     dt = (now - clock['t']) / max(step - clock['step'], 1)
     clock.update(t=now, step=step)
-    record = {'step': step, 'split': 'train', 'loss': float(m['loss']),
+    tokens_per_sec = tokens_per_step / dt
+    record = {'step': step, 'split': 'train', 'loss': float(m['loss']), 'z_loss': float(m['z_loss']),
               'learning_rate': float(m['learning_rate']), 'grad_norm': float(m['grad_norm']),
-              'tokens_per_sec': tokens_per_step / dt, 'step_time': dt}
-    writer.write(record)
+              'param_norm': float(m['param_norm']), 'tokens_per_sec': tokens_per_sec, 'step_time': dt,
+              'mfu': flops.mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)}
+    if 'skipped' in m:
+      record['skipped'] = int(m['skipped'])
+    sinks.write(record)
     progress.update(step, record)
     last.update(record)
 
   pending = None
-  for step in range(start, end):
-    batch = pipeline.to_global(next(stream), batch_sharding)
-    state, metrics = train_step(state, batch)
-    if pending is not None:
-      report(*pending)
-    pending = (step + 1, metrics)
-    done = step + 1
-    if done % cfg.train.checkpoint_every == 0 or done == end:
-      ckpt.save(done, state, stream.get_state(), config_json)
-    if cfg.eval.every and (done % cfg.eval.every == 0 or done == total):
-      report(*pending)
-      pending = None
-      scores = evaluate.score(eval_step, state.params, _periodic_eval_batches(cfg, tok, heldout),
-                              batch_sharding)
-      record = {'step': done, 'split': 'eval', 'loss': scores['loss']}
-      writer.write(record)
-      progress.write(f'step {done:>6}  held-out loss {scores["loss"]:.4f}')
-      clock.update(t=time.perf_counter(), step=done)
-  if pending is not None:
-    report(*pending)
-  progress.close()
-  ckpt.close()
-  stream.close()
+  stopped_by = None
+  with StopRequests() as stop:
+    try:
+      for step in range(start, end):
+        profile.before(step + 1)
+        batch = pipeline.to_global(next(stream), batch_sharding)
+        state, metrics = train_step(state, batch)
+        if pending is not None:
+          report(*pending)
+        pending = (step + 1, metrics)
+        done = step + 1
+        profile.after(done, state)
+        # Multi-process runs agree on stopping with a collective, so only at log steps; alone, every step.
+        check_stop = not multi_process or done % cfg.train.log_every == 0
+        if check_stop and stop.requested():
+          stopped_by = stop.signal_name or 'another process'
+        if done % cfg.train.checkpoint_every == 0 or done == end or stopped_by:
+          report(*pending)
+          pending = None
+          ckpt.save(done, state, stream.get_state(), config_json)
+        if stopped_by:
+          break
+        if cfg.eval.every and (done % cfg.eval.every == 0 or done == total):
+          if pending is not None:
+            report(*pending)
+            pending = None
+          scores = evaluate.score(eval_step, state.params, _periodic_eval_batches(cfg, tok, heldout),
+                                  batch_sharding)
+          record = {'step': done, 'split': 'eval', 'loss': scores['loss']}
+          sinks.write(record)
+          progress.write(f'step {done:>6}  held-out loss {scores["loss"]:.4f}')
+          clock.update(t=time.perf_counter(), step=done)
+      if pending is not None:
+        report(*pending)
+    finally:
+      profile.stop(state)
+      progress.close()
+      sinks.close()
+      ckpt.close()  # waits for the last asynchronous save: what was written is complete
+      stream.close()
   if stream.skips.summary():
     print(f'llm-jax: data: {stream.skips.summary()}', file=sys.stderr, flush=True)
+  if stopped_by:
+    _say(f'stopped by {stopped_by} at step {done}: checkpoint saved in {ckpt.directory}; '
+         f'run `llm-jax train --workdir={workdir}` to resume')
+    return {'step': done, 'stopped_by': stopped_by, 'signum': stop.signum, **last}
   _say(f'{"finished" if end == total else "stopped"} at step {end}; checkpoint in {ckpt.directory}')
   return {'step': end, **last}
 

@@ -54,6 +54,27 @@ def abstract_params(model, mesh, rules):
                       param_shardings(model, mesh, rules))
 
 
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, replicated):
+  """An optimizer-state leaf shaped like the parameter whose path ends its own path (Adam's mu['layers']
+  ['mlp']['gate'] for params['layers']['mlp']['gate']) is sharded like it; anything else (step counts,
+  Adafactor's factored row/column statistics, a skip counter) is small and replicated. Matching paths
+  rather than optax.tree_map_params works for every optimizer and wrapper, including ones whose state is
+  not a copy of the parameter tree."""
+  shardings = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  by_path = {tuple(path): (a.shape, s)
+             for (path, a), s in zip(jax.tree_util.tree_leaves_with_path(abstract_params), shardings)}
+  lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+  def pick(path, leaf):
+    for n in lengths:
+      match = by_path.get(tuple(path[-n:])) if len(path) >= n else None
+      if match is not None and match[0] == leaf.shape:
+        return match[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
 class StateFactory:
   """Abstract state, its shardings, and the jitted sharded initialiser for one model + optimizer + mesh."""
 
@@ -62,9 +83,8 @@ class StateFactory:
     self.param_shardings = param_shardings(model, mesh, rules)
     self.abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
     repl = sharding.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, self.abstract.opt_state, self.param_shardings,
-        transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    opt_shardings = opt_state_shardings(self.abstract.opt_state, self.abstract.params, self.param_shardings,
+                                        repl)
     self.shardings = TrainState(step=repl, params=self.param_shardings, opt_state=opt_shardings, rng=repl)
 
   def _init(self, rng) -> TrainState:

@@ -1,6 +1,10 @@
-"""Losses and the jitted train / eval steps: one jit boundary each, explicit shardings, state donated.
+"""The jitted train and eval steps: one jit boundary each, explicit shardings, state donated.
 
 Batch arrays are [B, T] (see data/pipeline.py): inputs, targets, loss_mask, segment_ids, positions.
+Gradient accumulation happens inside the one train step: the batch is cut into k microbatches of B / k rows
+that a `lax.scan` runs one after the other, summing the gradients of their token sums divided by the whole
+batch's token count, and the optimizer updates once. The update equals that of one batch of B rows
+(tests/test_train_step.py) and the activations are those of B / k rows.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import sharding
+from llm_jax.train import optim
+from llm_jax.train.loss import SUM_KEYS, LossConfig, model_sums, objective_sum, token_sums
 from llm_jax.train.state import TrainState
 
 Array = jax.Array
@@ -34,40 +40,82 @@ def forward(model, params, batch: dict[str, Array], rngs=None) -> Array:
   return logits_BTV
 
 
-def loss_and_stats(model, params, batch, rngs=None, with_accuracy: bool = False):
-  """Mean masked next-token loss, and the sums behind it (plus correct top-1 predictions if asked: an
-  argmax over the vocabulary costs as much as the softmax, so the train step skips it)."""
-  logits_BTV = forward(model, params, batch, rngs)
-  mask_BT = batch['loss_mask'].astype(jnp.float32)
-  nll_BT = token_nll(logits_BTV, batch['targets'])
-  tokens = mask_BT.sum()
-  nll_sum = (nll_BT * mask_BT).sum()
-  stats = {'nll_sum': nll_sum, 'tokens': tokens}
-  if with_accuracy:
-    stats['correct'] = ((jnp.argmax(logits_BTV, -1) == batch['targets']) * mask_BT).sum()
-  return nll_sum / jnp.maximum(tokens, 1.0), stats
+def loss_and_stats(model, params, batch, rngs=None, with_accuracy: bool = False,
+                   loss_cfg: LossConfig = LossConfig()):
+  """The mean training objective over unmasked tokens, and the token sums behind it (train/loss.py)."""
+  sums = model_sums(model, params, batch, loss_cfg, rngs, with_accuracy)
+  return objective_sum(sums, loss_cfg) / jnp.maximum(sums['tokens'], 1.0), sums
+
+
+def split_microbatches(batch: dict[str, Array], k: int) -> dict[str, Array]:
+  """[B, T] -> [k, B / k, T], microbatch i taking rows i, i + k, ...: every device's contiguous block of
+  rows then contributes equally to every microbatch, so no microbatch lives on a subset of the devices."""
+  def split(a_BT):
+    B = a_BT.shape[0]
+    a_kbT = a_BT.reshape(B // k, k, *a_BT.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(a_kbT, (None, 'batch', 'seq'))
+  return jax.tree.map(split, batch)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, mesh, rules,
-                    state_shardings, batch_sharding) -> Callable:
-  """jit(train_step): (state, batch) -> (state, metrics); the state is donated and updated in place."""
+                    state_shardings, batch_sharding, loss_cfg: LossConfig = LossConfig(),
+                    microbatches: int = 1) -> Callable:
+  """jit(train_step): (state, batch) -> (state, metrics); the state is donated and updated in place.
+
+  Metrics (scalars): loss (mean cross-entropy, unsmoothed: the number eval reports too), z_loss (mean
+  log(Z)^2, whatever its weight), learning_rate, grad_norm (before clipping), param_norm (after the update),
+  tokens, finite (loss and gradients finite), and skipped (total skipped updates) with skip_nonfinite.
+  """
+
+  def grads_and_sums(params, batch, dropout_rng, tokens):
+    # Dividing by the whole batch's token count inside the objective (a constant to the gradient) makes
+    # microbatch gradients add up to the batch's, with no extra pass over the gradients afterwards.
+    def objective(p):
+      sums = model_sums(model, p, batch, loss_cfg, rngs={'dropout': dropout_rng})
+      return objective_sum(sums, loss_cfg) / tokens, sums
+    return jax.grad(objective, has_aux=True)(params)
+
+  def accumulate(params, batch, dropout_rng, tokens):
+    micro = split_microbatches(batch, microbatches)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+
+    def body(carry, xs):
+      grads_acc, sums_acc = carry
+      mb, i = xs
+      grads, sums = grads_and_sums(params, mb, jax.random.fold_in(dropout_rng, i), tokens)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      grads_acc = jax.lax.with_sharding_constraint(grads_acc, state_shardings.params)
+      return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), (micro, jnp.arange(microbatches)))
+    return grads, sums
 
   def train_step(state: TrainState, batch: dict[str, Array]):
     with sharding.activation_sharding(mesh, rules):
       rng, dropout_rng = jax.random.split(state.rng)
-
-      def loss_fn(params):
-        return loss_and_stats(model, params, batch, rngs={'dropout': dropout_rng})
-
-      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      tokens = jnp.maximum(batch['loss_mask'].astype(jnp.float32).sum(), 1.0)
+      if microbatches > 1:
+        grads, sums = accumulate(state.params, batch, dropout_rng, tokens)
+      else:
+        grads, sums = grads_and_sums(state.params, batch, dropout_rng, tokens)
+      loss = sums['nll_sum'] / tokens
+      grad_norm = global_norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, finite=finite)
       params = optax.apply_updates(state.params, updates)
     metrics = {
         'loss': loss,
-        'grad_norm': global_norm(grads),
+        'z_loss': sums['z_sum'] / tokens,
+        'grad_norm': grad_norm,
+        'param_norm': global_norm(params),
         'learning_rate': lr_schedule(state.step),
-        'tokens': stats['tokens'],
+        'tokens': sums['tokens'],
+        'finite': finite,
     }
+    skipped = optim.skipped_count(opt_state)
+    if skipped is not None:
+      metrics['skipped'] = skipped
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
 
@@ -76,13 +124,18 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
                  out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
 
-def make_eval_step(model, mesh, rules, param_shardings, batch_sharding) -> Callable:
+def make_eval_step(model, mesh, rules, param_shardings, batch_sharding, loss_chunk: int = 0) -> Callable:
   """jit(eval_step): (params, batch) -> summed nll, token count and correct predictions of the batch."""
+  loss_cfg = LossConfig(chunk=loss_chunk)
 
   def eval_step(params, batch):
     with sharding.activation_sharding(mesh, rules):
-      _, stats = loss_and_stats(model, params, batch, with_accuracy=True)
-    return stats
+      sums = model_sums(model, params, batch, loss_cfg, with_accuracy=True)
+    return {k: sums[k] for k in ('nll_sum', 'tokens', 'correct')}
 
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
                  out_shardings=sharding.replicated(mesh))
+
+
+__all__ = ['forward', 'global_norm', 'loss_and_stats', 'make_eval_step', 'make_train_step', 'token_nll',
+           'token_sums']
