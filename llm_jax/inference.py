@@ -86,7 +86,7 @@ def load_run(workdir: str) -> Run:
   tok = workdir_lib.load_tokenizer(workdir, cfg)
   ckpt, step = open_for_reading(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   try:
     params = ckpt.restore_params(step, abstract_params(model, mesh, rules))

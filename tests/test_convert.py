@@ -72,7 +72,7 @@ def _params(path):
   ckpt, step = open_for_reading(path)
   try:
     return step, jax.device_get(ckpt.restore_params(step, abstract_params(
-        build_model(cfg.model), mesh, sharding.rules_from_config(cfg.mesh.rules))))
+        build_model(cfg.model), mesh, sharding.rules_from_config(cfg.mesh))))
   finally:
     ckpt.close()
 

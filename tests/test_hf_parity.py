@@ -46,7 +46,7 @@ def _save(model, path):
 def _load(workdir):
   cfg = workdir_lib.load_config(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   ckpt, step = open_for_reading(workdir)
   try:

@@ -161,7 +161,7 @@ def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None
   from llm_jax.models import build_model
   from llm_jax.train.state import abstract_params
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   targets = abstract_params(build_model(cfg.model), mesh, rules)
   params = to_layout(params, cfg.model.scan_layers)
   dtype = jax.numpy.dtype(cfg.model.param_dtype)
@@ -193,9 +193,10 @@ def to_hf(workdir: str, output: str) -> dict:
   tok = tokenizer_lib.load(tok_path) if os.path.isfile(tok_path) else None
 
   # Read on this machine's devices whatever mesh the run trained on.
-  mesh_cfg = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  mesh_cfg = ml_collections.ConfigDict(cfg.mesh.to_dict())
+  mesh_cfg.update(data=-1, fsdp=1, sequence=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   mesh = sharding.make_mesh(mesh_cfg)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(mesh_cfg)
   ckpt, step = open_for_reading(workdir)
   try:
     params = ckpt.restore_params(step, abstract_params(build_model(cfg.model), mesh, rules))

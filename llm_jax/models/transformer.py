@@ -125,7 +125,9 @@ def embed(parent: nn.Module, cfg, tokens_BT: Array, positions_BT: Array, embeddi
   init = nn.initializers.normal(c.init_std)
   if embedding_VD is None:
     embedding_VD = _param(parent, 'embedding', init, ('vocab', 'embed'), (c.vocab_size, c.embed_dim), c)
-  x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+  # Gathered over the FSDP axes first, as FSDP does for every weight before use: the lookup is then local
+  # to each vocabulary shard, where GSPMD would otherwise replicate the looked-up rows to reshard them.
+  x_BTD = jnp.take(constrain(embedding_VD, ('vocab', None)), tokens_BT, axis=0).astype(dtype)
   if c.position_type == 'learned':
     table_PD = _param(parent, f'{prefix}pos_embedding', init, ('table', 'embed'), (c.max_positions, c.embed_dim),
                       c)
