@@ -49,6 +49,22 @@ class Stream:
     return f'{self.prefix}positions'
 
 
+def _text_streams(seq_len: int) -> tuple[Stream, ...]:
+  return (Stream(('inputs', 'targets', 'loss_mask'), seq_len),)
+
+
+def _span_streams(seq_len: int, target_len: int) -> tuple[Stream, ...]:
+  return (Stream(('inputs',), seq_len, split=False),
+          Stream(('decoder_inputs', 'targets', 'loss_mask'), target_len, 'decoder_', split=False))
+
+
+def streams(data_cfg) -> tuple[Stream, ...]:
+  """The packed layout `data.objective` makes, from the config alone (no tokenizer needed)."""
+  if data_cfg.objective == 'span':
+    return _span_streams(data_cfg.seq_len, data_cfg.target_len)
+  return _text_streams(data_cfg.seq_len)
+
+
 def batch_keys(streams: tuple[Stream, ...]) -> tuple[str, ...]:
   keys = []
   for s in streams:
@@ -64,7 +80,7 @@ class CausalLM:
     self.bos_id, self.eos_id, self.add_bos, self.add_eos = bos_id, eos_id, add_bos, add_eos
 
   def streams(self, seq_len: int) -> tuple[Stream, ...]:
-    return (Stream(('inputs', 'targets', 'loss_mask'), seq_len),)
+    return _text_streams(seq_len)
 
   random = False
 
@@ -112,7 +128,7 @@ class MaskedLM:
     self.word_table = word_table
 
   def streams(self, seq_len: int) -> tuple[Stream, ...]:
-    return (Stream(('inputs', 'targets', 'loss_mask'), seq_len),)
+    return _text_streams(seq_len)
 
   def _words(self, ids: np.ndarray) -> list[np.ndarray]:
     starts_word, ends_word = self.word_table
@@ -244,8 +260,7 @@ class SpanCorruption:
     self.chunk = span_chunk_length(seq_len, target_len, noise_density, mean_span_length)
 
   def streams(self, seq_len: int) -> tuple[Stream, ...]:
-    return (Stream(('inputs',), seq_len, split=False),
-            Stream(('decoder_inputs', 'targets', 'loss_mask'), self.target_len, 'decoder_', split=False))
+    return _span_streams(seq_len, self.target_len)
 
   def sentinel(self, i: int) -> int:
     return self.first_sentinel - i
