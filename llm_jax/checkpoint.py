@@ -4,6 +4,9 @@ Items: `params` and `train` (optimizer state, step, rng) as sharded arrays, `dat
 state) and `config` (the resolved config) as JSON. Orbax writes JSON from process 0 only, so the data state
 it is given already holds every process's shards (data/pipeline.py: TrainStream.get_state gathers them). `eval` and `generate` restore `params` alone.
 Nothing is pickled: arrays go through tensorstore, everything else is JSON.
+
+A checkpoint may hold `params` and `config` alone (`save_params`): weights imported from Hugging Face.
+Training starts from those params with a fresh optimizer and data stream (`has_train_state`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ class Checkpointer:
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config),
     ))
+
+  def save_params(self, step: int, params: Any, config: dict) -> None:
+    self._mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                 config=ocp.args.JsonSave(config)))
+
+  def has_train_state(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), 'train'))
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
     abstract_train = {'step': abstract_state.step, 'opt_state': abstract_state.opt_state,

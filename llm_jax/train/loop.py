@@ -77,11 +77,14 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   lr_schedule = optim.schedule(cfg.train)
   factory = StateFactory(train_model, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed)
+  stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed, model_cfg=cfg.model)
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   latest = ckpt.latest_step()
-  if latest is not None:
+  if latest is not None and not ckpt.has_train_state(latest):  # imported weights (convert from-hf)
+    state = factory.init_from_params(ckpt.restore_params(latest, factory.abstract_sharded().params), cfg.seed)
+    _say(f'starting from the params of step {latest} of {workdir} (no optimizer state: imported weights)')
+  elif latest is not None:
     state, data_state = ckpt.restore(latest, factory.abstract_sharded())
     stream.set_state(data_state)
     _say(f'resumed from step {latest} of {workdir}')
@@ -203,4 +206,5 @@ def _periodic_eval_batches(cfg, tok, heldout):
   """The same held-out batches every time: the first documents, this process's share of them."""
   local = pipeline.local_batch_size(cfg.data)
   return pipeline.eval_batches(heldout, tok, cfg.data, local, num_batches=cfg.eval.batches,
+                               model_cfg=cfg.model, seed=cfg.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
