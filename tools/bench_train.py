@@ -184,6 +184,9 @@ def _measure(cfg, args) -> dict:
   compiled = setup.step.lower(state, batch).compile()
   out['compile_s'] = round(time.perf_counter() - start, 2)
   out.update(_xla_analysis(compiled, B * T * fpt))
+  # What model.attention_impl='auto' chose, read from the compiled program: cuDNN's fused attention is a
+  # custom call named __cudnn$fmha...
+  out['cudnn_attention'] = 'cudnn$fmha' in compiled.as_text()
   start = time.perf_counter()
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
