@@ -64,6 +64,7 @@ def test_cudnn_chosen_only_where_it_applies(monkeypatch):
   assert not layers._cudnn_supported(q, k, jnp.zeros((2, 8, 16, 16), jnp.bfloat16))  # T5's bias
   odd = jnp.zeros(q.shape[:-1] + (12,), jnp.bfloat16)
   assert not layers._cudnn_supported(odd, odd, None)  # head dim not a multiple of 8
+  assert not layers._cudnn_supported(q[:, :15], k[:, :15], None)  # an odd length
   cfg = tiny_config(('mesh.data', '4'), ('mesh.sequence', '2'))
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
   with sharding.activation_sharding(mesh, rules):

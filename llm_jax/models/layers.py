@@ -148,15 +148,17 @@ def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, 
 
 def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None) -> bool:
   """Whether cuDNN's flash attention takes these inputs: a CUDA device, half-precision inputs, a head dim that
-  is a multiple of 8 up to 128 (256 on Hopper; 128 keeps the check free of device queries), no additive bias
-  (T5's relative positions would go in as a dense B N T S tensor, no faster than XLA), and sequence and head
-  dims whole on every device (its partitioner refuses to split them: context parallelism stays on XLA)."""
+  is a multiple of 8 up to 128 (256 on Hopper; 128 keeps the check free of device queries), an even length
+  (a masked backward pass needs one), no additive bias (T5's relative positions would go in as a dense
+  B N T S tensor, no faster than XLA), sequence and head dims whole on every device and query and key heads
+  split alike (its partitioner refuses anything else: context parallelism stays on XLA)."""
   if jax.default_backend() != 'gpu' or bias_BNTS is not None:
     return False
-  H = q_BTNH.shape[-1]
-  if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 128:
+  T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
+  if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 128 or T % 2:  # odd T: no masked training
     return False
-  return split_count('seq') == 1 and split_count('kv_seq') == 1 and split_count('head_dim') == 1
+  return (split_count('seq') == split_count('kv_seq') == split_count('head_dim') == 1
+          and split_count('heads') == split_count('kv_heads'))  # q, k and v must be split alike
 
 
 def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None, scale: bool,
