@@ -89,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'  # master weights (what the optimizer updates and checkpoints hold)
   m.logits_dtype = 'float32'  # dtype of the output logits; the loss upcasts to float32 either way
   m.scan_layers = True
+  # Attention kernel (models/layers.py:attend): auto takes cuDNN's flash attention on CUDA GPUs where it applies
+  # (bfloat16/float16, head_dim a multiple of 8 up to 128, no T5 bias, no context parallelism), else XLA.
+  m.attention_impl = 'auto'  # auto | xla | cudnn
   m.remat = 'none'  # none | full | dots_no_batch | save_attention (see models/decoder.py)
 
   c.data = ml_collections.ConfigDict()
@@ -318,6 +321,7 @@ def _to_tuples(value):
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _REMAT = ('none', 'full', 'dots_no_batch', 'save_attention')
+_ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # models/layers.py:attend
 _OPTIMIZERS = ('adamw', 'adafactor', 'lion')
 _SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt', 'wsd')
 _FAMILIES = ('decoder', 'encoder', 'encdec')
@@ -348,6 +352,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(m.param_dtype in _DTYPES, 'model.param_dtype', m.param_dtype, f'one of {_DTYPES}')
   _require(m.logits_dtype in _DTYPES, 'model.logits_dtype', m.logits_dtype, f'one of {_DTYPES}')
   _require(m.remat in _REMAT, 'model.remat', m.remat, f'one of {_REMAT}')
+  _require(m.attention_impl in _ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
+           f'one of {_ATTENTION_IMPLS}')
   _require(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'in [0, 1)')
   _require(m.norm_eps > 0, 'model.norm_eps', m.norm_eps, 'positive')
   _require(d.seq_len >= 2, 'data.seq_len', d.seq_len, 'at least 2')

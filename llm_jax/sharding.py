@@ -243,3 +243,17 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   mesh, rules = active
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def split_count(name: str) -> int:
+  """How many ways the active rules split logical axis `name` (1 outside `activation_sharding`): lets a
+  kernel with its own partitioning rules (cuDNN attention) step aside where they would refuse the layout."""
+  active = _ACTIVE.get()
+  if active is None or active[0] is None:
+    return 1
+  mesh, rules = active
+  spec = logical_to_spec((name,), rules)[0]
+  count = 1
+  for axis in _axes(spec):
+    count *= mesh.shape[axis]
+  return count

@@ -90,9 +90,11 @@ def main(argv=None) -> int:
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--copy_mbytes', type=int, default=1024, help='size of the bandwidth probe')
   p.add_argument('--hf_reference', action='store_true')
+  p.add_argument('--param_dtype', default='bfloat16',
+                 help="weights as served (the recipe's float32 master weights are for training)")
   args = p.parse_args(argv)
 
-  cfg = config_lib.load(args.config)
+  cfg = config_lib.load(args.config, [('model.param_dtype', args.param_dtype)])
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.sharding import constrain
+from llm_jax.errors import UserError
+from llm_jax.sharding import constrain, split_count
 
 Array = jax.Array
 
@@ -145,6 +146,51 @@ def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, 
   return out_BTKGH.reshape(B, T, N, H)
 
 
+def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None) -> bool:
+  """Whether cuDNN's flash attention takes these inputs: a CUDA device, half-precision inputs, a head dim that
+  is a multiple of 8 up to 128 (256 on Hopper; 128 keeps the check free of device queries), an even length
+  (a masked backward pass needs one), no additive bias (T5's relative positions would go in as a dense
+  B N T S tensor, no faster than XLA), sequence and head dims whole on every device and query and key heads
+  split alike (its partitioner refuses anything else: context parallelism stays on XLA)."""
+  if jax.default_backend() != 'gpu' or bias_BNTS is not None:
+    return False
+  T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
+  if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 128 or T % 2:  # odd T: no masked training
+    return False
+  return (split_count('seq') == split_count('kv_seq') == split_count('head_dim') == 1
+          and split_count('heads') == split_count('kv_heads'))  # q, k and v must be split alike
+
+
+def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None, scale: bool,
+           impl: str, in_order: bool) -> Array:
+  """Attention by `model.attention_impl`: 'xla' is dot_attention; 'cudnn' is cuDNN's fused flash attention
+  through `jax.nn.dot_product_attention` (the B T S mask, segments and causality, broadcast over heads);
+  'auto' takes cuDNN where `_cudnn_supported`, else XLA (CPU, TPU, float32, T5's bias).
+
+  `in_order` promises that the mask never lets a query see a later key (causal self-attention over packed
+  rows: positions rise within a document and documents are contiguous), so cuDNN may skip the tiles above
+  the diagonal (is_causal), which halves its work. The mask itself still carries the segments.
+  """
+  if impl == 'auto':
+    impl = 'cudnn' if _cudnn_supported(q_BTNH, k_BSKH, bias_BNTS) else 'xla'
+  if impl == 'xla':
+    return dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale)
+  if impl == 'cudnn' and jax.default_backend() != 'gpu':
+    raise UserError(f"model.attention_impl='cudnn' needs a CUDA GPU (this backend is {jax.default_backend()}); "
+                    "use 'auto' (cuDNN where it applies) or 'xla'")
+  return fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, impl, in_order)
+
+
+def fused_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None,
+                    scale: bool, implementation: str | None, in_order: bool) -> Array:
+  """`jax.nn.dot_product_attention` with our mask: the call cuDNN runs, and with implementation='xla' the
+  same call on any backend (tests/test_attention_impl.py checks that equals dot_attention)."""
+  H = q_BTNH.shape[-1]
+  return jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BTS[:, None], scale=1 / math.sqrt(H) if scale else 1.0,
+      is_causal=in_order, implementation=implementation)
+
+
 def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array) -> dict:
   """Store new keys and values at each row's own positions (rows of a batch may be at different steps)."""
   rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
@@ -212,7 +258,8 @@ class Attention(nn.Module):
         k_BSKH = constrain(k_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
         v_BSKH = constrain(v_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
         mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, self.causal)
-        out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, c.scale_attention)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, c.scale_attention, c.attention_impl,
+                          in_order=self.causal)
       else:
         # Cache slot s holds position s of its row. Every slot at or before a query's position has been
         # written by then (prompt or generated token), so position order alone is the mask.

@@ -20,13 +20,10 @@ from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
-from llm_jax.train import optim
-from llm_jax.train.loss import LossConfig
 from llm_jax.train.preemption import StopRequests
 from llm_jax.train.progress import Progress
 from llm_jax.train.sinks import TENSORBOARD_DIR, Sinks
-from llm_jax.train.state import StateFactory
-from llm_jax.train.step import make_eval_step, make_train_step
+from llm_jax.train.step import make_eval_step, setup_train_step
 
 
 def _say(msg: str) -> None:
@@ -71,12 +68,11 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules, cfg.train.microbatches)
   tok = workdir_lib.tokenizer_for_training(workdir, cfg)
 
-  train_model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
+  # Built before the state exists: jit only traces at the first call, once the state is restored or made.
+  setup = setup_train_step(cfg, mesh, rules)
+  train_step, lr_schedule, factory, batch_sharding = (setup.step, setup.lr_schedule, setup.factory,
+                                                      setup.batch_sharding)
   eval_model = build_model(cfg.model)
-  tx = optim.make_optimizer(cfg.train)
-  lr_schedule = optim.schedule(cfg.train)
-  factory = StateFactory(train_model, tx, mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
   stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed, model_cfg=cfg.model)
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
@@ -98,8 +94,6 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     stream.close()
     return {'step': start}
 
-  train_step = make_train_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
-                               loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
   eval_step = make_eval_step(eval_model, mesh, rules, factory.param_shardings, batch_sharding,
                              loss_chunk=cfg.train.loss_chunk)
   heldout = sources.open_source(cfg.data, 'heldout') if cfg.eval.every else None

@@ -9,17 +9,17 @@ batch's token count, and the optimizer updates once. The update equals that of o
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from llm_jax import sharding
-from llm_jax.models import model_args
+from llm_jax.models import build_model, model_args
 from llm_jax.train import optim
 from llm_jax.train.loss import SUM_KEYS, LossConfig, model_sums, objective_sum, token_sums
-from llm_jax.train.state import TrainState
+from llm_jax.train.state import StateFactory, TrainState
 
 Array = jax.Array
 
@@ -124,6 +124,28 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
                  out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
 
+class TrainSetup(NamedTuple):
+  model: Any
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  factory: StateFactory
+  batch_sharding: Any
+  step: Callable
+
+
+def setup_train_step(cfg, mesh, rules) -> TrainSetup:
+  """The jitted train step of a resolved config and what it is built from: what `llm-jax train` runs
+  (train/loop.py) and tools/bench_train.py times, one path for both."""
+  model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
+  tx = optim.make_optimizer(cfg.train)
+  lr_schedule = optim.schedule(cfg.train)
+  factory = StateFactory(model, tx, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step = make_train_step(model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
+                         loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
+  return TrainSetup(model, tx, lr_schedule, factory, batch_sharding, step)
+
+
 def make_eval_step(model, mesh, rules, param_shardings, batch_sharding, loss_chunk: int = 0) -> Callable:
   """jit(eval_step): (params, batch) -> summed nll, token count and correct predictions of the batch."""
   loss_cfg = LossConfig(chunk=loss_chunk)
@@ -137,5 +159,5 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding, loss_chu
                  out_shardings=sharding.replicated(mesh))
 
 
-__all__ = ['forward', 'global_norm', 'loss_and_stats', 'make_eval_step', 'make_train_step', 'token_nll',
-           'token_sums']
+__all__ = ['TrainSetup', 'forward', 'global_norm', 'loss_and_stats', 'make_eval_step', 'make_train_step',
+           'setup_train_step', 'token_nll', 'token_sums']
