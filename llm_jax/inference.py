@@ -40,12 +40,12 @@ class Run:
 def load_run(workdir: str) -> Run:
   cfg = workdir_lib.load_config(workdir)
   tok = workdir_lib.load_tokenizer(workdir, cfg)
-  ckpt, step = open_for_reading(workdir)
+  ckpt = open_for_reading(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh.rules)
   model = build_model(cfg.model)
   try:
-    params = ckpt.restore_params(step, abstract_params(model, mesh, rules))
+    step, params = ckpt.restore_latest_params(abstract_params(model, mesh, rules))
   finally:
     ckpt.close()
   return Run(cfg, tok, model, params, mesh, rules, step)

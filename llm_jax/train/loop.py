@@ -91,9 +91,12 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed)
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, factory.abstract_sharded())
+  abstract_state = factory.abstract_sharded()
+  ckpt.check_space(abstract_state)
+  found = ckpt.restore_latest(abstract_state)  # the newest step that reads; damaged ones are passed over
+  latest = None
+  if found is not None:
+    latest, state, data_state = found
     stream.set_state(data_state)
     _say(f'resumed from step {latest} of {workdir}')
   else:
