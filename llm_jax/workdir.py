@@ -156,6 +156,8 @@ class MetricsWriter:
   def __init__(self, workdir: str):
     self._path = os.path.join(workdir, METRICS)
     self._enabled = jax.process_index() == 0
+    if self._enabled:
+      _drop_partial_last_line(self._path)
 
   def write(self, record: dict) -> None:
     if not self._enabled:
@@ -164,3 +166,21 @@ class MetricsWriter:
                        for k, v in record.items()})
     with open(self._path, 'a', encoding='utf-8') as f:
       f.write(line + '\n')
+
+
+def _drop_partial_last_line(path: str) -> None:
+  """A run killed in the middle of appending a record (or stopped by a full disk) can leave a last line
+  without its newline; the resumed run's first record would be glued onto it, corrupting both."""
+  try:
+    with open(path, 'rb+') as f:
+      size = f.seek(0, os.SEEK_END)
+      start = max(0, size - 65536)  # records are far shorter than this
+      f.seek(start)
+      tail = f.read()
+      if not tail or tail.endswith(b'\n'):
+        return
+      cut = tail.rfind(b'\n')
+      if cut >= 0 or start == 0:
+        f.truncate(start + cut + 1)
+  except FileNotFoundError:
+    return
