@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from llm_jax import checkpoint_files as files
 from llm_jax.errors import UserError
 from llm_jax.train.state import TrainState
+from llm_jax.workdir import unwritable
 
 # Failures of a save that are the machine's state, not a bug: reported as one line, without a traceback.
 _IO_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
@@ -79,14 +80,13 @@ class Checkpointer:
 
   def _prepare_directory(self) -> None:
     if jax.process_index() == 0:
-      probe = os.path.join(self.directory, f'.llm-jax-write-test-{os.getpid()}')
       try:
         os.makedirs(self.directory, exist_ok=True)
-        with open(probe, 'w', encoding='utf-8') as f:
-          f.write('ok')
-        os.remove(probe)
       except OSError as e:
         raise UserError(f'cannot write checkpoints to {self.directory}: {e.strerror or e}') from None
+      why = unwritable(self.directory)
+      if why:
+        raise UserError(f'cannot write checkpoints to {self.directory}: {why}')
       leftovers = files.incomplete_saves(self.directory)
       if leftovers:
         files.warn(f'removing incomplete checkpoint saves in {self.directory}: {", ".join(leftovers)} '

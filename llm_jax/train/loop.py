@@ -76,7 +76,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   still runs to cfg.train.steps, so a later invocation continues the same run. So does SIGTERM / SIGINT;
   the result then names the signal ('stopped_by').
   """
-  workdir_lib.prepare(workdir, cfg)
+  workdir_lib.check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh.rules)
   check_batch_fits_mesh(cfg, mesh)
@@ -90,14 +90,22 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   batch_sharding = sharding.batch_sharding(mesh, rules)
   stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed)
 
-  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  abstract_state = factory.abstract_sharded()
-  ckpt.check_space(abstract_state)
-  found = ckpt.restore_latest(abstract_state)  # the newest step that reads; damaged ones are passed over
-  latest = None
-  if found is not None:
-    latest, state, data_state = found
-    stream.set_state(data_state)
+  ckpt, latest = None, None
+  try:
+    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    abstract_state = factory.abstract_sharded()
+    ckpt.check_space(abstract_state)
+    found = ckpt.restore_latest(abstract_state)  # the newest step that reads; damaged ones are passed over
+    if found is not None:
+      latest, state, data_state = found
+      stream.set_state(data_state)
+    workdir_lib.prepare(workdir, cfg, tok)  # every input read: now the run's config and tokenizer are saved
+  except BaseException:
+    if ckpt is not None:
+      ckpt.close()
+    stream.close()
+    raise
+  if latest is not None:
     _say(f'resumed from step {latest} of {workdir}')
   else:
     state = factory.init(cfg.seed)
