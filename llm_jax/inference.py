@@ -55,6 +55,10 @@ def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = Fal
                   name: str = 'the prompt', flag: str = '--max_new_tokens') -> list[int]:
   """`text` as the model's input ids (BOS first if the run trains with it), checked to leave room for
   `max_new_tokens` in the context; with `truncate`, the oldest tokens (after BOS) are dropped instead."""
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in as lone surrogates (argv, stdin, JSON)
+    raise UserError(f'{name} is not valid UTF-8 text') from None
   bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []
   ids = bos + run.tokenizer.encode(text)
   context = run.context_len

@@ -11,7 +11,9 @@ def add_arguments(p) -> None:
 
 def run(args, overrides) -> int:
   from llm_jax import workdir as workdir_lib
+  from llm_jax.commands.common import nonempty
   from llm_jax.train import loop
+  nonempty('--workdir', args.workdir)
   cfg = workdir_lib.resolve_train_config(args.workdir, args.config, overrides)
   result = loop.train(cfg, args.workdir)
   # Stopped by SIGTERM / SIGINT with a checkpoint: the shell's convention for death by a signal (128 + its
