@@ -128,60 +128,78 @@ def _records(workdir):
 # kill -9, SIGTERM and a damaged newest step, one after the other in one run: it still ends bit for bit
 # where an uninterrupted run ends.
 
-KILL_RUN = ('--config.train.steps=14', '--config.train.checkpoint_every=2', '--config.train.log_every=1',
+KILL_RUN = ('--config.train.steps=16', '--config.train.checkpoint_every=2', '--config.train.log_every=1',
             '--config.eval.every=5')
 
 
 def test_kill_9_anywhere_sigterm_and_a_damaged_step_still_end_in_the_uninterrupted_run(
     tmp_path, tokenizer_path, fault_env):
-  rng = random.Random(10)
+  # Another seed, other kill points: LLM_JAX_FAULT_SEED=N pytest -m faults -k kill (loop it to stress).
+  rng = random.Random(int(os.environ.get('LLM_JAX_FAULT_SEED', '10')))
   cfg = tiny_config(('data.tokenizer', tokenizer_path), *(tuple(a[len('--config.'):].split('=')) for a in KILL_RUN))
   workdir, err = tmp_path / 'run', tmp_path / 'stderr'
+  directory = workdir / 'checkpoints'
   args = _train_args(workdir, tokenizer_path, *KILL_RUN)
 
-  # 1. SIGKILL at a random moment after a random progress line: mid-step, mid-save, mid-log.
-  run = _Train(args, fault_env, err)
-  run.wait_for_step(rng.randint(3, 5))
-  time.sleep(rng.uniform(0.0, 0.3))
-  run.proc.kill()
-  assert run.finish() == -signal.SIGKILL
-  first = _committed(workdir)
+  def start(**kw):
+    leftovers = checkpoint_files.incomplete_saves(str(directory))
+    run = _Train(args, fault_env, err, **kw)
+    return run, leftovers
+
+  def started_cleanly(run, leftovers, steps):
+    if steps:
+      assert f'resumed from step {max(steps)} of {workdir}' in run.stdout
+    if leftovers:
+      assert f'removing incomplete checkpoint saves in {directory}: {", ".join(leftovers)}' in run.stderr
+
+  # 1, 2. SIGKILL at random moments after random progress lines: mid-step, mid-save, mid-log, ...
+  steps = []
+  for _ in range(2):
+    run, leftovers = start()
+    run.wait_for_step((max(steps) if steps else 0) + rng.randint(2, 4))
+    time.sleep(rng.uniform(0.0, 0.4))
+    run.proc.kill()
+    assert run.finish() == -signal.SIGKILL
+    started_cleanly(run, leftovers, steps)
+    steps = _committed(workdir)  # every committed step whole, wherever the kill landed
   # The uninterrupted run, now that the first process filled the compilation cache.
-  reference = _Train(_train_args(tmp_path / 'reference', tokenizer_path, *KILL_RUN), fault_env, tmp_path / 'ref_err')
+  reference = _Train(_train_args(tmp_path / 'reference', tokenizer_path, *KILL_RUN), fault_env,
+                     tmp_path / 'ref_err')
   assert reference.finish() == 0, reference.stderr
 
-  # 2. SIGKILL while the next checkpoint is being committed: all its files written, not yet renamed.
-  pause = (max(first) if first else 0) + 2
-  run = _Train(args, fault_env, err, pause_commit_at=pause)
+  # 3. SIGKILL while the next checkpoint is being committed: all its files written, not yet renamed.
+  pause = (max(steps) if steps else 0) + 2
+  run, leftovers = start(pause_commit_at=pause)
   run.wait_for(lambda line: line.startswith('fault_runner: pausing'))
   run.proc.kill()
   assert run.finish() == -signal.SIGKILL
-  if first:
-    assert f'resumed from step {max(first)} of {workdir}' in run.stdout
-  assert f'{pause}{checkpoint_files.TMP_MARK}' in os.listdir(workdir / 'checkpoints')
-  assert max(_committed(workdir)) < pause  # the interrupted save is not a step
+  started_cleanly(run, leftovers, steps)
+  assert f'{pause}{checkpoint_files.TMP_MARK}' in os.listdir(directory)
+  steps = _committed(workdir)
+  assert all(s < pause for s in steps)  # the interrupted save is not a step
 
-  # 3. SIGTERM: the step finishes, a checkpoint is written, exit 128 + 15.
-  run = _Train(args, fault_env, err)
-  run.wait_for_step(pause + rng.randint(1, 3))
+  # 4. SIGTERM: the step finishes, a checkpoint is written, exit 128 + 15.
+  run, leftovers = start()
+  run.wait_for_step(pause + rng.randint(1, 2))
   run.proc.send_signal(signal.SIGTERM)
   assert run.finish() == 128 + signal.SIGTERM
-  assert f'removing incomplete checkpoint saves in {workdir / "checkpoints"}: {pause}{checkpoint_files.TMP_MARK}' \
-      in run.stderr
-  stopped = max(_committed(workdir))
+  started_cleanly(run, leftovers, steps)
+  assert f'{pause}{checkpoint_files.TMP_MARK}' in ', '.join(leftovers)
+  steps = _committed(workdir)
+  stopped = max(steps)
   assert f'stopped by SIGTERM at step {stopped}: checkpoint saved' in run.stdout
-  assert f'{pause}{checkpoint_files.TMP_MARK}' not in os.listdir(workdir / 'checkpoints')
+  assert not checkpoint_files.incomplete_saves(str(directory))
 
-  # 4. The newest step damaged on disk: the run falls back to the one before, and finishes.
-  before = sorted(_committed(workdir))[-2]
-  damaged = max(glob.glob(str(workdir / 'checkpoints' / str(stopped) / 'train' / '**' / 'd' / '*'),
-                          recursive=True), key=os.path.getsize)
+  # 5. The newest step damaged on disk: the run falls back to the one before, and finishes.
+  before = sorted(steps)[-2]
+  damaged = max(glob.glob(str(directory / str(stopped) / 'train' / '**' / 'd' / '*'), recursive=True),
+                key=os.path.getsize)
   with open(damaged, 'r+b') as f:
     f.truncate(10)
   run = _Train(args, fault_env, err)
   assert run.finish() == 0, run.stderr
-  rel = os.path.relpath(damaged, workdir / 'checkpoints' / str(stopped))
-  assert f'checkpoint step {stopped} in {workdir / "checkpoints"} cannot be read ({rel} has 10 bytes' in run.stderr
+  rel = os.path.relpath(damaged, directory / str(stopped))
+  assert f'checkpoint step {stopped} in {directory} cannot be read ({rel} has 10 bytes' in run.stderr
   assert f'using step {before} instead; moved aside to checkpoints/{stopped}.damaged' in run.stderr
   assert f'resumed from step {before} of {workdir}' in run.stdout and 'Traceback' not in run.stderr
 
@@ -189,12 +207,12 @@ def test_kill_9_anywhere_sigterm_and_a_damaged_step_still_end_in_the_uninterrupt
   # invocation, killed ones included, equal to the uninterrupted run's record of that step.
   step_a, params_a = _params(tmp_path / 'reference', cfg)
   step_b, params_b = _params(workdir, cfg)
-  assert step_a == step_b == 14
+  assert step_a == step_b == 16
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
   reference = {(r['step'], r['split']): r for r in _records(tmp_path / 'reference')}
   records = _records(workdir)
-  assert {(14, 'train'), (14, 'eval'), (10, 'eval')} <= {(r['step'], r['split']) for r in records}
+  assert {(16, 'train'), (16, 'eval'), (15, 'eval')} <= {(r['step'], r['split']) for r in records}
   for r in records:
     ref = reference[(r['step'], r['split'])]
     assert {k: r[k] for k in COMPARED if k in r} == {k: ref[k] for k in COMPARED if k in ref}, r['step']
