@@ -268,3 +268,16 @@ def test_a_trained_workdir_holds_no_pickle_and_loading_it_never_unpickles(tmp_pa
                                                          run.rules).abstract_sharded())
   ckpt.close()
   assert step == 3 and data_state['format'].startswith('llm-jax-data/')
+
+
+def test_bench_checkpoint_smoke(capsys):
+  import importlib.util
+  import json
+  from conftest import ROOT, TINY
+  spec = importlib.util.spec_from_file_location('bench_checkpoint', os.path.join(ROOT, 'tools', 'bench_checkpoint.py'))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert bench.main([f'--config={TINY}', '--saves=2']) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+  assert lines[0]['state_bytes'] > 0 and [r['save'] for r in lines[1:3]] == [1, 2]
+  assert all(r['manifest_s'] >= 0 and r['bytes'] > 0 for r in lines[1:3]) and lines[3]['restore_latest'] == 2
