@@ -140,7 +140,7 @@ def run(engine, token_lists: Sequence[Sequence[int]], params: BeamParams) -> lis
                engine.put(live_R, ('batch',)),
                engine.put(stop_ids_K, (None,)), jnp.float32(params.length_penalty),
                beams=params.num_beams, steps=params.max_new_tokens)
-  seq, logp, steps_run, fin_seq, fin_score, fin_logp, fin_len = jax.device_get(out)
+  seq, logp, steps_run, fin_seq, fin_score, fin_logp, fin_len = sharding.fetch(out)
   steps_run = int(steps_run)
   results = []
   for r in range(n):

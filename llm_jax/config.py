@@ -17,21 +17,34 @@ import ml_collections
 
 from llm_jax.errors import UserError
 
+# The mesh axes, from the least to the most communication per step: a data-parallel replica exchanges
+# gradients once per step, FSDP gathers weights once per layer, context parallelism gathers keys and values
+# once per layer, tensor parallelism reduces activations twice per layer. jax.make_mesh gives the last axes
+# the fastest links, so `tensor` goes last.
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
+
+# Every logical axis name the models use (see models/layers.py). `kv_seq` is the key length of attention,
+# which context parallelism gathers whole while queries stay split over `sequence`.
+LOGICAL_AXES = ('batch', 'seq', 'kv_seq', 'cache_seq', 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
+                'layers')
+
 # Logical axis -> mesh axes, in priority order (flax semantics: a mesh axis is used at most once per array,
 # so `batch` claims ('data', 'fsdp') for activations before `embed` could claim 'fsdp'; parameters, which
-# have no batch axis, get `embed` sharded over 'fsdp', which is what makes FSDP).
-DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('seq', None),
-    ('cache_seq', None),
-    ('head_dim', None),
-    ('layers', None),
-)
+# have no batch axis, get `embed` sharded over 'fsdp', which is what makes FSDP). Parameters are also split
+# over `sequence`, which would otherwise hold whole copies: context parallelism doubles as FSDP for weights.
+_REPLICATED = tuple((name, None) for name in ('kv_seq', 'cache_seq', 'head_dim', 'layers'))
+RULE_PRESETS = {
+    # Pure data parallelism: every device holds every weight; rows split over data and fsdp alike.
+    'dp': (('batch', ('data', 'fsdp')), ('seq', 'sequence'), ('vocab', None), ('embed', None), ('heads', None),
+           ('kv_heads', None), ('mlp', None)) + _REPLICATED,
+    # ZeRO-3 / FSDP: weights, gradients and optimizer state split along `embed`, gathered per layer.
+    'fsdp': (('batch', ('data', 'fsdp')), ('seq', 'sequence'), ('vocab', None), ('embed', ('fsdp', 'sequence')),
+             ('heads', None), ('kv_heads', None), ('mlp', None)) + _REPLICATED,
+    # FSDP plus Megatron-style tensor parallelism of heads, MLP and vocabulary over `tensor`.
+    'fsdp_tp': (('batch', ('data', 'fsdp')), ('seq', 'sequence'), ('vocab', 'tensor'),
+                ('embed', ('fsdp', 'sequence')), ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'))
+               + _REPLICATED,
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -116,10 +129,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.max_tokens = 400_000  # `llm-jax eval` reads whole held-out documents up to this many tokens
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices not taken by the other axes
+  # Devices per axis within one slice (TPU ICI) or node (NVLink); one axis may be -1: the devices left over.
+  c.mesh.data = -1
   c.mesh.fsdp = 1
+  c.mesh.sequence = 1  # context parallelism: every row's positions split over this many devices
   c.mesh.tensor = 1
-  c.mesh.rules = DEFAULT_RULES
+  # Multi-slice / multi-node (DCN): the data or fsdp axis spans this many slices or nodes, each holding the
+  # mesh above. Only these two: their collectives run once per step or per layer, which DCN can carry.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.preset = 'fsdp_tp'  # logical-axis rules: dp | fsdp | fsdp_tp (RULE_PRESETS)
+  c.mesh.rules = ()  # extra (logical_axis, mesh_axes) rules, tried before the preset's
   return c
 
 
@@ -344,10 +364,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(cfg.eval.every >= 0, 'eval.every', cfg.eval.every, 'non-negative (0: never)')
   _require(cfg.eval.batches >= 1, 'eval.batches', cfg.eval.batches, 'a positive integer')
   _require(cfg.eval.max_tokens >= 1, 'eval.max_tokens', cfg.eval.max_tokens, 'a positive integer')
-  for axis in ('data', 'fsdp', 'tensor'):
-    size = cfg.mesh[axis]
-    _require(size == -1 or size >= 1, f'mesh.{axis}', size, 'a positive integer or -1')
-  _check_rules(cfg.mesh.rules)
+  _check_mesh(cfg.mesh)
 
 
 def _check_profile_steps(steps) -> None:
@@ -377,6 +394,19 @@ def _check_types(cfg, defaults, prefix: str) -> None:
       raise UserError(f'config key {name}={got!r}: expected {type(want).__name__}')
 
 
+def _check_mesh(mesh) -> None:
+  for axis in MESH_AXES:
+    _require(mesh[axis] == -1 or mesh[axis] >= 1, f'mesh.{axis}', mesh[axis], 'a positive integer or -1')
+  auto = [a for a in MESH_AXES if mesh[a] == -1]
+  if len(auto) > 1:
+    raise UserError(f'config keys {", ".join("mesh." + a for a in auto)} are all -1: at most one mesh axis may '
+                    'take the devices the others leave')
+  for key in ('dcn_data', 'dcn_fsdp'):
+    _require(mesh[key] >= 1, f'mesh.{key}', mesh[key], 'a positive integer')
+  _require(mesh.preset in RULE_PRESETS, 'mesh.preset', mesh.preset, f'one of {tuple(RULE_PRESETS)}')
+  _check_rules(mesh.rules)
+
+
 def _check_mixture(mixture) -> None:
   for entry in mixture:
     if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
@@ -387,17 +417,17 @@ def _check_mixture(mixture) -> None:
     check_weights([w for _, w in mixture])
 
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
-
-
 def _check_rules(rules) -> None:
   for rule in rules:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise UserError(f'config key mesh.rules: each rule is (logical_axis, mesh_axes), got {rule!r}')
+    if rule[0] not in LOGICAL_AXES:
+      raise UserError(f'config key mesh.rules: rule {tuple(rule)!r} names logical axis {rule[0]!r}, '
+                      f'expected one of {LOGICAL_AXES}')
     targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     for axis in targets:
       if axis is not None and axis not in MESH_AXES:
-        raise UserError(f'config key mesh.rules: rule {rule!r} names mesh axis {axis!r}, '
+        raise UserError(f'config key mesh.rules: rule {tuple(rule)!r} names mesh axis {axis!r}, '
                         f'expected one of {MESH_AXES}')
 
 

@@ -189,7 +189,7 @@ class Engine:
     """A host array onto the mesh by logical names (or onto the default device without a mesh)."""
     if self.mesh is None:
       return jnp.asarray(array)
-    return jax.device_put(array, sharding.named_sharding(self.mesh, names, self.rules))
+    return sharding.host_to_global(array, sharding.named_sharding(self.mesh, names, self.rules))
 
   def prompts(self, token_lists: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded [rows, P] prompts (P a multiple of 64) and their lengths; padding rows hold one token."""
@@ -245,7 +245,7 @@ class Engine:
         self.put(length, (None,)), self.put(mask, ('batch', None)),
         stages=Stages.of(params_list), with_strings=with_strings, steps=steps,
         vocab=self.model.cfg.vocab_size)
-    tokens_BN, logprobs_BN, count_B, finish_B = jax.device_get((tokens_BN, logprobs_BN, count_B, finish_B))
+    tokens_BN, logprobs_BN, count_B, finish_B = sharding.fetch((tokens_BN, logprobs_BN, count_B, finish_B))
     return [Result(tokens=tokens_BN[b, :count_B[b]].tolist(), logprobs=logprobs_BN[b, :count_B[b]].tolist(),
                    finish_reason=FINISH_REASONS[int(finish_B[b])]) for b in range(len(requests))]
 

@@ -24,13 +24,18 @@ from llm_jax.train.step import make_eval_step
 
 
 def score(eval_step, params, batches: Iterable[dict[str, np.ndarray]], batch_sharding,
-          progress: Callable[[int], None] | None = None) -> dict:
+          progress: Callable[[int], None] | None = None, whole: bool = False) -> dict:
   """Sum the eval step's statistics over batches; loss is per predicted token. `progress(tokens)` is called
-  as each batch is dispatched, with the tokens it scores."""
+  as each batch is dispatched, with the tokens it scores. Batches are this process's rows of each global
+  batch, or with `whole` the entire global batch, the same on every process."""
   totals = {'nll_sum': 0.0, 'tokens': 0.0, 'correct': 0.0}
   pending = None
   for batch in batches:
-    stats = eval_step(params, pipeline.to_global(batch, batch_sharding))
+    if whole:
+      batch_global = {k: sharding.host_to_global(v, batch_sharding) for k, v in batch.items()}
+    else:
+      batch_global = pipeline.to_global(batch, batch_sharding)
+    stats = eval_step(params, batch_global)
     if progress is not None:
       progress(int(batch['loss_mask'].sum()))
     if pending is not None:  # fetch the previous batch's sums while this one runs
@@ -107,7 +112,9 @@ def evaluate_run(run, data: str | None = None, max_tokens: int | None = None, pr
   batches = pipeline.eval_batches(texts, tok, cfg.data, cfg.data.batch_size)
   bar = progress_bar(sum(len(tok.encode(t)) + 1 for t in texts), 'tokens') if progress else None
   try:
-    scores = score(eval_step, run.params, batches, batch_sharding, progress=bar.update if bar else None)
+    # Every process reads the same documents into the same whole batches: no process's share runs out first.
+    scores = score(eval_step, run.params, batches, batch_sharding, progress=bar.update if bar else None,
+                   whole=True)
   finally:
     if bar is not None:
       bar.close()

@@ -42,7 +42,7 @@ def load_run(workdir: str) -> Run:
   tok = workdir_lib.load_tokenizer(workdir, cfg)
   ckpt = open_for_reading(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   try:
     step, params = ckpt.restore_latest_params(abstract_params(model, mesh, rules))

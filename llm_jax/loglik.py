@@ -59,7 +59,7 @@ def score(engine, sequences: Sequence[Sequence[int]], batch_size: int = 32, prog
     for b, i in enumerate(chunk):
       tokens_BT[b, :len(sequences[i])] = sequences[i]
     positions_BT = np.broadcast_to(np.arange(T, dtype=np.int32), (rows, T))
-    logprob_BT, top_BT, top_logprob_BT = jax.device_get(fn(
+    logprob_BT, top_BT, top_logprob_BT = sharding.fetch(fn(
         engine.params, engine.put(tokens_BT, ('batch', None)), engine.put(positions_BT, ('batch', None))))
     for b, i in enumerate(chunk):
       n = len(sequences[i]) - 1

@@ -16,7 +16,7 @@ from llm_jax.train.state import StateFactory
 
 def _factory(cfg):
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   return StateFactory(model, optim.make_optimizer(cfg.train), mesh, rules), mesh, rules, model
 

@@ -32,7 +32,7 @@ def _engine(sharded: bool = False, eos_id: int = -1):
   if not sharded:
     return decode.Engine(model, params, eos_id=eos_id)
   mesh = sharding.make_mesh(tiny_config(('mesh.data', '4'), ('mesh.tensor', '2')).mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   shardings = jax.tree.map(lambda a: a.sharding, _sharded_params(model, params, mesh, rules))
   return decode.Engine(model, jax.device_put(params, shardings), eos_id=eos_id, mesh=mesh, rules=rules)
 

@@ -34,7 +34,7 @@ def _checkpoints(workdir, cfg):
   """{step: all params finite} of every checkpoint in the workdir."""
   ckpt = Checkpointer(str(workdir), create=False)
   mesh = sharding.make_mesh(cfg.mesh)
-  target = abstract_params(build_model(cfg.model), mesh, sharding.rules_from_config(cfg.mesh.rules))
+  target = abstract_params(build_model(cfg.model), mesh, sharding.rules_from_config(cfg.mesh))
   out = {s: all(np.all(np.isfinite(p)) for p in jax.tree.leaves(jax.device_get(ckpt.restore_params(s, target))))
          for s in ckpt.all_steps()}
   ckpt.close()

@@ -156,11 +156,11 @@ def test_optimizer_state_is_sharded_like_its_parameters(optimizer, param_shaped)
                     ('train.skip_nonfinite', 'true'), ('train.opt_state_dtype', 'bfloat16'),
                     ('model.embed_dim', '128'), ('model.mlp_dim', '256'))
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   factory = StateFactory(build_model(cfg.model), optim.make_optimizer(cfg.train), mesh, rules)
   state = factory.init(0)
   gate = state.params['layers']['mlp']['gate']
-  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, ('fsdp', 'sequence'), 'tensor')
   found, factored = 0, 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state):
     if not jax.tree_util.keystr(path).endswith("['layers']['mlp']['gate']"):

@@ -22,7 +22,7 @@ def _params(workdir, cfg):
   step = ckpt.latest_step()
   mesh = sharding.make_mesh(cfg.mesh)
   params = ckpt.restore_params(step, abstract_params(build_model(cfg.model), mesh,
-                                                     sharding.rules_from_config(cfg.mesh.rules)))
+                                                     sharding.rules_from_config(cfg.mesh)))
   ckpt.close()
   return step, jax.device_get(params)
 

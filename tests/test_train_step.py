@@ -26,7 +26,7 @@ def _batch(cfg, seed=0):
 
 def _run(cfg, steps=2, poison_at=None):
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   tx = optim.make_optimizer(cfg.train)
   factory = StateFactory(model, tx, mesh, rules)

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
   cfg = config_lib.load(args.config)
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   params = jax.jit(lambda k: init_params(model, k), out_shardings=param_shardings(model, mesh, rules))(
       jax.random.PRNGKey(0))

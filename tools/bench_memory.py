@@ -27,7 +27,7 @@ from llm_jax.train.step import make_train_step
 
 def temp_bytes(cfg) -> int:
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   tx = optim.make_optimizer(cfg.train)
   factory = StateFactory(model, tx, mesh, rules)

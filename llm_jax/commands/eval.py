@@ -3,6 +3,7 @@ held-out text or any other source (`--data`), and multiple-choice tasks (`--task
 
 import os
 
+from llm_jax import distributed
 from llm_jax.commands.common import check_output, no_overrides, nonempty, write_json
 from llm_jax.errors import UserError
 
@@ -21,6 +22,7 @@ def add_arguments(p) -> None:
                  help='score whole documents up to this many tokens (default: eval.max_tokens of the run)')
   p.add_argument('--batch_size', type=int, default=32, help='task sequences scored together')
   p.add_argument('--output', default=None, help='also write the results as JSON to this file')
+  distributed.add_arguments(p)
 
 
 def run(args, overrides) -> int:
@@ -35,11 +37,14 @@ def run(args, overrides) -> int:
     raise UserError('--data is empty')
   from llm_jax import evaluate, inference, tasks
   task_items = {path: tasks.read(path) for path in args.task}  # bad task files fail before the model loads
+  distributed.initialize_from_args(args)
+  import jax
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # every process scores, one reports
   run_ = inference.load_run(args.workdir)
   result = {'step': run_.step}
   if args.data is not None or not args.task:
     result.update(evaluate.evaluate_run(run_, args.data, args.max_tokens, progress=True))
-    _print_data(result)
+    _print_data(result, say)
   if task_items:
     result['tasks'] = {}
     for path, items in task_items.items():
@@ -50,18 +55,18 @@ def run(args, overrides) -> int:
         bar.close()
       name = os.path.splitext(os.path.basename(path))[0]
       result['tasks'][name] = {'file': path, **scores}
-      print(f'task {name}: {scores["items"]} items  accuracy {scores["accuracy"]:.3f}  '
-            f'accuracy_norm {scores["accuracy_norm"]:.3f}')
-  if args.output:
+      say(f'task {name}: {scores["items"]} items  accuracy {scores["accuracy"]:.3f}  '
+          f'accuracy_norm {scores["accuracy_norm"]:.3f}')
+  if args.output and jax.process_index() == 0:
     write_json(args.output, result)
   return 0
 
 
-def _print_data(result) -> None:
+def _print_data(result, say=print) -> None:
   base = result['baselines_bits_per_byte']
-  print(f'step {result["step"]}: {result["data"]}: {result["documents"]} documents, {result["bytes"]:,} bytes, '
-        f'{result["tokens"]:,} tokens')
-  print(f'loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  '
-        f'token accuracy {result["token_accuracy"]:.3f}')
-  print('bits per byte: llm-jax {:.3f}   '.format(result['bits_per_byte'])
-        + '   '.join(f'{name} {bpb:.3f}' for name, bpb in base.items()))
+  say(f'step {result["step"]}: {result["data"]}: {result["documents"]} documents, {result["bytes"]:,} bytes, '
+      f'{result["tokens"]:,} tokens')
+  say(f'loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  '
+      f'token accuracy {result["token_accuracy"]:.3f}')
+  say('bits per byte: llm-jax {:.3f}   '.format(result['bits_per_byte'])
+      + '   '.join(f'{name} {bpb:.3f}' for name, bpb in base.items()))

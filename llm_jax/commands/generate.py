@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
+from llm_jax import distributed
 from llm_jax.commands.common import check_output, no_overrides, nonempty, write_jsonl
 from llm_jax.errors import UserError
 
@@ -37,6 +38,7 @@ def add_arguments(p) -> None:
   p.add_argument('--batch_size', type=int, default=32, help='prompts decoded together')
   p.add_argument('--jsonl', action='store_true', help='print JSON lines instead of text')
   p.add_argument('--output', default=None, help='write the JSON lines to this file')
+  distributed.add_arguments(p)
 
 
 def sampling_params(args):
@@ -116,7 +118,12 @@ def run(args, overrides) -> int:
   params = beam_params(args) if args.num_beams else sampling_params(args)
   from llm_jax import inference, workdir as workdir_lib
   workdir_lib.load_config(args.workdir)  # a missing run fails before prompts are read
+  multi = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id) is not None
+  if multi and args.prompt is None and args.prompts_file in (None, '-'):
+    raise UserError('several processes cannot share standard input: give --prompt or --prompts_file=FILE')
   texts = read_prompts(args)
+  distributed.initialize_from_args(args)
+  import jax
   run_ = inference.load_run(args.workdir)
   prompts = [inference.prompt_tokens(run_, t, args.max_new_tokens, args.truncate,
                                      name=f'prompt {i + 1}' if len(texts) > 1 else 'the prompt')
@@ -124,6 +131,8 @@ def run(args, overrides) -> int:
   records = _beam_records(run_, prompts, params, args) if args.num_beams else _sample_records(
       run_, prompts, params, args)
   records = [{'index': r['index'], 'prompt': texts[r['index']], **r} for r in records]
+  if jax.process_index() != 0:  # every process decoded the same batches; one writes them
+    return 0
   if args.output:
     write_jsonl(args.output, records)
   elif args.jsonl:

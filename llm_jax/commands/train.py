@@ -1,5 +1,7 @@
 """`llm-jax train`: train a run in --workdir, or resume it from its latest checkpoint."""
 
+from llm_jax import distributed
+
 HELP = 'train (or resume) a run in --workdir'
 
 
@@ -7,6 +9,7 @@ def add_arguments(p) -> None:
   p.add_argument('--workdir', required=True)
   p.add_argument('--config', default=None,
                  help="recipe file[:variant]; default configs/tiny.py, or the workdir's saved config")
+  distributed.add_arguments(p)
 
 
 def run(args, overrides) -> int:
@@ -15,6 +18,7 @@ def run(args, overrides) -> int:
   from llm_jax.train import loop
   nonempty('--workdir', args.workdir)
   cfg = workdir_lib.resolve_train_config(args.workdir, args.config, overrides)
+  distributed.initialize_from_args(args)  # before anything touches a device
   result = loop.train(cfg, args.workdir)
   # Stopped by SIGTERM / SIGINT with a checkpoint: the shell's convention for death by a signal (128 + its
   # number), so a scheduler sees the run as not finished and can requeue it.

@@ -70,7 +70,10 @@ class Decoder(nn.Module):
     dtype = compute_dtype(c.dtype)
     embedding_VD = _param(self, 'embedding', nn.initializers.normal(c.init_std), ('vocab', 'embed'),
                           (V, D), c)
-    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    # Gathered over the FSDP axes first, as FSDP does for every weight before use: the lookup is then local
+    # to each vocabulary shard, where GSPMD would otherwise replicate the looked-up rows to reshard them.
+    table_VD = constrain(embedding_VD, ('vocab', None))
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
     x_BTD = constrain(x_BTD, ('batch', 'seq', 'embed'))
 
     block = _block_class(c)

@@ -121,8 +121,12 @@ class Attention(nn.Module):
     v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
 
     if cache is None:
+      # Context parallelism: queries stay split over the sequence axis while keys and values are gathered
+      # whole (`kv_seq` is never split), so each device attends its block of queries to the entire row.
+      k_BSKH = constrain(k_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
+      v_BSKH = constrain(v_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
       mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
-      out_BTNH = dot_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+      out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     else:
       # Cache slot s holds position s of its row. Every slot at or before a query's position has been
       # written by then (prompt or generated token), so position order alone is the mask.

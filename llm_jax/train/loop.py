@@ -34,17 +34,6 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def check_batch_fits_mesh(cfg, mesh) -> None:
-  batch_axes = mesh.shape['data'] * mesh.shape['fsdp']
-  if cfg.data.batch_size % batch_axes:
-    raise UserError(f'config key data.batch_size={cfg.data.batch_size} is not divisible by the '
-                    f'{batch_axes} batch shards of the mesh (mesh.data x mesh.fsdp)')
-  micro = cfg.data.batch_size // cfg.train.microbatches
-  if micro % batch_axes:
-    raise UserError(f'config key train.microbatches={cfg.train.microbatches}: microbatches of {micro} rows '
-                    f'do not divide over the {batch_axes} batch shards of the mesh (mesh.data x mesh.fsdp)')
-
-
 class _Profile:
   """A JAX profiler trace of train.profile_steps (first, last), for TensorBoard's profile tab or Perfetto."""
 
@@ -78,8 +67,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """
   workdir_lib.check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
-  check_batch_fits_mesh(cfg, mesh)
+  rules = sharding.rules_from_config(cfg.mesh)
+  sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules, cfg.train.microbatches)
   tok = workdir_lib.tokenizer_for_training(workdir, cfg)
 
   train_model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)

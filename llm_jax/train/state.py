@@ -27,10 +27,13 @@ def _dummy_inputs():
   return tokens, jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 8)), jnp.ones((1, 8), jnp.int32)
 
 
+def _boxed_shapes(model):
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs())
+
+
 def param_logical_specs(model):
   """The logical PartitionSpec (axis names) of every parameter."""
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs())
-  return nn.get_partition_spec(boxed)['params']
+  return nn.get_partition_spec(_boxed_shapes(model))['params']
 
 
 def init_params(model, rng):
@@ -38,7 +41,10 @@ def init_params(model, rng):
 
 
 def param_shardings(model, mesh, rules):
-  return sharding.tree_shardings(mesh, param_logical_specs(model), rules)
+  boxed = _boxed_shapes(model)
+  logical = nn.get_partition_spec(boxed)['params']
+  sharding.check_divisible(nn.meta.unbox(boxed)['params'], logical, mesh, rules)
+  return sharding.tree_shardings(mesh, logical, rules)
 
 
 def abstract_params(model, mesh, rules):

@@ -1,0 +1,108 @@
+"""`llm-jax plan`: the compiled step's memory per device and the verdict against a capacity, parameter and
+FLOP counts that match the model's arithmetic, and one-line errors for meshes and batches that cannot be."""
+
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from conftest import ROOT, TINY, tiny_config
+from llm_jax import cli, flops, plan
+from llm_jax.errors import UserError
+
+
+def _analytic_params(m):
+  per_layer = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * m.embed_dim * m.mlp_dim \
+      + 2 * m.embed_dim
+  return 2 * m.vocab_size * m.embed_dim + m.num_layers * per_layer + m.embed_dim
+
+
+def test_params_and_flops_follow_the_model_arithmetic():
+  m = tiny_config().model
+  report = plan.make_plan(tiny_config(('mesh.data', '8')), jax.devices(), None)
+  assert report['params'] == _analytic_params(m)
+  # 6 N (every matrix but the input lookup) + attention over the row.
+  matmul = _analytic_params(m) - m.vocab_size * m.embed_dim - (2 * m.num_layers + 1) * m.embed_dim
+  assert flops.matmul_params(m) == matmul
+  seq = tiny_config().data.seq_len
+  assert report['flops_per_token'] == 6 * matmul + 12 * m.num_layers * m.num_heads * m.head_dim * seq
+  assert report['flops_per_step'] == report['flops_per_token'] * 8 * seq
+
+
+def test_memory_per_device_follows_the_sharding():
+  # Pure data parallelism holds the whole state on every device; FSDP over 8 holds an eighth of it.
+  dp = plan.make_plan(tiny_config(('mesh.data', '8'), ('mesh.preset', 'dp')), jax.devices(), None)
+  fsdp = plan.make_plan(tiny_config(('mesh.data', '1'), ('mesh.fsdp', '8'), ('mesh.preset', 'fsdp')),
+                        jax.devices(), None)
+  assert dp['memory']['arguments'] >= dp['state_bytes'] > fsdp['memory']['arguments'] >= dp['state_bytes'] / 8
+  assert fsdp['memory']['arguments'] < dp['memory']['arguments'] / 4
+  for r in (dp, fsdp):
+    m = r['memory']
+    assert m['total'] == m['arguments'] + m['outputs'] - m['aliased'] + m['temporaries'] + m['code']
+    assert m['aliased'] > 0  # the state is donated: new state written over the old
+  largest = fsdp['largest'][0]
+  assert largest['device_bytes'] * 8 == largest['bytes'] and "'fsdp'" in largest['spec']
+
+
+def _plan(capsys, *flags):
+  rc = cli.main(['plan', f'--config={TINY}', *flags])
+  out = capsys.readouterr()
+  return rc, out.out, out.err
+
+
+def test_verdict_and_exit_status(capsys):
+  rc, out, _ = _plan(capsys, '--mesh=fsdp=8', '--device_memory=64MiB')
+  assert rc == 0 and 'verdict: FITS' in out and 'mesh: data 1 x fsdp 8 x sequence 1 x tensor 1' in out
+  rc, out, _ = _plan(capsys, '--mesh=fsdp=8', '--device_memory=1MiB')
+  assert rc == 1 and 'verdict: DOES NOT FIT' in out and 'Try: ' in out
+  rc, out, _ = _plan(capsys, '--devices=4')
+  assert rc == 0 and 'the capacity of cpu is unknown' in out and 'data 4 x' in out
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--mesh=fsdp=3'], 'data.batch_size=8 is not divisible by the 3 batch shards'),
+    (['--mesh=fsdp=2', '--devices=4'], 'needs 2 devices, 4 are present'),
+    (['--mesh=pods=2'], "--mesh=pods=2: expected axis=size pairs"),
+    (['--mesh=data=-1'], '--mesh=data=-1 has an axis of -1: give --devices too'),
+    (['--devices=6', '--config.data.batch_size=8'], 'data.batch_size=8 is not divisible by the 6 batch shards'),
+    (['--mesh=tensor=8'], "parameter layers/attn/k (2, 64, 2, 16): its kv_heads dimension (2) does not split"),
+    (['--devices=2', '--device_kind=tpu v9'], "--device_kind='tpu v9': unknown memory size"),
+    (['--devices=2', '--device_memory=lots'], "--device_memory='lots': expected a size"),
+])
+def test_bad_input_is_one_line(capsys, flags, needle):
+  rc, out, err = _plan(capsys, *flags)
+  assert rc == 2 and err.startswith('llm-jax: error: ') and len(err.strip().splitlines()) == 1
+  assert needle in err, err
+
+
+@pytest.mark.parametrize('text,size', [('16GiB', 16 * 2**30), ('80GB', 80e9), ('512MiB', 512 * 2**20),
+                                       ('16', 16 * 2**30), ('1.5 gib', 1.5 * 2**30)])
+def test_sizes(text, size):
+  assert plan.parse_size(text) == size
+
+
+def test_capacity_of_known_devices():
+  assert plan.capacity_of_kind('TPU v5 lite').bytes == 16 * 2**30
+  assert plan.capacity_of_kind('TPU v5').bytes == 95 * 2**30
+  assert plan.capacity_of_kind('NVIDIA A100-SXM4-80GB').bytes == 80 * 2**30 * 0.75
+  assert plan.capacity_of_kind('NVIDIA H100 80GB HBM3').bytes == 80 * 2**30 * 0.75
+  assert plan.capacity_of_kind('cpu') is None
+
+
+def test_llama_1b_on_8_fake_devices_from_the_command_line():
+  # A fresh process: plan itself asks jax for the 8 CPU devices (none are set in its environment).
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  start = time.monotonic()
+  res = subprocess.run([sys.executable, '-m', 'llm_jax.cli', 'plan', '--config=configs/llama_1b.py',
+                        '--devices=8', '--device_kind=v5e'], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=300)
+  took = time.monotonic() - start
+  assert res.returncode == 1, res.stderr  # 16 rows of 2048 per 16 GiB chip: it does not fit
+  assert 'parameters: 1,100,048,384' in res.stdout
+  assert 'on 8 fake CPU devices' in res.stdout and 'mesh: data 1 x fsdp 8' in res.stdout
+  assert 'verdict: DOES NOT FIT' in res.stdout and 'fewer rows per device (now 16' in res.stdout
+  assert "params/layers/mlp/down" in res.stdout and "P(None, 'tensor', ('fsdp', 'sequence'))" in res.stdout
+  print(f'llama_1b plan took {took:.1f}s')
