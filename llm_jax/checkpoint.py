@@ -7,6 +7,9 @@ it is given already holds every process's shards (data/pipeline.py: TrainStream.
 `eval` and `generate` restore `params` alone. Nothing is pickled: arrays go through tensorstore, everything
 else is JSON.
 
+A checkpoint may hold `params` and `config` alone (`save_params`): weights imported from Hugging Face.
+Training starts from those params with a fresh optimizer and data stream (`has_train_state`).
+
 Faults (see checkpoint_files.py for what orbax does on disk):
 - a save interrupted by a kill leaves `N.orbax-checkpoint-tmp`: never read; training removes it with a
   warning, readers ignore it with one;
@@ -114,14 +117,23 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
     """Blocks only while arrays are copied off the device; the write finishes in the background."""
-    self.wait()  # a failure of the previous save surfaces here, named after its own step
-    self._pending = step
-    args = ocp.args.Composite(
+    self._save(step, ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config),
-    )
+    ))
+
+  def save_params(self, step: int, params: Any, config: dict) -> None:
+    """A step of params alone (imported weights), sealed by its manifest like any other."""
+    self._save(step, ocp.args.Composite(params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config)))
+
+  def has_train_state(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), 'train'))
+
+  def _save(self, step: int, args: ocp.args.Composite) -> None:
+    self.wait()  # a failure of the previous save surfaces here, named after its own step
+    self._pending = step
     try:
       self._mgr.save(step, args=args, force=True)  # force: never skipped silently
     except Exception as e:
@@ -167,9 +179,14 @@ class Checkpointer:
     out = self._mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
     return out['params']
 
-  def restore_latest(self, abstract_state: TrainState) -> tuple[int, TrainState, dict] | None:
-    """(step, state, data state) of the newest step that reads; None when there are no steps at all."""
-    found = self._newest_readable(lambda step: self.restore(step, abstract_state))
+  def restore_latest(self, abstract_state: TrainState) -> tuple[int, TrainState | Any, dict | None] | None:
+    """(step, state, data state) of the newest step that reads; None when there are no steps at all. A step
+    of params alone (imported weights) gives (step, params, None)."""
+    def restore(step: int):
+      if self.has_train_state(step):
+        return self.restore(step, abstract_state)
+      return self.restore_params(step, abstract_state.params), None
+    found = self._newest_readable(restore)
     return None if found is None else (found[0], *found[1])
 
   def restore_latest_params(self, abstract_params: Any) -> tuple[int, Any] | None:

@@ -25,14 +25,16 @@ MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
 
 # Every logical axis name the models use (see models/layers.py). `kv_seq` is the key length of attention,
 # which context parallelism gathers whole while queries stay split over `sequence`.
+# `table` is the rows of small lookup tables (learned positions, token types, T5's relative-position buckets),
+# never split.
 LOGICAL_AXES = ('batch', 'seq', 'kv_seq', 'cache_seq', 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
-                'layers')
+                'layers', 'table')
 
 # Logical axis -> mesh axes, in priority order (flax semantics: a mesh axis is used at most once per array,
 # so `batch` claims ('data', 'fsdp') for activations before `embed` could claim 'fsdp'; parameters, which
 # have no batch axis, get `embed` sharded over 'fsdp', which is what makes FSDP). Parameters are also split
 # over `sequence`, which would otherwise hold whole copies: context parallelism doubles as FSDP for weights.
-_REPLICATED = tuple((name, None) for name in ('kv_seq', 'cache_seq', 'head_dim', 'layers'))
+_REPLICATED = tuple((name, None) for name in ('kv_seq', 'cache_seq', 'head_dim', 'layers', 'table'))
 RULE_PRESETS = {
     # Pure data parallelism: every device holds every weight; rows split over data and fsdp alike.
     'dp': (('batch', ('data', 'fsdp')), ('seq', 'sequence'), ('vocab', None), ('embed', None), ('heads', None),
@@ -54,17 +56,32 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   m = c.model
+  # decoder (LLaMA, GPT-2) | encoder (BERT, masked LM) | encdec (T5, span corruption). The keys below
+  # describe any of them; models/ reads them, the recipes in configs/ set them per family.
   m.family = 'decoder'
-  m.vocab_size = 4096  # also the size the tokenizer is trained to
-  m.num_layers = 4
+  m.vocab_size = 4096  # the tokenizer is trained to this less the ids the objective reserves (mask, sentinels)
+  m.num_layers = 4  # encdec: of the encoder
+  m.num_decoder_layers = 0  # encdec: of the decoder (0: num_layers)
   m.embed_dim = 256
   m.num_heads = 4
   m.num_kv_heads = 2
   m.head_dim = 64
   m.mlp_dim = 704
-  m.rope_theta = 10000.0
+  m.norm_type = 'rms'  # rms (LLaMA, T5) | layer (GPT-2, BERT: mean removed, plus a bias with use_bias)
+  m.norm_position = 'pre'  # pre: norm the input of each sublayer | post (BERT): norm after each residual add
   m.norm_eps = 1e-5
-  m.tie_embeddings = False
+  m.mlp_activation = 'silu'  # silu | gelu (exact erf) | gelu_tanh (GPT-2's "gelu_new") | relu
+  m.mlp_gated = True  # act(x W_gate) * (x W_up) (SwiGLU, GEGLU), else act(x W_up)
+  m.use_bias = False  # biases on every projection and layer norm (GPT-2, BERT)
+  m.position_type = 'rope'  # rope | learned (a table added to the embeddings) | relative (T5's buckets)
+  m.rope_theta = 10000.0
+  m.max_positions = 1024  # learned: rows of the position table, at least data.seq_len
+  m.relative_buckets = 32  # relative: buckets of the per-head bias (half per direction when bidirectional)
+  m.relative_max_distance = 128  # relative: distances from here on share the last bucket
+  m.scale_attention = True  # logits / sqrt(head_dim); T5 folds that into its initialisation instead
+  m.type_vocab_size = 0  # encoder: BERT's token-type table (type 0 is used; kept for checkpoint round trips)
+  m.decoder_start_id = 0  # encdec: the first decoder input of every target (T5 starts from pad, 0)
+  m.tie_embeddings = False  # encdec: T5's rule, a tied output layer sees hidden states * embed_dim ** -0.5
   m.init_std = 0.02
   m.dropout_rate = 0.0
   # Precision: 'auto' computes in bfloat16 on GPU/TPU and float32 on CPU (where bfloat16 matmuls are slower).
@@ -94,6 +111,17 @@ def default_config() -> ml_collections.ConfigDict:
   d.batch_size = 16  # global, over all processes
   d.add_bos = True
   d.add_eos = True
+  # The objective turns each document into features before packing (data/objectives.py); it must fit
+  # model.family: causal <-> decoder, mlm <-> encoder, span <-> encdec.
+  d.objective = 'causal'  # causal | mlm | span
+  d.mask_rate = 0.15  # mlm: share of each document's tokens that are predicted
+  d.mask_random_rate = 0.1  # mlm: of the predicted tokens, share replaced by a random token
+  d.mask_keep_rate = 0.1  # mlm: ... and share left as they are; the rest become the mask token
+  d.whole_word_masking = False  # mlm: choose whole words (all their pieces) instead of single tokens
+  d.noise_density = 0.15  # span: share of tokens replaced by sentinels in the input, predicted as targets
+  d.mean_span_length = 3.0  # span: mean length of a corrupted span
+  d.num_sentinels = 100  # span: sentinel ids reserved after the tokenizer's pieces (T5's extra_ids)
+  d.target_len = 64  # span: decoder row length (data.seq_len is the encoder's)
 
   c.train = ml_collections.ConfigDict()
   t = c.train
@@ -294,7 +322,12 @@ _DTYPES = ('float32', 'bfloat16', 'float16')
 _REMAT = ('none', 'full', 'dots_no_batch', 'save_attention')
 _OPTIMIZERS = ('adamw', 'adafactor', 'lion')
 _SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt', 'wsd')
-_FAMILIES = ('decoder',)
+_FAMILIES = ('decoder', 'encoder', 'encdec')
+OBJECTIVE_OF = {'decoder': 'causal', 'encoder': 'mlm', 'encdec': 'span'}
+_NORM_TYPES = ('rms', 'layer')
+_NORM_POSITIONS = ('pre', 'post')
+_ACTIVATIONS = ('silu', 'gelu', 'gelu_tanh', 'relu')
+_POSITION_TYPES = ('rope', 'learned', 'relative')
 _TXT_MODES = ('file', 'blocks')
 
 
@@ -312,9 +345,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(m[key] > 0, f'model.{key}', m[key], 'a positive integer')
   _require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads', m.num_kv_heads,
            f'a divisor of model.num_heads={m.num_heads}')
-  _require(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary embeddings)')
-  _require(m.vocab_size >= 260, 'model.vocab_size', m.vocab_size,
-           'at least 260 (4 special tokens and 256 byte-fallback pieces)')
+  _validate_family(cfg)
   _require(m.dtype in ('auto',) + _DTYPES, 'model.dtype', m.dtype, f'one of {("auto",) + _DTYPES}')
   _require(m.param_dtype in _DTYPES, 'model.param_dtype', m.param_dtype, f'one of {_DTYPES}')
   _require(m.logits_dtype in _DTYPES, 'model.logits_dtype', m.logits_dtype, f'one of {_DTYPES}')
@@ -365,6 +396,62 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(cfg.eval.batches >= 1, 'eval.batches', cfg.eval.batches, 'a positive integer')
   _require(cfg.eval.max_tokens >= 1, 'eval.max_tokens', cfg.eval.max_tokens, 'a positive integer')
   _check_mesh(cfg.mesh)
+
+
+def _validate_family(cfg) -> None:
+  m, d = cfg.model, cfg.data
+  _require(d.objective == OBJECTIVE_OF[m.family], 'data.objective', d.objective,
+           f'{OBJECTIVE_OF[m.family]!r} for model.family={m.family!r}')
+  _require(m.num_decoder_layers >= 0, 'model.num_decoder_layers', m.num_decoder_layers,
+           'a non-negative integer (0: model.num_layers)')
+  _require(m.norm_type in _NORM_TYPES, 'model.norm_type', m.norm_type, f'one of {_NORM_TYPES}')
+  _require(m.norm_position in _NORM_POSITIONS, 'model.norm_position', m.norm_position,
+           f'one of {_NORM_POSITIONS}')
+  _require(m.mlp_activation in _ACTIVATIONS, 'model.mlp_activation', m.mlp_activation, f'one of {_ACTIVATIONS}')
+  _require(m.position_type in _POSITION_TYPES, 'model.position_type', m.position_type,
+           f'one of {_POSITION_TYPES}')
+  if m.position_type == 'rope':
+    _require(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary embeddings)')
+  if m.position_type == 'learned':
+    longest = max(d.seq_len, d.target_len if m.family == 'encdec' else 0)
+    _require(m.max_positions >= longest, 'model.max_positions', m.max_positions,
+             f'at least the longest row, {longest} (data.seq_len / data.target_len)')
+  if m.position_type == 'relative':
+    _require(m.relative_buckets >= 4 and m.relative_buckets % 2 == 0, 'model.relative_buckets',
+             m.relative_buckets, 'an even number, at least 4')
+    _require(m.relative_max_distance > m.relative_buckets // 2, 'model.relative_max_distance',
+             m.relative_max_distance, f'more than half of model.relative_buckets={m.relative_buckets}')
+  _require(m.type_vocab_size >= 0, 'model.type_vocab_size', m.type_vocab_size, 'a non-negative integer')
+  _require(0 <= m.decoder_start_id < m.vocab_size, 'model.decoder_start_id', m.decoder_start_id,
+           f'an id below model.vocab_size={m.vocab_size}')
+  chunk = cfg.train.loss_chunk
+  if chunk and m.family == 'encdec':  # the loss is over the decoder's rows
+    _require(d.target_len % chunk == 0, 'train.loss_chunk', chunk, f'a divisor of data.target_len={d.target_len}')
+  _require(not (chunk and m.family == 'encoder' and m.use_bias), 'train.loss_chunk', chunk,
+           "0 for an encoder with biases: the chunked loss has no place for BERT's output bias")
+  reserved = reserved_ids(d)
+  _require(m.vocab_size >= 260 + reserved, 'model.vocab_size', m.vocab_size,
+           f'at least {260 + reserved} (4 special tokens, 256 byte-fallback pieces'
+           + (f' and the {reserved} ids data.objective={d.objective!r} reserves)' if reserved else ')'))
+  if d.objective == 'mlm':
+    _require(0 < d.mask_rate < 1, 'data.mask_rate', d.mask_rate, 'in (0, 1)')
+    _require(d.mask_random_rate >= 0, 'data.mask_random_rate', d.mask_random_rate, 'non-negative')
+    _require(d.mask_keep_rate >= 0 and d.mask_random_rate + d.mask_keep_rate <= 1, 'data.mask_keep_rate',
+             d.mask_keep_rate, f'non-negative, at most 1 - data.mask_random_rate={d.mask_random_rate}')
+  if d.objective == 'span':
+    _require(0 < d.noise_density < 1, 'data.noise_density', d.noise_density, 'in (0, 1)')
+    _require(d.mean_span_length >= 1, 'data.mean_span_length', d.mean_span_length, 'at least 1')
+    _require(d.num_sentinels >= 1, 'data.num_sentinels', d.num_sentinels, 'a positive integer')
+    _require(d.target_len >= 2, 'data.target_len', d.target_len, 'at least 2')
+    from llm_jax.data.objectives import span_chunk_length
+    _require(span_chunk_length(d.seq_len, d.target_len, d.noise_density, d.mean_span_length) >= 2,
+             'data.target_len', d.target_len, f'room for the targets of at least two tokens of input '
+             f'(data.seq_len={d.seq_len}, data.noise_density={d.noise_density})')
+
+
+def reserved_ids(data_cfg) -> int:
+  """Ids the objective takes after the tokenizer's pieces: the mask token, or the span sentinels."""
+  return {'mlm': 1, 'span': data_cfg.num_sentinels}.get(data_cfg.objective, 0)
 
 
 def _check_profile_steps(steps) -> None:

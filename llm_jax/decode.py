@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import sampling, sharding, stops
-from llm_jax.models import CACHE_AXES, init_cache
+from llm_jax.models import CACHE_AXES, encdec, init_cache
 from llm_jax.sampling import SamplingParams, Stages
 
 Array = jax.Array
@@ -82,10 +82,46 @@ class DecoderOnly:
     return jax.tree.map(lambda a: sharding.constrain(jnp.take(a, rows_B, axis=1), CACHE_AXES), cache)
 
 
+@dataclass(frozen=True)
+class EncoderDecoder:
+  """The adapter of the encoder-decoder family (models/encdec.py): the prompt is the encoder's input,
+  encoded once by the prefill, which also fills every decoder layer's cross-attention keys and values and
+  decodes the start token at position 0; each step then feeds one token to the decoder alone."""
+  model: Any
+
+  def init_cache(self, batch: int, prompt_len: int, steps: int):
+    cache = encdec.init_cache(self.model.cfg, batch, prompt_len, steps)
+    return self._constrain(cache)
+
+  @staticmethod
+  def _constrain(cache):
+    return {k: sharding.constrain(a, ('batch', 'cache_seq') if a.ndim == 2 else CACHE_AXES) for k, a in cache.items()}
+
+  def prefill(self, params, prompt_BP: Array, lengths_B: Array, cache):
+    B, P = prompt_BP.shape
+    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    segments_BP = (positions_BP < lengths_B[:, None]).astype(jnp.int32)  # 0 marks the prompt's padding
+    start_B1 = jnp.full((B, 1), self.model.cfg.decoder_start_id, jnp.int32)
+    logits_B1V, cache = self.model.apply({'params': params}, prompt_BP, positions_BP, segments_BP, start_B1,
+                                         jnp.zeros((B, 1), jnp.int32), jnp.ones((B, 1), jnp.int32), cache=cache)
+    return logits_B1V[:, 0], self._constrain(cache), jnp.ones((B,), jnp.int32)
+
+  def step(self, params, tokens_B: Array, positions_B: Array, cache):
+    logits_B1V, cache = self.model.apply({'params': params}, None, None, None, tokens_B[:, None],
+                                         positions_B[:, None], jnp.ones_like(tokens_B)[:, None], cache=cache,
+                                         step=True)
+    return logits_B1V[:, 0], self._constrain(cache)
+
+  def reorder(self, cache, rows_B: Array):
+    return self._constrain({k: jnp.take(a, rows_B, axis=0 if a.ndim == 2 else 1) for k, a in cache.items()})
+
+
 def adapter_for(model):
   family = model.cfg.family
   if family == 'decoder':
     return DecoderOnly(model)
+  if family == 'encdec':
+    return EncoderDecoder(model)
   raise ValueError(f'no decode adapter for model family {family!r}')
 
 

@@ -109,25 +109,39 @@ def evaluate_run(run, data: str | None = None, max_tokens: int | None = None, pr
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
   param_shardings = jax.tree.map(lambda a: a.sharding, run.params)
   eval_step = make_eval_step(run.model, run.mesh, run.rules, param_shardings, batch_sharding)
-  batches = pipeline.eval_batches(texts, tok, cfg.data, cfg.data.batch_size)
-  bar = progress_bar(sum(len(tok.encode(t)) + 1 for t in texts), 'tokens') if progress else None
+  batches = pipeline.eval_batches(texts, tok, cfg.data, cfg.data.batch_size, model_cfg=cfg.model, seed=cfg.seed)
+  causal = cfg.data.objective == 'causal'
+  # Masked LM and span corruption score a share of the tokens: the bar counts scored tokens without a total.
+  total = sum(len(tok.encode(t)) + 1 for t in texts) if causal else None
+  bar = progress_bar(total, 'tokens') if progress else None
   try:
     # Every process reads the same documents into the same whole batches: no process's share runs out first.
-    scores = score(eval_step, run.params, batches, batch_sharding, progress=bar.update if bar else None,
-                   whole=True)
+    scores = score(eval_step, run.params, batches, batch_sharding,
+                   progress=bar.update if bar is not None else None, whole=True)
   finally:
     if bar is not None:
       bar.close()
   data_bytes = b''.join(t.encode('utf-8') for t in texts)
-  return {
+  result = {
       'step': run.step,
       'data': data or f'{cfg.data.source} (held out)',
       'documents': len(texts),
       'bytes': len(data_bytes),
       'tokens': int(scores['tokens']),
       'loss': scores['loss'],
-      'perplexity': math.exp(min(scores['loss'], 700.0)),
       'token_accuracy': scores['accuracy'],
+  }
+  if cfg.data.objective == 'mlm':
+    # The loss and accuracy of the masked tokens only (the masks drawn from the run's seed, the same at every
+    # evaluation); not a likelihood of the text, so no perplexity or bits per byte.
+    return {**result, 'masked_tokens': int(scores['tokens']), 'masked_token_loss': scores['loss'],
+            'masked_token_accuracy': scores['accuracy']}
+  perplexity = math.exp(min(scores['loss'], 700.0))
+  if cfg.data.objective == 'span':  # of the targets (sentinels and corrupted spans) given the rest
+    return {**result, 'target_tokens': int(scores['tokens']), 'perplexity': perplexity}
+  return {
+      **result,
+      'perplexity': perplexity,
       'bits_per_byte': scores['nll_sum'] / math.log(2) / max(len(data_bytes), 1),
       'baselines_bits_per_byte': compressor_bits_per_byte(data_bytes),
   }

@@ -53,8 +53,8 @@ def device_peak_flops(devices=None) -> float | None:
 def _is_matmul_weight(path, tie_embeddings: bool) -> bool:
   names = [str(getattr(k, 'key', k)) for k in path]
   leaf = names[-1] if names else ''
-  if any('norm' in n for n in names) or leaf in ('bias', 'scale'):
-    return False
+  if any('norm' in n for n in names) or leaf in ('bias', 'scale') or leaf.endswith('_bias'):
+    return False  # gains, biases (q_bias, ...), T5's relative-position bias tables
   if 'embedding' in leaf:
     return tie_embeddings and leaf == 'embedding'  # a tied table is also the output projection
   return True

@@ -1,10 +1,16 @@
 """A trained run loaded for inference from --workdir alone: config, tokenizer, model, latest params, and the
 text side of decoding (prompts to tokens within the context, tokens back to text cut at stop strings) that
-`generate`, `serve` and `chat` share."""
+`generate`, `serve` and `chat` share.
+
+An encoder-decoder run (span corruption) reads its prompt as the encoder's input and writes its sentinels
+as T5 does, `<extra_id_0>`, `<extra_id_1>`, ..., in prompts and completions alike, so a prompt with a gap
+asks the model to fill it.
+"""
 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -31,10 +37,48 @@ class Run:
     """The longest sequence (prompt + new tokens) decoded: the length the model was trained on."""
     return self.cfg.data.seq_len
 
+  @property
+  def sentinels(self) -> int:
+    return self.cfg.data.num_sentinels if self.cfg.data.objective == 'span' else 0
+
+  def sentinel_id(self, n: int) -> int:
+    return self.tokenizer.vocab_size + self.sentinels - 1 - n  # objectives.for_config's numbering
+
+  def encode(self, text: str) -> list[int]:
+    """Text to ids; with sentinels, each `<extra_id_N>` becomes sentinel N."""
+    if not self.sentinels:
+      return self.tokenizer.encode(text)
+    ids = []
+    for i, part in enumerate(_SENTINEL.split(text)):
+      if i % 2:
+        if int(part) >= self.sentinels:
+          raise UserError(f'<extra_id_{part}> is not a sentinel of this run (data.num_sentinels={self.sentinels})')
+        ids.append(self.sentinel_id(int(part)))
+      elif part:
+        ids.extend(self.tokenizer.encode(part))
+    return ids
+
+  def text(self, ids: Sequence[int]) -> str:
+    """Ids to text; with sentinels, each sentinel is written `<extra_id_N>`."""
+    if not self.sentinels:
+      return self.tokenizer.decode(ids)
+    out, run_ = [], []
+    low = self.sentinel_id(self.sentinels - 1)
+    for i in ids:
+      if low <= i < low + self.sentinels:
+        out.append(self.tokenizer.decode(run_) + f'<extra_id_{self.sentinel_id(0) - i}>')
+        run_ = []
+      else:
+        run_.append(i)
+    return ''.join(out) + self.tokenizer.decode(run_)
+
   @functools.cached_property
   def engine(self) -> decode.Engine:
     return decode.Engine(self.model, self.params, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
                          rules=self.rules, token_bytes=stops.token_bytes(self.tokenizer, self.cfg.model.vocab_size))
+
+
+_SENTINEL = re.compile(r'<extra_id_(\d+)>')
 
 
 def load_run(workdir: str) -> Run:
@@ -54,11 +98,15 @@ def load_run(workdir: str) -> Run:
 def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = False,
                   name: str = 'the prompt', flag: str = '--max_new_tokens') -> list[int]:
   """`text` as the model's input ids (BOS first if the run trains with it), checked to leave room for
-  `max_new_tokens` in the context; with `truncate`, the oldest tokens (after BOS) are dropped instead."""
+  `max_new_tokens` in the context; with `truncate`, the oldest tokens (after BOS) are dropped instead.
+  An encoder-decoder's prompt (with EOS, as span corruption ends its inputs) must fit the encoder's rows
+  (data.seq_len) and the new tokens the decoder's (data.target_len)."""
   try:
     text.encode('utf-8')
   except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in as lone surrogates (argv, stdin, JSON)
     raise UserError(f'{name} is not valid UTF-8 text') from None
+  if run.cfg.model.family == 'encdec':
+    return _encoder_prompt(run, text, max_new_tokens, truncate, name, flag)
   bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []
   ids = bos + run.tokenizer.encode(text)
   context = run.context_len
@@ -72,6 +120,20 @@ def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = Fal
                       f'tokens (data.seq_len) leaves room for {room}: shorten it, ask for fewer new tokens, '
                       'or truncate it from the left (--truncate)')
     ids = bos + ids[len(ids) - (room - len(bos)):]
+  return ids
+
+
+def _encoder_prompt(run: Run, text: str, max_new_tokens: int, truncate: bool, name: str, flag: str) -> list[int]:
+  d = run.cfg.data
+  if max_new_tokens > d.target_len:
+    raise UserError(f'{flag}={max_new_tokens} is more than the decoder\'s {d.target_len} tokens (data.target_len '
+                    'of the run)')
+  ids = run.encode(text) + [run.tokenizer.eos_id]
+  if len(ids) > d.seq_len:
+    if not truncate:
+      raise UserError(f'{name} is {len(ids)} tokens; the encoder reads {d.seq_len} (data.seq_len): shorten it or '
+                      'truncate it from the left (--truncate)')
+    ids = ids[len(ids) - d.seq_len:]
   return ids
 
 
@@ -89,7 +151,7 @@ def to_completion(run: Run, result: decode.Result, params: SamplingParams) -> Co
   if result.finish_reason == 'stop' and tokens and (tokens[-1] in params.stop_tokens or
                                                     (tokens[-1] == run.tokenizer.eos_id and not params.ignore_eos)):
     shown = tokens[:-1]
-  text = run.tokenizer.decode(shown)
+  text = run.text(shown)
   if params.stop_strings:
     text, _ = stops.cut(text, params.stop_strings)
   return Completion(text, tokens, result.logprobs, result.finish_reason)
@@ -101,3 +163,14 @@ def complete(run: Run, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
   samples = samples or [0] * len(prompts)
   requests = [decode.Request(tuple(p), s, i) for p, s, i in zip(prompts, params, samples)]
   return [to_completion(run, r, s) for r, s in zip(run.engine.generate(requests), params)]
+
+
+def require_family(cfg, command: str, families: tuple[str, ...], why: str = '') -> None:
+  """A one-line error when a command does not apply to the run's model family."""
+  family = cfg.model.family
+  if family in families:
+    return
+  if not why and family == 'encoder':
+    why = 'a masked-LM encoder does not generate text; `llm-jax eval` reports its masked-token loss and accuracy'
+  why = why or f'{command} is for model.family {" or ".join(repr(f) for f in families)}'
+  raise UserError(f'{command}: this run has model.family={family!r}: {why}')

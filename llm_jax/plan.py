@@ -14,7 +14,6 @@ import dataclasses
 import math
 import os
 import re
-import types
 
 import jax
 import numpy as np
@@ -98,8 +97,7 @@ def device_capacity(devices, device_kind: str | None, device_memory: str | None)
 
 def abstract_batch(data_cfg, batch_sharding) -> dict:
   """The train step's batch as shapes: the objective's packed keys, [batch_size, stream length] each."""
-  ids = types.SimpleNamespace(bos_id=1, eos_id=2)  # the layout does not depend on the token ids
-  streams = objectives.for_config(data_cfg, ids).streams(data_cfg.seq_len)
+  streams = objectives.streams(data_cfg)  # the layout does not depend on the tokenizer
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
           for k, v in packing.empty_batch(streams, data_cfg.batch_size).items()}
 

@@ -26,7 +26,7 @@ def token_bytes(tokenizer, vocab_size: int) -> tuple[bytes, ...]:
   out = []
   n = tokenizer.vocab_size
   for i in range(vocab_size):
-    if i >= n or i <= 3:  # pad, bos, eos, unk: dropped by Tokenizer.decode
+    if i >= n or tokenizer.is_special(i):  # pad, bos, eos, unk: dropped by Tokenizer.decode
       out.append(b'')
       continue
     piece = tokenizer.id_to_piece(i)

@@ -136,6 +136,9 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
       tok = tokenizer_lib.load(cfg.data.tokenizer)
     elif os.path.isfile(path):
       tok = tokenizer_lib.load(path)
+    elif _has_checkpoints(workdir):  # e.g. imported from Hugging Face without a sentencepiece model
+      raise UserError(f'workdir {workdir} holds checkpoints but no {TOKENIZER}; a new tokenizer would not match '
+                      'their embeddings: give the one they were trained with (--config.data.tokenizer=PATH)')
     else:
       tok = prepared_tokenizer(cfg.data) or train_tokenizer(cfg)
     proto = tok.serialized()
@@ -146,8 +149,10 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
 
 
 def train_tokenizer(cfg) -> tokenizer_lib.Tokenizer:
+  """Trained to model.vocab_size less the ids the objective reserves after the pieces (mask, sentinels)."""
   docs = sources.open_source(cfg.data, 'train')
-  return tokenizer_lib.train(sources.texts(docs), cfg.model.vocab_size, cfg.data.tokenizer_train_chars)
+  pieces = cfg.model.vocab_size - config_lib.reserved_ids(cfg.data)
+  return tokenizer_lib.train(sources.texts(docs), pieces, cfg.data.tokenizer_train_chars)
 
 
 def prepared_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer | None:
@@ -166,16 +171,21 @@ def prepared_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer | None:
 def load_tokenizer(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
   path = os.path.join(workdir, TOKENIZER)
   if not os.path.isfile(path):
-    raise UserError(f'workdir {workdir} has no {TOKENIZER}')
+    raise UserError(f'workdir {workdir} has no {TOKENIZER} (a run imported from Hugging Face has one only when '
+                    'the checkpoint came with a sentencepiece model)')
   tok = tokenizer_lib.load(path)
   check_vocab(tok, cfg)
   return tok
 
 
 def check_vocab(tok, cfg) -> None:
-  if tok.vocab_size > cfg.model.vocab_size:
+  reserved = config_lib.reserved_ids(cfg.data)
+  if tok.vocab_size + reserved > cfg.model.vocab_size:
+    extra = f' plus the {reserved} ids data.objective={cfg.data.objective!r} reserves' if reserved else ''
     raise UserError(f'config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer\'s '
-                    f'{tok.vocab_size} pieces')
+                    f'{tok.vocab_size} pieces{extra}')
+  if cfg.data.add_bos and cfg.data.objective != 'span' and tok.bos_id < 0:
+    raise UserError('config key data.add_bos=True, but the tokenizer has no BOS piece')
 
 
 def _broadcast_bytes(data: bytes) -> bytes:

@@ -52,3 +52,8 @@ def small_corpus(tmp_path_factory):
 
 def corpus_config(glob, *overrides):
   return tiny_config(('data.source', glob), ('data.heldout_percent', '10'), *overrides)
+
+
+def recipe_config(name: str, *overrides: tuple[str, str]):
+  """configs/NAME.py:tiny plus overrides (the families' recipes: gpt2_124m, bert_base, t5_small)."""
+  return config_lib.load(os.path.join(ROOT, 'configs', f'{name}.py') + ':tiny', list(overrides))

@@ -26,7 +26,7 @@ def factory():
   cfg = tiny_config()
   mesh = sharding.make_mesh(cfg.mesh)
   return StateFactory(build_model(cfg.model), optim.make_optimizer(cfg.train), mesh,
-                      sharding.rules_from_config(cfg.mesh.rules))
+                      sharding.rules_from_config(cfg.mesh))
 
 
 @pytest.fixture(scope='module')

@@ -114,7 +114,7 @@ def _params(workdir, cfg):
   ckpt = Checkpointer(str(workdir), create=False)
   mesh = sharding.make_mesh(cfg.mesh)
   step, params = ckpt.restore_latest_params(abstract_params(build_model(cfg.model), mesh,
-                                                            sharding.rules_from_config(cfg.mesh.rules)))
+                                                            sharding.rules_from_config(cfg.mesh)))
   ckpt.close()
   return step, jax.device_get(params)
 

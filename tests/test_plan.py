@@ -106,3 +106,13 @@ def test_llama_1b_on_8_fake_devices_from_the_command_line():
   assert 'verdict: DOES NOT FIT' in res.stdout and 'fewer rows per device (now 16' in res.stdout
   assert "params/layers/mlp/down" in res.stdout and "P(None, 'tensor', ('fsdp', 'sequence'))" in res.stdout
   print(f'llama_1b plan took {took:.1f}s')
+
+
+def test_plans_for_the_encoder_and_encoder_decoder_recipes():
+  """The batch layout comes from the objective alone: two streams of their own lengths for T5."""
+  from conftest import recipe_config
+  for name in ('bert_base', 't5_small'):
+    report = plan.make_plan(recipe_config(name, ('mesh.data', '8')), jax.devices(), None)
+    assert report['params'] > 0
+  batch = plan.abstract_batch(recipe_config('t5_small').data, None)
+  assert batch['inputs'].shape == (8, 64) and batch['targets'].shape == (8, 16)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
   cfg = config_lib.load(args.config, cli.split_config_overrides(extra))
   mesh = sharding.make_mesh(cfg.mesh)
   factory = StateFactory(build_model(cfg.model), optim.make_optimizer(cfg.train), mesh,
-                         sharding.rules_from_config(cfg.mesh.rules))
+                         sharding.rules_from_config(cfg.mesh))
   init = jax.jit(factory._init, out_shardings=factory.shardings)
   states = [init(jax.random.PRNGKey(i)) for i in range(min(args.saves, 2))]
   jax.block_until_ready(states)

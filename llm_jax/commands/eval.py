@@ -35,7 +35,10 @@ def run(args, overrides) -> int:
     raise UserError(f'--batch_size={args.batch_size}: expected a positive integer')
   if args.data is not None and not args.data:
     raise UserError('--data is empty')
-  from llm_jax import evaluate, inference, tasks
+  from llm_jax import evaluate, inference, tasks, workdir as workdir_lib
+  if args.task:  # choices are ranked by their log-likelihood as a continuation: a decoder's
+    inference.require_family(workdir_lib.load_config(args.workdir), 'eval --task', ('decoder',),
+                             'multiple-choice tasks score continuations with a decoder-only model')
   task_items = {path: tasks.read(path) for path in args.task}  # bad task files fail before the model loads
   distributed.initialize_from_args(args)
   import jax
@@ -63,9 +66,17 @@ def run(args, overrides) -> int:
 
 
 def _print_data(result, say=print) -> None:
-  base = result['baselines_bits_per_byte']
   say(f'step {result["step"]}: {result["data"]}: {result["documents"]} documents, {result["bytes"]:,} bytes, '
       f'{result["tokens"]:,} tokens')
+  if 'masked_token_loss' in result:
+    say(f'masked-token loss {result["masked_token_loss"]:.4f}  masked-token accuracy '
+        f'{result["masked_token_accuracy"]:.3f}  ({result["masked_tokens"]:,} masked tokens)')
+    return
+  if 'target_tokens' in result:
+    say(f'target loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  target token accuracy '
+        f'{result["token_accuracy"]:.3f}  ({result["target_tokens"]:,} target tokens)')
+    return
+  base = result['baselines_bits_per_byte']
   say(f'loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  '
       f'token accuracy {result["token_accuracy"]:.3f}')
   say('bits per byte: llm-jax {:.3f}   '.format(result['bits_per_byte'])

@@ -8,6 +8,7 @@ completion: the prompt's index, the sample, the text, the new tokens and the fin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -16,13 +17,15 @@ from llm_jax.commands.common import check_output, no_overrides, nonempty, write_
 from llm_jax.errors import UserError
 
 HELP = 'continue prompts with the latest checkpoint'
+DEFAULT_NEW_TOKENS = 64
 
 
 def add_arguments(p) -> None:
   p.add_argument('--workdir', required=True)
   p.add_argument('--prompt', default=None, help='one prompt (else --prompts_file, else standard input)')
   p.add_argument('--prompts_file', default=None, help='one prompt per line, or JSONL with "prompt"; - is stdin')
-  p.add_argument('--max_new_tokens', type=int, default=64)
+  p.add_argument('--max_new_tokens', type=int, default=None,
+                 help='default 64 (an encoder-decoder: at most its data.target_len)')
   p.add_argument('--temperature', type=float, default=0.0, help='0 is greedy')
   p.add_argument('--top_k', type=int, default=0, help='0 is off')
   p.add_argument('--top_p', type=float, default=1.0, help='1 is off')
@@ -115,9 +118,16 @@ def run(args, overrides) -> int:
     raise UserError(f'--num_samples={args.num_samples}: expected a positive integer')
   if args.batch_size < 1:
     raise UserError(f'--batch_size={args.batch_size}: expected a positive integer')
+  default_new = args.max_new_tokens is None
+  if default_new:
+    args.max_new_tokens = DEFAULT_NEW_TOKENS
   params = beam_params(args) if args.num_beams else sampling_params(args)
   from llm_jax import inference, workdir as workdir_lib
-  workdir_lib.load_config(args.workdir)  # a missing run fails before prompts are read
+  cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before prompts are read
+  inference.require_family(cfg, 'generate', ('decoder', 'encdec'))
+  if default_new and cfg.model.family == 'encdec':
+    args.max_new_tokens = min(DEFAULT_NEW_TOKENS, cfg.data.target_len)
+    params = dataclasses.replace(params, max_new_tokens=args.max_new_tokens)
   multi = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id) is not None
   if multi and args.prompt is None and args.prompts_file in (None, '-'):
     raise UserError('several processes cannot share standard input: give --prompt or --prompts_file=FILE')
@@ -143,7 +153,8 @@ def run(args, overrides) -> int:
     for r in records:
       if many:
         print(f'--- prompt {r["index"] + 1}, sample {r["sample"] + 1} ({r["finish_reason"]})')
-      print(r['prompt'] + r['text'])
+      # A decoder continues its prompt; an encoder-decoder's output stands alone (T5: the spans it filled).
+      print(r['text'] if run_.cfg.model.family == 'encdec' else r['prompt'] + r['text'])
   return 0
 
 
@@ -168,7 +179,7 @@ def _beam_records(run_, prompts, params, args):
       i = start + offset
       for s, beam in enumerate(beams[:args.num_samples]):
         shown = beam.tokens[:-1] if beam.finish_reason == 'stop' else beam.tokens
-        records.append({'index': i, 'sample': s, 'text': run_.tokenizer.decode(shown), 'tokens': beam.tokens,
+        records.append({'index': i, 'sample': s, 'text': run_.text(shown), 'tokens': beam.tokens,
                         'finish_reason': beam.finish_reason, 'prompt_tokens': len(prompts[i]),
                         'score': beam.score, 'logprob': beam.logprob})
   return records

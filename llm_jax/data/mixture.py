@@ -127,12 +127,15 @@ class WeightedMix(grain.MapDataset):
 
 class Featurize:
   """Document -> the objective's features. Text is tokenized in pieces of at most `max_chars` (a bound on
-  one tokenizer call); pre-tokenized ids go straight to the objective. Picklable for worker processes."""
+  one tokenizer call); pre-tokenized ids go straight to the objective. Picklable for worker processes.
 
-  def __init__(self, tokenizer, objective, max_chars: int):
-    self._tokenizer, self._objective, self._max = tokenizer, objective, max_chars
+  A random objective (masking, span corruption) gets a generator seeded by `seed` and the document's `key`,
+  its place in the stream: the same document masks differently each epoch, and the same at a resume."""
 
-  def __call__(self, item):
+  def __init__(self, tokenizer, objective, max_chars: int, seed: int = 0):
+    self._tokenizer, self._objective, self._max, self._seed = tokenizer, objective, max_chars, seed
+
+  def __call__(self, item, key: tuple[int, ...] = ()):
     if isinstance(item, Skipped):
       return item
     if isinstance(item, str):
@@ -143,8 +146,19 @@ class Featurize:
                               for i in range(0, len(item), self._max)])
     else:
       ids = item
-    features = self._objective(ids)
+    rng = np.random.default_rng([self._seed, *key]) if self._objective.random else None
+    features = self._objective(ids, rng)
     return nothing() if features is None else features
+
+
+class _Keyed:
+  """map_with_index's (index, item) -> featurize(item, key=(shard, index))."""
+
+  def __init__(self, featurize: Featurize, shard: int):
+    self._featurize, self._shard = featurize, shard
+
+  def __call__(self, index: int, item):
+    return self._featurize(item, (self._shard, index))
 
 
 def shard_dataset(parts, shard: int, num_shards: int, seed: int, featurize) -> grain.MapDataset:
@@ -159,4 +173,4 @@ def shard_dataset(parts, shard: int, num_shards: int, seed: int, featurize) -> g
     else:
       streams.append(EpochShuffle(docs, shard, num_shards, _seed(seed, j, shard)))
   mixed = streams[0] if len(streams) == 1 else WeightedMix(streams, [w for _, w in parts], _seed(seed, shard, -1))
-  return mixed.map(featurize)
+  return mixed.map_with_index(_Keyed(featurize, shard))

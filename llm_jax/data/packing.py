@@ -5,11 +5,13 @@ gets the next segment id (1, 2, ...; 0 is padding, whose loss_mask is 0) and pos
 document that does not fit in what is left of a row is cut there and continues at the start of the next
 row as a new segment (positions restart), so an overlong document is split, never dropped. With several
 streams (encoder-decoder), a document's streams share its segment id and the row ends when any stream's
-row is full.
+row is full. A stream with `split=False` never cuts an example that fits a row: it starts the next row.
 
-The packer's state is two numbers and an offset per stream: which document comes next and how much of it
-the earlier rows already took. Documents come from a `feed(start)` that yields the document at index
-start, start + 1, ...; resuming re-reads at most the one document that was cut.
+An objective may turn one document into several examples (a list); each is packed like a document of its
+own. The packer's state is three numbers and an offset per stream: which document comes next, which of its
+examples, and how much of that the earlier rows already took. Documents come from a `feed(start)` that
+yields the document at index start, start + 1, ...; resuming re-reads at most the one document that was
+cut.
 """
 
 from __future__ import annotations
@@ -37,24 +39,26 @@ class Packer:
     # skipped through forever: this many skips in a row is an error.
     self._max_skips = max_skips
     self._arange = np.arange(max(s.length for s in streams), dtype=np.int32)
-    self._index = 0  # the document at the front: partly taken (offsets > 0) or next to read
+    self._index = 0  # the document at the front: partly taken (part or offsets > 0) or next to read
+    self._part = 0  # which of its examples
     self._offsets = [0] * len(streams)
-    self._doc = None
+    self._examples = None  # the front document's examples, once read
     self._it = None
     self.exhausted = False  # a finite feed ran out
 
   def state(self) -> dict:
-    return {'index': self._index, 'offsets': list(self._offsets)}
+    return {'index': self._index, 'part': self._part, 'offsets': list(self._offsets)}
 
   def restore(self, state: dict) -> None:
     self._index = int(state['index'])
+    self._part = int(state.get('part', 0))
     self._offsets = [int(o) for o in state['offsets']]
     if len(self._offsets) != len(self._streams):
       raise ValueError(f'packer state has {len(self._offsets)} streams, expected {len(self._streams)}')
-    self._doc, self._it, self.exhausted = None, None, False
+    self._examples, self._it, self.exhausted = None, None, False
 
-  def _next_doc(self):
-    """The document at self._index, skipping empty and bad ones; None when the feed ends."""
+  def _next_document(self):
+    """The examples of the document at self._index, skipping bad ones; None when the feed ends."""
     if self._it is None:
       self._it = iter(self._feed(self._index))
     skipped, last = 0, None
@@ -65,6 +69,8 @@ class Packer:
         self.exhausted = True
         return None
       if isinstance(item, dict):
+        return [item]
+      if isinstance(item, list):
         return item
       if isinstance(item, Skipped) and not item.silent:
         last = item
@@ -75,8 +81,31 @@ class Packer:
         why = f' (the last: {last.message()})' if last is not None else ''
         raise UserError(f'{skipped} documents in a row could not be used{why}: no usable training data is '
                         'left; were the files of data.source moved or deleted during the run?')
-      self._index += 1
-      self._offsets = [0] * len(self._streams)
+      self._advance()
+
+  def _advance(self) -> None:
+    self._index += 1
+    self._part = 0
+    self._offsets = [0] * len(self._streams)
+    self._examples = None
+
+  def _front(self):
+    """The example at the front of the feed, None when the feed ends."""
+    while self._examples is None:
+      examples = self._next_document()
+      if examples is None:
+        return None
+      if self._part < len(examples):
+        self._examples = examples
+      else:  # a document the objective made no example of
+        self._advance()
+    return self._examples[self._part]
+
+  def _fits(self, example, cursors) -> bool:
+    for stream, c in zip(self._streams, cursors):
+      if not stream.split and c > 0 and len(example[stream.features[0]]) > stream.length - c:
+        return False
+    return True
 
   def fill(self, out: dict[str, np.ndarray], row: int) -> bool:
     """Pack one row into out[key][row] (zeroed by the caller); False if the feed ended before any token."""
@@ -84,11 +113,11 @@ class Packer:
     cursors = [0] * len(streams)
     segment = 0
     while True:
-      if self._doc is None:
-        self._doc = self._next_doc()
-        if self._doc is None:
-          return segment > 0
-      doc = self._doc
+      doc = self._front()
+      if doc is None:
+        return segment > 0
+      if segment > 0 and not self._fits(doc, cursors):
+        return True
       segment += 1
       finished, full = True, False
       for s, stream in enumerate(streams):
@@ -105,9 +134,10 @@ class Packer:
         finished &= self._offsets[s] >= n
         full |= cursors[s] >= stream.length
       if finished:
-        self._doc = None
-        self._index += 1
         self._offsets = [0] * len(streams)
+        self._part += 1
+        if self._part == len(self._examples):
+          self._advance()
       if full or not finished:
         return True
 

@@ -83,7 +83,7 @@ class TrainStream:
   """Endless, shuffled, packed training batches: this process's rows of each global batch."""
 
   def __init__(self, data_cfg, tokenizer, seed: int, process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, model_cfg=None):
     self._gather = process_count is None and jax.process_count() > 1
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -95,9 +95,9 @@ class TrainStream:
     if data_cfg.workers and any(getattr(docs, 'sequential', False) for docs, _ in parts):
       raise UserError(f'config key data.workers={data_cfg.workers}: a streamed (tfrecord) TFDS source is read '
                       'in order by the training process; set data.workers=0')
-    objective = objectives.for_config(data_cfg, tokenizer)
+    objective = objectives.for_config(data_cfg, tokenizer, model_cfg)
     self.streams = objective.streams(data_cfg.seq_len)
-    featurize = Featurize(tokenizer, objective, data_cfg.max_doc_chars)
+    featurize = Featurize(tokenizer, objective, data_cfg.max_doc_chars, seed)
     datasets = [shard_dataset(parts, s, self.num_shards, seed, featurize) for s in self.shards]
     self._feeds = Feeds(datasets, data_cfg.workers, data_cfg.prefetch)
     self.skips = SkipLog(f' process {pi}:' if pc > 1 else '')
@@ -157,26 +157,30 @@ def gather_states(local: dict) -> dict:
   """Every process's shard positions, on every process (they are small integers: gathered as an array)."""
   from jax.experimental import multihost_utils
   keys = sorted(local['positions'], key=int)
-  rows = [[int(k), local['positions'][k]['index'], *local['positions'][k]['offsets']] for k in keys]
+  rows = [[int(k), local['positions'][k]['index'], local['positions'][k].get('part', 0),
+           *local['positions'][k]['offsets']] for k in keys]
   everything = np.asarray(multihost_utils.process_allgather(np.asarray(rows, np.int64)))
   everything = everything.reshape(-1, everything.shape[-1])
-  positions = {str(int(r[0])): {'index': int(r[1]), 'offsets': [int(x) for x in r[2:]]} for r in everything}
+  positions = {str(int(r[0])): {'index': int(r[1]), 'part': int(r[2]), 'offsets': [int(x) for x in r[3:]]}
+               for r in everything}
   return {**local, 'positions': positions}
 
 
 def eval_batches(docs: Sequence, tokenizer, data_cfg, batch_size: int, num_batches: int | None = None,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_index: int = 0, process_count: int = 1, model_cfg=None,
+                 seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Packed batches of the documents in order (this process's share), the last padded to `batch_size`
-  rows of segment 0. `docs` is a list of texts or a source's documents; bad records are left out.
+  rows of segment 0. `docs` is a list of texts or a source's documents; bad records are left out. A random
+  objective draws document i's masks from (`seed`, i): every evaluation masks the same tokens.
 
   With `num_batches`, exactly that many are yielded (all-padding batches once the documents run out), so
   every process of a multi-host run steps the same number of times.
   """
-  objective = objectives.for_config(data_cfg, tokenizer)
+  objective = objectives.for_config(data_cfg, tokenizer, model_cfg)
   streams = objective.streams(data_cfg.seq_len)
-  featurize = Featurize(tokenizer, objective, data_cfg.max_doc_chars)
+  featurize = Featurize(tokenizer, objective, data_cfg.max_doc_chars, seed)
   mine = range(process_index, len(docs), process_count)
-  packer = Packer(streams, lambda start: (featurize(docs[i]) for i in mine[start:]))
+  packer = Packer(streams, lambda start: (featurize(docs[i], (i,)) for i in mine[start:]))
   yielded = 0
   while num_batches is None or yielded < num_batches:
     out = empty_batch(streams, batch_size)

@@ -2,7 +2,8 @@
 
 Trained for text that is mostly code: BPE with byte fallback (any byte sequence encodes, decoding gives the
 text back exactly), no normalisation, whitespace kept as is, and '\\n' a piece of its own so line structure
-survives. Ids: 0 pad, 1 bos, 2 eos, 3 unk.
+survives. Ids of the ones trained here: 0 pad, 1 bos, 2 eos, 3 unk. A model imported with a checkpoint
+(LLaMA's, T5's) keeps its own special ids, so the wrapper reads them from the model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Tokenizer:
   def __init__(self, model_proto: bytes):
     self._proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    sp = self._sp
+    # -1 where the model has no such piece (T5's has no BOS, LLaMA's no pad).
+    self.bos_id, self.eos_id, self.pad_id, self.unk_id = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()
+    self._special = frozenset(i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i))
 
   def __getstate__(self):
     return {'proto': self._proto}
@@ -38,8 +43,6 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
-
-  bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
@@ -54,8 +57,13 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return self._sp.encode(list(texts))
 
+  def is_special(self, i: int) -> bool:
+    """Control pieces (pad, bos, eos), the unknown piece, and ids past the vocabulary (a model's table may
+    be larger than its tokenizer): what `decode` leaves out."""
+    return i in self._special or not 0 <= i < self.vocab_size
+
   def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.decode([int(i) for i in ids if int(i) > UNK_ID])
+    return self._sp.decode([int(i) for i in ids if not self.is_special(int(i))])
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
@@ -74,7 +82,7 @@ def load(path: str) -> Tokenizer:
     tok = Tokenizer(proto)
   except Exception:  # sentencepiece raises RuntimeError/OSError variants on a bad proto
     raise UserError(f'{path} is not a sentencepiece model') from None
-  if tok.vocab_size <= UNK_ID:
+  if tok.vocab_size <= len(tok._special):
     raise UserError(f'{path}: a tokenizer of {tok.vocab_size} pieces is too small')
   return tok
 

@@ -1,7 +1,8 @@
-"""Blocks shared by the model families: RMSNorm, rotary positions, attention with a KV cache, SwiGLU MLP.
+"""Blocks shared by the model families: norms, positions (rotary, T5's relative buckets), attention (self or
+cross, with a KV cache), MLPs. Which variant runs is read from the `model` config (see config.py).
 
 Einsum letters: B batch, T query length, S key length, D embed, N query heads, K kv heads, G query heads per
-kv head (N = K * G), H head dim, F mlp, V vocab, L layers.
+kv head (N = K * G), H head dim, F mlp, V vocab, L layers, R relative-position buckets.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`); activations are pinned at block
 boundaries with `sharding.constrain`. Nothing here names a mesh axis.
@@ -9,6 +10,7 @@ boundaries with `sharding.constrain`. Nothing here names a mesh axis.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,6 +27,13 @@ Array = jax.Array
 # distribution instead of NaNs that would leak into gradients through 0 * NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+ACTIVATIONS = {
+    'silu': jax.nn.silu,
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),  # BERT: the exact erf form
+    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),  # GPT-2 and T5 v1.1 ("gelu_new")
+    'relu': jax.nn.relu,
+}
+
 
 def compute_dtype(name: str) -> jnp.dtype:
   """`model.dtype` as a dtype: 'auto' is bfloat16 on accelerators (their matmul units run it at full rate,
@@ -38,16 +47,28 @@ def _param(module: nn.Module, name: str, init, names: tuple[str, ...], shape: tu
   return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(cfg.param_dtype))
 
 
-class RMSNorm(nn.Module):
+def _bias(module: nn.Module, name: str, names: tuple[str, ...], shape: tuple[int, ...], cfg) -> Array:
+  return _param(module, name, nn.initializers.zeros, names, shape, cfg)
+
+
+class Norm(nn.Module):
+  """RMSNorm (LLaMA, T5) or LayerNorm (GPT-2, BERT; with a bias under `use_bias`), by `norm_type`."""
   cfg: Any
 
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
-    scale_D = _param(self, 'scale', nn.initializers.ones, ('embed',), (x_BTD.shape[-1],), self.cfg)
+    c = self.cfg
+    D = x_BTD.shape[-1]
+    scale_D = _param(self, 'scale', nn.initializers.ones, ('embed',), (D,), c)
     x32 = x_BTD.astype(jnp.float32)
     # Statistics in float32 whatever the compute dtype: bf16 sums of squares lose the small components.
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return (y * scale_D.astype(jnp.float32)).astype(compute_dtype(self.cfg.dtype))
+    if c.norm_type == 'layer':
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps)
+    y = y * scale_D.astype(jnp.float32)
+    if c.norm_type == 'layer' and c.use_bias:
+      y = y + _bias(self, 'bias', ('embed',), (D,), c).astype(jnp.float32)
+    return y.astype(compute_dtype(c.dtype))
 
 
 def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
@@ -62,24 +83,62 @@ def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
   return out.astype(x_BTNH.dtype)
 
 
-def attention_mask(q_pos_BT: Array, q_seg_BT: Array, k_pos_BS: Array, k_seg_BS: Array) -> Array:
-  """A query sees keys of its own segment at positions not after its own: causal within documents.
+def relative_bucket(relative_BTS: Array, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
+  """T5's bucket of each (key position - query position): one bucket per distance below half the buckets
+  (per direction when bidirectional), then logarithmically wider ones up to `max_distance`, beyond which
+  all distances share the last. Computed in float32 in the same order as the reference implementations
+  (Mesh TensorFlow, Hugging Face), so distances on a bucket boundary land in the same bucket."""
+  bucket = jnp.zeros_like(relative_BTS)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = (relative_BTS > 0).astype(relative_BTS.dtype) * num_buckets
+    distance = jnp.abs(relative_BTS)
+  else:
+    distance = -jnp.minimum(relative_BTS, 0)
+  exact = num_buckets // 2
+  ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / jnp.float32(math.log(max_distance / exact))
+  large = exact + (ratio * (num_buckets - exact)).astype(relative_BTS.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(distance < exact, distance, large)
+
+
+def relative_bias(module: nn.Module, cfg, name: str, q_positions_BT: Array, k_positions_BS: Array,
+                  bidirectional: bool) -> Array:
+  """The per-head bias_BNTS T5 adds to attention logits, from one table of R buckets x N heads that every
+  layer of a stack shares."""
+  table_RN = _param(module, name, nn.initializers.normal(cfg.init_std), ('table', 'heads'),
+                    (cfg.relative_buckets, cfg.num_heads), cfg)
+  relative_BTS = k_positions_BS[:, None, :] - q_positions_BT[:, :, None]
+  bucket_BTS = relative_bucket(relative_BTS, bidirectional, cfg.relative_buckets, cfg.relative_max_distance)
+  bias_BTSN = jnp.take(table_RN, bucket_BTS, axis=0)
+  return jnp.transpose(bias_BTSN, (0, 3, 1, 2)).astype(compute_dtype(cfg.dtype))
+
+
+def attention_mask(q_pos_BT: Array, q_seg_BT: Array, k_pos_BS: Array, k_seg_BS: Array,
+                   causal: bool = True) -> Array:
+  """A query sees keys of its own segment (document), and with `causal` only those not after it.
 
   Packed rows restart positions at each document, so comparing positions is causal only together with
   the segment check; padding (segment 0) only ever sees padding.
   """
-  causal = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]
   same_doc = k_seg_BS[:, None, :] == q_seg_BT[:, :, None]
-  return causal & same_doc
+  if not causal:
+    return same_doc
+  return same_doc & (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None])
 
 
-def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Array:
+def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None = None,
+                  scale: bool = True) -> Array:
   """Grouped-query attention: G = N // K query heads share each kv head; softmax in float32."""
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32) / math.sqrt(H)
+  logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  if scale:
+    logits_BKGTS = logits_BKGTS / math.sqrt(H)
+  if bias_BNTS is not None:
+    b, S = bias_BNTS.shape[0], bias_BNTS.shape[-1]
+    logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(b, K, N // K, T, S).astype(jnp.float32)
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
@@ -96,65 +155,108 @@ def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions
 
 
 class Attention(nn.Module):
+  """Self-attention (causal or bidirectional; rotary or not; plus a relative-position bias if given), or
+  with `cross` cross-attention to an encoder's output `kv_BSD` (T5's decoder).
+
+  Caches while decoding: self-attention writes each new key and value at its position; cross-attention
+  stores the encoder's keys and values once (`kv_BSD` given with a cache: the prefill) and reads them on
+  every later step (`kv_BSD` None).
+  """
   cfg: Any
+  causal: bool = True
+  cross: bool = False
+
+  def _project(self, x_BxD: Array, name: str, heads: int, axis: str) -> Array:
+    c = self.cfg
+    dtype = compute_dtype(c.dtype)
+    w_DXH = _param(self, name, nn.initializers.normal(c.init_std), ('embed', axis, 'head_dim'),
+                   (c.embed_dim, heads, c.head_dim), c).astype(dtype)
+    y = jnp.einsum('BTD,DXH->BTXH', x_BxD, w_DXH)
+    if c.use_bias:
+      y = y + _bias(self, f'{name}_bias', (axis, 'head_dim'), (heads, c.head_dim), c).astype(dtype)
+    return y
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array,
-               cache: dict[str, Array] | None = None) -> tuple[Array, dict | None]:
+  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, bias_BNTS: Array | None = None,
+               cache: dict[str, Array] | None = None, kv_BSD: Array | None = None,
+               kv_segment_ids_BS: Array | None = None) -> tuple[Array, dict | None]:
     c = self.cfg
-    D, N, K, H = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    N, K = c.num_heads, c.num_kv_heads
     dtype = compute_dtype(c.dtype)
-    init = nn.initializers.normal(c.init_std)
+    q_BTNH = self._project(x_BTD, 'q', N, 'heads')
+    if self.cross:
+      if kv_BSD is not None:
+        k_BSKH = self._project(kv_BSD, 'k', K, 'kv_heads')
+        v_BSKH = self._project(kv_BSD, 'v', K, 'kv_heads')
+        if cache is not None:
+          cache = {'k': k_BSKH.astype(cache['k'].dtype), 'v': v_BSKH.astype(cache['v'].dtype)}
+      else:
+        k_BSKH, v_BSKH = cache['k'].astype(dtype), cache['v'].astype(dtype)
+      k_BSKH = constrain(k_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))  # the whole encoder row, as above
+      v_BSKH = constrain(v_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
+      mask_BTS = kv_segment_ids_BS[:, None, :] == segment_ids_BT[:, :, None]
+      out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, None, c.scale_attention)
+    else:
+      k_BTKH = self._project(x_BTD, 'k', K, 'kv_heads')
+      v_BTKH = self._project(x_BTD, 'v', K, 'kv_heads')
+      if c.position_type == 'rope':
+        q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta)
+        k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta)
+      # Named for remat policies (transformer.REMAT_POLICIES): 'save_attention' keeps these for the backward pass.
+      q_BTNH = checkpoint_name(constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim')), 'attn_qkv')
+      k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
+      v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
+      if cache is None:
+        # Context parallelism: queries stay split over the sequence axis while keys and values are gathered
+        # whole (`kv_seq` is never split), so each device attends its block of queries to the entire row.
+        k_BSKH = constrain(k_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
+        v_BSKH = constrain(v_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
+        mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, self.causal)
+        out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, c.scale_attention)
+      else:
+        # Cache slot s holds position s of its row. Every slot at or before a query's position has been
+        # written by then (prompt or generated token), so position order alone is the mask.
+        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
+        B, S = cache['k'].shape[:2]
+        slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
+        mask_BTS = slots_BS[:, None, :] <= positions_BT[:, :, None]
+        out_BTNH = dot_attention(q_BTNH, cache['k'].astype(dtype), cache['v'].astype(dtype), mask_BTS, bias_BNTS,
+                                 c.scale_attention)
+    out_BTNH = checkpoint_name(out_BTNH, 'attn_out')
     # GPT-2's scaled init of residual outputs keeps the residual stream's variance flat in depth.
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
-    wq_DNH = _param(self, 'q', init, ('embed', 'heads', 'head_dim'), (D, N, H), c).astype(dtype)
-    wk_DKH = _param(self, 'k', init, ('embed', 'kv_heads', 'head_dim'), (D, K, H), c).astype(dtype)
-    wv_DKH = _param(self, 'v', init, ('embed', 'kv_heads', 'head_dim'), (D, K, H), c).astype(dtype)
-    wo_NHD = _param(self, 'o', out_init, ('heads', 'head_dim', 'embed'), (N, H, D), c).astype(dtype)
-
-    q_BTNH = rope(jnp.einsum('BTD,DNH->BTNH', x_BTD, wq_DNH), positions_BT, c.rope_theta)
-    k_BTKH = rope(jnp.einsum('BTD,DKH->BTKH', x_BTD, wk_DKH), positions_BT, c.rope_theta)
-    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, wv_DKH)
-    # Named for remat policies (decoder.REMAT_POLICIES): 'save_attention' keeps these for the backward pass.
-    q_BTNH = checkpoint_name(constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim')), 'attn_qkv')
-    k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
-    v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
-
-    if cache is None:
-      # Context parallelism: queries stay split over the sequence axis while keys and values are gathered
-      # whole (`kv_seq` is never split), so each device attends its block of queries to the entire row.
-      k_BSKH = constrain(k_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
-      v_BSKH = constrain(v_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
-      mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
-      out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-    else:
-      # Cache slot s holds position s of its row. Every slot at or before a query's position has been
-      # written by then (prompt or generated token), so position order alone is the mask.
-      cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
-      B, S = cache['k'].shape[:2]
-      slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
-      mask_BTS = slots_BS[:, None, :] <= positions_BT[:, :, None]
-      out_BTNH = dot_attention(q_BTNH, cache['k'].astype(dtype), cache['v'].astype(dtype), mask_BTS)
-    out_BTNH = checkpoint_name(out_BTNH, 'attn_out')
+    wo_NHD = _param(self, 'o', out_init, ('heads', 'head_dim', 'embed'), (N, c.head_dim, c.embed_dim),
+                    c).astype(dtype)
     out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, wo_NHD)
+    if c.use_bias:
+      out_BTD = out_BTD + _bias(self, 'o_bias', ('embed',), (c.embed_dim,), c).astype(dtype)
     return out_BTD, cache
 
 
-class SwiGLU(nn.Module):
-  """The gated MLP of PaLM / LLaMA (Shazeer 2020): silu(x W_gate) * (x W_up), then W_down."""
+class Mlp(nn.Module):
+  """The feed-forward block: act(x W_up) W_down (GPT-2, BERT, T5), or with `mlp_gated`
+  act(x W_gate) * (x W_up), then W_down (SwiGLU in LLaMA, GEGLU in T5 v1.1; Shazeer 2020)."""
   cfg: Any
+
+  def _dense(self, x: Array, name: str, names: tuple[str, str], shape: tuple[int, int], init) -> Array:
+    c = self.cfg
+    dtype = compute_dtype(c.dtype)
+    y = jnp.einsum('BTX,XY->BTY', x, _param(self, name, init, names, shape, c).astype(dtype))
+    if c.use_bias:
+      y = y + _bias(self, f'{name}_bias', names[1:], shape[1:], c).astype(dtype)
+    return y
 
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
     c = self.cfg
     D, F = c.embed_dim, c.mlp_dim
-    dtype = compute_dtype(c.dtype)
     init = nn.initializers.normal(c.init_std)
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
-    w_gate_DF = _param(self, 'gate', init, ('embed', 'mlp'), (D, F), c).astype(dtype)
-    w_up_DF = _param(self, 'up', init, ('embed', 'mlp'), (D, F), c).astype(dtype)
-    w_down_FD = _param(self, 'down', out_init, ('mlp', 'embed'), (F, D), c).astype(dtype)
-    gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_gate_DF)
-    up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, w_up_DF)
-    h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ('batch', 'seq', 'mlp'))
-    return jnp.einsum('BTF,FD->BTD', h_BTF, w_down_FD)
+    act = ACTIVATIONS[c.mlp_activation]
+    if c.mlp_gated:
+      h_BTF = act(self._dense(x_BTD, 'gate', ('embed', 'mlp'), (D, F), init))
+      h_BTF = h_BTF * self._dense(x_BTD, 'up', ('embed', 'mlp'), (D, F), init)
+    else:
+      h_BTF = act(self._dense(x_BTD, 'up', ('embed', 'mlp'), (D, F), init))
+    h_BTF = constrain(h_BTF, ('batch', 'seq', 'mlp'))
+    return self._dense(h_BTF, 'down', ('mlp', 'embed'), (F, D), out_init)

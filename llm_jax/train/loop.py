@@ -77,9 +77,9 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   lr_schedule = optim.schedule(cfg.train)
   factory = StateFactory(train_model, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed)
+  stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed, model_cfg=cfg.model)
 
-  ckpt, latest = None, None
+  ckpt, latest, imported = None, None, False
   try:
     ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
     abstract_state = factory.abstract_sharded()
@@ -87,14 +87,20 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     found = ckpt.restore_latest(abstract_state)  # the newest step that reads; damaged ones are passed over
     if found is not None:
       latest, state, data_state = found
-      stream.set_state(data_state)
+      imported = data_state is None  # params alone: weights from `convert from-hf`
+      if imported:
+        state = factory.init_from_params(state, cfg.seed)
+      else:
+        stream.set_state(data_state)
     workdir_lib.prepare(workdir, cfg, tok)  # every input read: now the run's config and tokenizer are saved
   except BaseException:
     if ckpt is not None:
       ckpt.close()
     stream.close()
     raise
-  if latest is not None:
+  if imported:
+    _say(f'starting from the params of step {latest} of {workdir} (no optimizer state: imported weights)')
+  elif latest is not None:
     _say(f'resumed from step {latest} of {workdir}')
   else:
     state = factory.init(cfg.seed)
@@ -214,4 +220,5 @@ def _periodic_eval_batches(cfg, tok, heldout):
   """The same held-out batches every time: the first documents, this process's share of them."""
   local = pipeline.local_batch_size(cfg.data)
   return pipeline.eval_batches(heldout, tok, cfg.data, local, num_batches=cfg.eval.batches,
+                               model_cfg=cfg.model, seed=cfg.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())

@@ -14,7 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.decoder import project
+from llm_jax.models import model_args
+from llm_jax.models.transformer import project
 
 Array = jax.Array
 
@@ -94,8 +95,8 @@ def chunked_token_sums(x_BTD: Array, unembed_DV: Array, targets_BT: Array, mask_
 def model_sums(model, params, batch: dict[str, Array], loss_cfg: LossConfig, rngs=None,
                with_accuracy: bool = False) -> dict[str, Array]:
   """The token sums of `batch` under `model`, chunked if `loss_cfg.chunk`."""
-  args = (batch['inputs'], batch['positions'], batch['segment_ids'])
-  if loss_cfg.chunk and loss_cfg.chunk < batch['inputs'].shape[1]:
+  args = model_args(model.cfg, batch)
+  if loss_cfg.chunk and loss_cfg.chunk < batch['targets'].shape[1]:
     (x_BTD, unembed_DV), _ = model.apply({'params': params}, *args, return_hidden=True, rngs=rngs)
     return chunked_token_sums(x_BTD, unembed_DV, batch['targets'], batch['loss_mask'], loss_cfg.chunk,
                               jnp.dtype(model.cfg.logits_dtype), loss_cfg.label_smoothing, with_accuracy)

@@ -47,7 +47,8 @@ def schedule(train_cfg) -> optax.Schedule:
 
 # ---------------------------------------------------------------------------------------------------------
 # Weight decay mask. Parameter naming convention every model family follows: norm gains live under a
-# module whose name contains 'norm', biases are named 'bias', embedding tables have 'embedding' in their
+# module whose name contains 'norm', biases are named 'bias' or '<matrix>_bias' (q_bias; T5's relative-position
+# table, 'encoder_layers_rel_bias', counts as one), embedding tables have 'embedding' in their
 # name ('embedding', 'pos_embedding'); the output projection 'unembed' is a matrix like any other.
 
 
@@ -60,7 +61,8 @@ def decay_mask(decay_embeddings: bool = True):
   which are not weights to shrink towards 0, and for embeddings unless `decay_embeddings`."""
   def keep(path, _):
     names = [str(getattr(k, 'key', k)) for k in path]
-    if any('norm' in n for n in names) or _leaf_name(path) in ('bias', 'scale'):
+    leaf = _leaf_name(path)
+    if any('norm' in n for n in names) or leaf in ('bias', 'scale') or leaf.endswith('_bias'):
       return False
     if 'embedding' in _leaf_name(path):
       return decay_embeddings

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import sharding
+from llm_jax.models import example_batch, model_args
 
 
 @flax.struct.dataclass
@@ -22,13 +23,12 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data: checkpoints hold plain arrays
 
 
-def _dummy_inputs():
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  return tokens, jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 8)), jnp.ones((1, 8), jnp.int32)
+def _dummy_inputs(model):
+  return model_args(model.cfg, example_batch(model.cfg))
 
 
 def _boxed_shapes(model):
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs())
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs(model))
 
 
 def param_logical_specs(model):
@@ -37,7 +37,7 @@ def param_logical_specs(model):
 
 
 def init_params(model, rng):
-  return nn.meta.unbox(model.init(rng, *_dummy_inputs()))['params']
+  return nn.meta.unbox(model.init(rng, *_dummy_inputs(model)))['params']
 
 
 def param_shardings(model, mesh, rules):
@@ -92,6 +92,13 @@ class StateFactory:
     params = init_params(self.model, params_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                       rng=state_rng)
+
+  def init_from_params(self, params, seed: int) -> TrainState:
+    """A fresh state (step 0, new optimizer moments, rng from `seed`) around given params."""
+    def make(params, rng):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                        rng=jax.random.split(rng)[1])
+    return jax.jit(make, out_shardings=self.shardings)(params, jax.random.PRNGKey(seed))
 
   def init(self, seed: int) -> TrainState:
     init = jax.jit(self._init, out_shardings=self.shardings)

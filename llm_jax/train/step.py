@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import sharding
+from llm_jax.models import model_args
 from llm_jax.train import optim
 from llm_jax.train.loss import SUM_KEYS, LossConfig, model_sums, objective_sum, token_sums
 from llm_jax.train.state import TrainState
@@ -35,8 +36,7 @@ def global_norm(tree) -> Array:
 
 
 def forward(model, params, batch: dict[str, Array], rngs=None) -> Array:
-  logits_BTV, _ = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                              rngs=rngs)
+  logits_BTV, _ = model.apply({'params': params}, *model_args(model.cfg, batch), rngs=rngs)
   return logits_BTV
 
 

@@ -1,0 +1,218 @@
+"""Hugging Face <-> llm-jax: `from_hf` turns a transformers checkpoint directory (config.json + safetensors) of
+LLaMA, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf` writes a run's latest params as a directory
+that transformers' `from_pretrained` loads. No torch: tensors go through safetensors' numpy API.
+
+An imported work directory is a normal run: config.json (the model the HF config describes, data settings
+for its family, plus any --config overrides), tokenizer.model when the checkpoint has a sentencepiece model
+(LLaMA's tokenizer.model, T5's spiece.model), and a checkpoint at step 0 holding the params alone, which
+`eval` and `generate` read and `train` starts from. Either direction writes into a temporary directory
+beside the output and renames it into place at the end: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+import numpy as np
+
+from llm_jax import config as config_lib
+from llm_jax.convert import bert, gpt2, hf_files, llama, t5
+from llm_jax.convert.mapping import HFConfig, flatten, read_params, write_tensors
+from llm_jax.errors import UserError
+
+ARCHITECTURES = {a.MODEL_TYPE: a for a in (llama, gpt2, bert, t5)}
+_BY_CLASS = {a.ARCHITECTURE: a for a in ARCHITECTURES.values()}
+_BY_CLASS.update(GPT2Model=gpt2, BertModel=bert, BertForPreTraining=bert, LlamaModel=llama)
+
+
+def architecture_of(hf: HFConfig):
+  model_type = hf.get('model_type', '')
+  classes = hf.get('architectures', []) or []
+  if model_type in ARCHITECTURES:
+    return ARCHITECTURES[model_type]
+  for name in classes:
+    if name in _BY_CLASS:
+      return _BY_CLASS[name]
+  named = ', '.join(f'{c}' for c in classes) or 'none named'
+  raise UserError(f'{hf.where}: architecture {named} (model_type {model_type!r}) is not supported; llm-jax '
+                  f'converts {", ".join(a.ARCHITECTURE for a in ARCHITECTURES.values())}')
+
+
+def _scanned(model_cfg) -> ml_collections.FrozenConfigDict:
+  """The conversion tables name the scanned layout (layers stacked on a leading axis)."""
+  d = model_cfg.to_dict()
+  d['scan_layers'] = True
+  return ml_collections.FrozenConfigDict(d)
+
+
+def _abstract(model_cfg) -> dict:
+  from llm_jax.models import build_model
+  from llm_jax.train.state import init_params
+  model = build_model(_scanned(model_cfg))
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+  return {path: s.shape for path, s in flatten(shapes).items()}
+
+
+_UNROLLED = re.compile(r'^(.*)_(\d+)$')
+
+
+def to_layout(params: dict, scan_layers: bool) -> dict:
+  """Scanned params as the run stores them: unchanged, or `layers` unrolled into `layers_0`, `layers_1`..."""
+  if scan_layers:
+    return params
+  out = {}
+  for key, value in params.items():
+    if key.endswith('layers') and isinstance(value, dict):
+      for i in range(jax.tree.leaves(value)[0].shape[0]):
+        out[f'{key}_{i}'] = jax.tree.map(lambda a, i=i: a[i], value)
+    else:
+      out[key] = value
+  return out
+
+
+def from_layout(params: dict) -> dict:
+  """The inverse of `to_layout`: unrolled layers stacked again."""
+  groups: dict[str, dict[int, dict]] = {}
+  out = {}
+  for key, value in params.items():
+    m = _UNROLLED.match(key)
+    if m and m.group(1).endswith('layers') and isinstance(value, dict):
+      groups.setdefault(m.group(1), {})[int(m.group(2))] = value
+    else:
+      out[key] = value
+  for key, layers in groups.items():
+    out[key] = jax.tree.map(lambda *a: np.stack(a), *[layers[i] for i in sorted(layers)])
+  return out
+
+
+@contextlib.contextmanager
+def _atomic_dir(output: str):
+  """A temporary directory beside `output`, renamed to it when the block succeeds, removed otherwise."""
+  output = os.path.abspath(output)
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise UserError(f'--output={output} exists and is not empty; choose a new directory')
+  parent = os.path.dirname(output)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.tmp', dir=parent)
+  except OSError as e:
+    raise UserError(f'cannot write to {parent}: {e.strerror}') from None
+  try:
+    yield tmp
+    if os.path.isdir(output):
+      os.rmdir(output)  # empty, checked above
+    os.replace(tmp, output)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
+  """Convert the checkpoint in `hf_dir` into a new work directory `output`; returns a summary."""
+  hf = HFConfig(hf_files.read_config(hf_dir), hf_dir)
+  arch = architecture_of(hf)
+  weights = hf_files.Weights(hf_dir, arch.OPTIONAL_PREFIX)
+  sections = arch.config_from_hf(hf, weights)
+  cfg = config_lib.default_config()
+  for section, values in sections.items():
+    for key, value in values.items():
+      try:
+        cfg[section][key] = value
+      except TypeError:  # ml_collections keeps each key's type
+        raise UserError(f'{hf_dir}: config.json gives {section}.{key} the value {value!r}, '
+                        f'expected {type(cfg[section][key]).__name__}') from None
+  cfg = config_lib.load(None, overrides, base=cfg)
+
+  from llm_jax import workdir as workdir_lib
+  from llm_jax.data import tokenizer as tokenizer_lib
+  tok_path = hf_files.tokenizer_file(hf_dir)
+  tok = tokenizer_lib.load(tok_path) if tok_path else None
+  if tok is not None:
+    workdir_lib.check_vocab(tok, cfg)
+
+  m = cfg.model
+  defaults = bert.head_defaults(m, weights.has('cls.predictions.bias')) if arch is bert else {}
+  params = read_params(arch.table(m), weights, _abstract(m), hf_dir, defaults)
+  unexpected = weights.unused(arch.IGNORE)
+  if unexpected:
+    more = f' and {len(unexpected) - 3} more' if len(unexpected) > 3 else ''
+    raise UserError(f'{hf_dir}: the weights hold {", ".join(unexpected[:3])}{more}, which config.json does not '
+                    f'describe ({arch.MODEL_TYPE}, {m.num_layers} layers)')
+  left_out = weights.unused(())
+  if defaults:
+    say('the checkpoint has no masked-LM head: it starts from an initialisation (train it before relying on '
+        "the model's predictions; its hidden states are the checkpoint's)")
+  if [n for n in left_out if 'pooler' in n]:
+    say("left out the next-sentence pooler (pooler.*): llm-jax's encoder has no use for it")
+
+  _write_workdir(output, cfg, params, tok_path)
+  return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': bool(tok_path),
+          'params': int(sum(np.size(a) for a in jax.tree.leaves(params)))}
+
+
+def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None:
+  from llm_jax import sharding, workdir as workdir_lib
+  from llm_jax.checkpoint import Checkpointer
+  from llm_jax.models import build_model
+  from llm_jax.train.state import abstract_params
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_from_config(cfg.mesh)
+  targets = abstract_params(build_model(cfg.model), mesh, rules)
+  params = to_layout(params, cfg.model.scan_layers)
+  dtype = jax.numpy.dtype(cfg.model.param_dtype)
+  on_mesh = jax.tree.map(lambda a, t: jax.device_put(np.asarray(a, dtype), t.sharding), params, targets)
+  with _atomic_dir(output) as tmp:
+    config_lib.write_json_atomic(cfg, workdir_lib.config_path(tmp))
+    if tok_path:
+      shutil.copyfile(tok_path, os.path.join(tmp, workdir_lib.TOKENIZER))
+    ckpt = Checkpointer(tmp, async_save=False)
+    ckpt.save_params(0, on_mesh, cfg.to_dict())
+    ckpt.close()
+
+
+def to_hf(workdir: str, output: str) -> dict:
+  """Write the latest params of the run in `workdir` as a Hugging Face directory `output`."""
+  from llm_jax import sharding, workdir as workdir_lib
+  from llm_jax.checkpoint import open_for_reading
+  from llm_jax.data import tokenizer as tokenizer_lib
+  from llm_jax.models import build_model
+  from llm_jax.train.state import abstract_params
+  cfg = workdir_lib.load_config(workdir)
+  reasons = {a.ARCHITECTURE: a.mismatches(cfg.model) for a in ARCHITECTURES.values()}
+  arch = next((ARCHITECTURES[a.MODEL_TYPE] for a in ARCHITECTURES.values() if not reasons[a.ARCHITECTURE]), None)
+  if arch is None:
+    closest = min(reasons, key=lambda a: len(reasons[a]))
+    raise UserError(f'{workdir}: this model has no Hugging Face architecture llm-jax writes; closest is {closest}, '
+                    f'which differs in {", ".join(reasons[closest])}')
+  tok_path = os.path.join(workdir, workdir_lib.TOKENIZER)
+  tok = tokenizer_lib.load(tok_path) if os.path.isfile(tok_path) else None
+
+  # Read on this machine's devices whatever mesh the run trained on.
+  mesh_cfg = ml_collections.ConfigDict(cfg.mesh.to_dict())
+  mesh_cfg.update(data=-1, fsdp=1, sequence=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  mesh = sharding.make_mesh(mesh_cfg)
+  rules = sharding.rules_from_config(mesh_cfg)
+  ckpt = open_for_reading(workdir)
+  try:  # the newest step that reads: a damaged one is passed over with a warning
+    step, params = ckpt.restore_latest_params(abstract_params(build_model(cfg.model), mesh, rules))
+  finally:
+    ckpt.close()
+  params = from_layout(jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params))
+  m = cfg.model
+  tensors = write_tensors(arch.table(m), params)
+  if arch is bert:
+    tensors.update(bert.extra_tensors(m, params))
+  config = arch.config_to_hf(cfg, tok)
+  with _atomic_dir(output) as tmp:
+    hf_files.write(tmp, config, tensors)
+    if tok is not None:
+      shutil.copyfile(tok_path, os.path.join(tmp, 'spiece.model' if arch is t5 else 'tokenizer.model'))
+  return {'architecture': arch.ARCHITECTURE, 'output': output, 'step': step, 'tensors': len(tensors)}
+
+
+__all__ = ['ARCHITECTURES', 'from_hf', 'to_hf']

@@ -1,0 +1,170 @@
+"""What every family is assembled from: the input embedding, the stack of layers, the output projection.
+
+Letters as in layers.py. The helpers take the calling module (`parent`) and create their parameters and
+submodules under it, so a family's parameter tree stays flat: `embedding`, `layers` (stacked on a leading
+'layers' axis when scanned), `final_norm`, `unembed`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, relative_bias
+from llm_jax.sharding import constrain
+
+Array = jax.Array
+
+CACHE_AXES = ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim')
+
+# What each block keeps for the backward pass; everything else is recomputed there. The loss (and so the
+# gradients) is the same whatever the policy; only memory and time change.
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block in the backward pass
+    # Save the weight matmuls' outputs, recompute attention scores and elementwise ops.
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Save the attention inputs (q, k, v after rotary) and output (layers.Attention names them): the
+    # backward pass recomputes only norms, the MLP and the attention softmax.
+    'save_attention': jax.checkpoint_policies.save_only_these_names('attn_qkv', 'attn_out'),
+}
+
+
+class Block(nn.Module):
+  """One layer: self-attention, cross-attention (`cross`, T5's decoder), MLP; each a residual branch with
+  dropout. Pre-norm normalises each branch's input (LLaMA, GPT-2, T5); post-norm normalises after each
+  residual add (BERT).
+
+  The cache holds this layer's self-attention `k`, `v` and, with `cross`, the encoder's `ck`, `cv`.
+  """
+  cfg: Any
+  causal: bool = True
+  cross: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, bias_BNTS: Array | None,
+               encoded_BSD: Array | None, encoded_segment_ids_BS: Array | None,
+               cache: dict[str, Array] | None) -> tuple[Array, dict | None]:
+    c = self.cfg
+    pre = c.norm_position == 'pre'
+
+    def residual(name: str, x_BTD: Array, sublayer):
+      y_BTD, aux = sublayer(Norm(c, name=f'{name}_norm')(x_BTD) if pre else x_BTD)
+      x_BTD = x_BTD + nn.Dropout(c.dropout_rate)(y_BTD, deterministic=self.deterministic)
+      return (x_BTD if pre else Norm(c, name=f'{name}_norm')(x_BTD)), aux
+
+    self_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+    attn = Attention(c, causal=self.causal, name='attn')
+    x_BTD, self_cache = residual('attn', x_BTD, lambda h: attn(h, positions_BT, segment_ids_BT, bias_BNTS,
+                                                               self_cache))
+    new_cache = self_cache
+    if self.cross:
+      cross_cache = None if cache is None else {'k': cache['ck'], 'v': cache['cv']}
+      cross = Attention(c, cross=True, name='cross_attn')
+      x_BTD, cross_cache = residual('cross', x_BTD, lambda h: cross(
+          h, positions_BT, segment_ids_BT, None, cross_cache, encoded_BSD, encoded_segment_ids_BS))
+      if cache is not None:
+        new_cache = {**self_cache, 'ck': cross_cache['k'], 'cv': cross_cache['v']}
+    mlp = Mlp(c, name='mlp')
+    x_BTD, _ = residual('mlp', x_BTD, lambda h: (mlp(h), None))
+    return constrain(x_BTD, ('batch', 'seq', 'embed')), new_cache
+
+
+def _block_class(cfg):
+  if cfg.remat == 'none':
+    return Block
+  # Under scan, XLA cannot CSE across iterations anyway; outside it, prevent_cse keeps remat honest.
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def run_layers(parent: nn.Module, cfg, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, *,
+               name: str, num_layers: int, causal: bool, deterministic: bool, cross: bool = False,
+               encoded_BSD: Array | None = None, encoded_segment_ids_BS: Array | None = None,
+               cache: dict[str, Array] | None = None) -> tuple[Array, dict | None]:
+  """`num_layers` blocks under `parent.<name>`: scanned (one compiled layer, parameters stacked on a
+  leading 'layers' axis) or unrolled (`<name>_0`, `<name>_1`, ...). With relative positions, the bias is
+  computed once here from `<name>_rel_bias` and shared by every layer, as in T5."""
+  bias_BNTS = None
+  if cfg.position_type == 'relative':
+    if cache is None:  # packed rows: within a segment, key - query position is the index difference
+      T = x_BTD.shape[1]
+      q_pos_BT = k_pos_BS = jnp.arange(T, dtype=jnp.int32)[None]
+    else:  # decoding: each row's query position against every cache slot
+      q_pos_BT = positions_BT
+      k_pos_BS = jnp.arange(cache['k'].shape[2], dtype=jnp.int32)[None]
+    bias_BNTS = relative_bias(parent, cfg, f'{name}_rel_bias', q_pos_BT, k_pos_BS, bidirectional=not causal)
+
+  block = _block_class(cfg)
+  args = (positions_BT, segment_ids_BT, bias_BNTS, encoded_BSD, encoded_segment_ids_BS)
+  if cfg.scan_layers:
+    stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                    in_axes=(nn.broadcast,) * len(args) + (0,), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+    return stack(cfg, causal, cross, deterministic, name=name, parent=parent)(x_BTD, *args, cache)
+  new_cache = []
+  for i in range(num_layers):
+    layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+    x_BTD, layer_cache = block(cfg, causal, cross, deterministic, name=f'{name}_{i}', parent=parent)(
+        x_BTD, *args, layer_cache)
+    new_cache.append(layer_cache)
+  if cache is not None:
+    cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
+  return x_BTD, cache
+
+
+def embed(parent: nn.Module, cfg, tokens_BT: Array, positions_BT: Array, embedding_VD: Array | None = None,
+          prefix: str = '') -> tuple[Array, Array]:
+  """(x_BTD, embedding_VD): token embeddings, plus learned positions (GPT-2, BERT) and BERT's token type 0,
+  normalised when the model is post-norm (BERT's embedding LayerNorm). A second stack sharing the token
+  table (T5's decoder) passes it in and a `prefix` for its own position table and norm."""
+  c = cfg
+  dtype = compute_dtype(c.dtype)
+  init = nn.initializers.normal(c.init_std)
+  if embedding_VD is None:
+    embedding_VD = _param(parent, 'embedding', init, ('vocab', 'embed'), (c.vocab_size, c.embed_dim), c)
+  # Gathered over the FSDP axes first, as FSDP does for every weight before use: the lookup is then local
+  # to each vocabulary shard, where GSPMD would otherwise replicate the looked-up rows to reshard them.
+  x_BTD = jnp.take(constrain(embedding_VD, ('vocab', None)), tokens_BT, axis=0).astype(dtype)
+  if c.position_type == 'learned':
+    table_PD = _param(parent, f'{prefix}pos_embedding', init, ('table', 'embed'), (c.max_positions, c.embed_dim),
+                      c)
+    x_BTD = x_BTD + jnp.take(table_PD, positions_BT, axis=0).astype(dtype)
+  if c.type_vocab_size:
+    types_YD = _param(parent, f'{prefix}type_embedding', init, ('table', 'embed'),
+                      (c.type_vocab_size, c.embed_dim), c)
+    x_BTD = x_BTD + types_YD[0].astype(dtype)
+  if c.norm_position == 'post':
+    x_BTD = Norm(c, name=f'{prefix}embed_norm', parent=parent)(x_BTD)
+  return constrain(x_BTD, ('batch', 'seq', 'embed')), embedding_VD
+
+
+def logits(parent: nn.Module, cfg, x_BTD: Array, embedding_VD: Array, output_bias: bool = False,
+           return_hidden: bool = False):
+  """logits_BTV in model.logits_dtype: the tied embedding (x @ E^T) or a separate `unembed`, plus BERT's output
+  bias. With `return_hidden`, (x_BTD, unembed_DV) instead, so that a loss can project chunk by chunk and
+  never hold the logits of the whole batch (train/loss.py; not with an output bias: config.py refuses it)."""
+  c = cfg
+  dtype = compute_dtype(c.dtype)
+  if c.tie_embeddings:
+    unembed_DV = embedding_VD.T
+  else:
+    unembed_DV = _param(parent, 'unembed', nn.initializers.normal(c.init_std), ('embed', 'vocab'),
+                        (c.embed_dim, c.vocab_size), c)
+  unembed_DV = unembed_DV.astype(dtype)
+  bias_V = _bias(parent, 'unembed_bias', ('vocab',), (c.vocab_size,), c) if output_bias else None
+  if return_hidden:
+    return x_BTD, unembed_DV
+  logits_BTV = project(x_BTD, unembed_DV, jnp.dtype(c.logits_dtype))
+  if bias_V is not None:
+    logits_BTV = logits_BTV + bias_V.astype(logits_BTV.dtype)
+  return logits_BTV
+
+
+def project(x_BTD: Array, unembed_DV: Array, logits_dtype) -> Array:
+  """Logits in `logits_dtype`, accumulated in it too (a float32 result of bfloat16 inputs is exact where a
+  bfloat16 result cast up is not)."""
+  logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, unembed_DV, preferred_element_type=logits_dtype)
+  return constrain(logits_BTV, ('batch', 'seq', 'vocab'))
