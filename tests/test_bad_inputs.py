@@ -129,6 +129,68 @@ CASES = {
         ('garbage', ['--workdir={empty}']),
         ('garbage', ['--workdir={bad_metrics}']),
     ],
+    'plan': [
+        ('missing', ['--mesh']),
+        ('missing', ['--num_processes=2']),  # multi-host flags come together
+        ('empty', ['--mesh=']),
+        ('empty', ['--config=']),
+        ('empty', ['--device_memory=']),
+        ('wrong_type', ['--devices=two']),
+        ('wrong_type', ['--mesh=fsdp=two']),
+        ('wrong_type', ['--config.train.steps=many']),
+        ('wrong_type', ['--distributed_timeout=soon']),
+        ('out_of_range', ['--devices=0']),
+        ('out_of_range', ['--devices=4096']),
+        ('out_of_range', ['--top=0']),
+        ('out_of_range', ['--mesh=fsdp=3']),
+        ('out_of_range', ['--device_memory=-1GiB']),
+        ('out_of_range', ['--distributed_timeout=0']),
+        ('out_of_range', ['--coordinator_address=127.0.0.1:1', '--num_processes=2', '--process_id=5']),
+        ('nonexistent', ['--config={missing}.py']),
+        ('nonexistent', ['--config.train.no_such_key=1']),
+        ('nonexistent', ['--device_kind=z80']),
+        ('nonexistent', ['--mesh=pipeline=2']),
+        ('garbage', ['--config={garbage_py}']),
+        ('garbage', ['--config={binary}']),
+        ('garbage', ['--mesh=;;;']),
+        ('garbage', ['--device_memory=lots']),
+    ],
+    'convert': [
+        ('missing', []),
+        ('missing', ['from-hf', '--output={new}']),
+        ('missing', ['from-hf', '{hf}']),
+        ('missing', ['to-hf', '--output={new}']),
+        ('missing', ['to-hf', '--workdir={run}']),
+        ('empty', ['from-hf', '', '--output={new}']),
+        ('empty', ['from-hf', '{hf}', '--output=']),
+        ('empty', ['to-hf', '--workdir=', '--output={new}']),
+        ('empty', ['to-hf', '--workdir={run}', '--output=']),
+        ('wrong_type', ['from-hf', '{binary}', '--output={new}']),
+        ('wrong_type', ['from-hf', '{hf}', '--output={binary}']),
+        ('wrong_type', ['from-hf', '{hf}', '--output={new}', '--config.data.seq_len=long']),
+        ('wrong_type', ['to-hf', '--workdir={binary}', '--output={new}']),
+        ('wrong_type', ['to-hf', '--workdir={run}', '--output={new}', '--config.model.num_layers=3']),
+        ('wrong_type', ['sideways', '{hf}']),
+        ('out_of_range', ['from-hf', '{hf}', '--output={new}', '--config.data.seq_len=-4']),
+        ('out_of_range', ['from-hf', '{hf}', '--output={new}', '--config.mesh.data=3']),
+        ('out_of_range', ['from-hf', '{hf}', '--output={run}']),  # a non-empty output is never overwritten
+        ('out_of_range', ['to-hf', '--workdir={run}', '--output={hf}']),
+        ('out_of_range', ['to-hf', '--workdir={run}', '--output={run}']),
+        ('nonexistent', ['from-hf', '{missing}', '--output={new}']),
+        # A failure leaves none of the directories it would have made.
+        ('nonexistent', ['from-hf', '{hf_no_weights}', '--output={missing}/deeper/out']),
+        ('nonexistent', ['to-hf', '--workdir={bad_checkpoint}', '--output={missing}/deeper/out']),
+        ('nonexistent', ['from-hf', '{hf}', '--output={new}', '--config.model.no_such_key=1']),
+        ('nonexistent', ['to-hf', '--workdir={missing}', '--output={new}']),
+        ('garbage', ['from-hf', '{empty}', '--output={new}']),
+        ('garbage', ['from-hf', '{run}', '--output={new}']),  # an llm-jax workdir is not a transformers directory
+        ('garbage', ['from-hf', '{hf_bad_config}', '--output={new}']),
+        ('garbage', ['from-hf', '{hf_bad_weights}', '--output={new}']),
+        ('garbage', ['from-hf', '{hf_no_weights}', '--output={new}']),
+        ('garbage', ['to-hf', '--workdir={empty}', '--output={new}']),
+        ('garbage', ['to-hf', '--workdir={bad_config}', '--output={new}']),
+        ('garbage', ['to-hf', '--workdir={bad_checkpoint}', '--output={new}']),
+    ],
 }
 # Kinds a command has nothing to give, and why.
 NOT_APPLICABLE = {
@@ -169,6 +231,16 @@ def sandbox(tmp_path_factory, tokenizer_path):
   (root / 'metrics_run').mkdir()
   (root / 'metrics_run' / 'metrics.jsonl').write_text(
       json.dumps({'step': 1, 'split': 'train', 'loss': 5.0, 'tokens_per_sec': 10.0}) + '\n')
+  # A transformers directory written by `convert to-hf` from the run, and damaged copies of it.
+  from llm_jax import convert
+  convert.to_hf(run, str(root / 'hf'))
+  shutil.copytree(root / 'hf', root / 'hf_bad_config')
+  (root / 'hf_bad_config' / 'config.json').write_text('{"model_type": "llama", "hidden_size": ')
+  shutil.copytree(root / 'hf', root / 'hf_bad_weights')
+  weights = root / 'hf_bad_weights' / 'model.safetensors'
+  weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+  shutil.copytree(root / 'hf', root / 'hf_no_weights')
+  (root / 'hf_no_weights' / 'model.safetensors').unlink()
   (root / 'bad_metrics').mkdir()
   (root / 'bad_metrics' / 'metrics.jsonl').write_text('not json\nat all\n')
   return root
