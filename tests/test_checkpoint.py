@@ -152,6 +152,28 @@ def test_a_step_without_manifest_is_used_if_it_restores_and_passed_over_if_not(t
   assert len(warning[0]) < 500  # tensorstore's kilobytes of spec are cut
 
 
+def test_a_params_only_step_is_sealed_and_read_as_params(tmp_path, factory, states, capsys):
+  """Imported weights (`convert from-hf`) are a step of params alone: the training reader gives them back
+  as params without data state, and a damaged one is passed over like any other step."""
+  directory = _save(tmp_path, states, steps=(1,))
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save_params(2, states[2].params, {'note': 'imported'})
+  ckpt.close()
+  assert checkpoint_files.check_step(directory, 2) == (True, None)  # a manifest vouches for it
+  reader = Checkpointer(str(tmp_path), create=False)
+  step, params, data_state = reader.restore_latest(factory.abstract_sharded())
+  reader.close()
+  assert step == 2 and data_state is None
+  _same(params, states[2].params)
+  _truncate(_largest_array_file(os.path.join(directory, '2')))
+  writer = Checkpointer(str(tmp_path))
+  step, state, data_state = writer.restore_latest(factory.abstract_sharded())
+  writer.close()
+  assert step == 1 and data_state == {'step': 1}
+  _same(state.params, states[1].params)
+  assert 'checkpoint step 2' in capsys.readouterr().err and sorted(os.listdir(directory)) == ['1', '2.damaged']
+
+
 def test_when_no_step_reads_it_is_an_error_and_nothing_is_moved(tmp_path, factory, states):
   directory = _save(tmp_path, states, steps=(1, 2))
   for s in (1, 2):
