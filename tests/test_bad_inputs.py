@@ -1,7 +1,7 @@
 """Every `llm-jax` command given bad input: missing, empty, wrong-type and out-of-range arguments, nonexistent
-paths and garbage files. Each case must exit non-zero with exactly one line on stderr, no traceback, and
-change nothing on disk: a sandbox holding a run, garbage files and the current directory is snapshotted
-(paths, sizes, mtimes, hashes) before and after.
+paths and garbage files. Each case must exit 2 (a user mistake) with exactly one line on stderr, no
+traceback, and change nothing on disk: a sandbox holding a run, garbage files and the current directory is
+snapshotted (paths, sizes, mtimes, hashes) before and after.
 
 The table is keyed by command and checked against `llm_jax.commands.NAMES`: a new command fails
 `test_every_command_has_a_sweep` until it has cases of every kind. Cases run in-process through
@@ -281,7 +281,7 @@ def _fill(argv, sandbox, tokenizer_path, busy_port):
 
 def _check(rc, err, before, after):
   lines = err.splitlines()
-  assert rc not in (0, None), err
+  assert rc == 2, (rc, err)  # a user mistake, not a crash (1) or a success (0)
   assert len(lines) == 1 and lines[0].startswith('llm-jax: error: ') and 'Traceback' not in err, err
   changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
   assert not changed, f'changed on disk: {sorted(changed)}'
@@ -320,4 +320,3 @@ def test_bad_input_from_the_shell(argv, stdin, sandbox, tokenizer_path, busy_por
   res = subprocess.run([sys.executable, '-m', 'llm_jax.cli', *argv], cwd=sandbox / 'cwd', input=stdin,
                        capture_output=True, timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
   _check(res.returncode, res.stderr.decode('utf-8', 'replace'), before, _snapshot(sandbox))
-  assert res.returncode == 2
