@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     return args.run(args, split_config_overrides(extra))
   except UserError as e:
-    print(f'llm-jax: error: {e}', file=sys.stderr)
+    # One line, even when the message quotes something multi-line (a recipe's own exception, say).
+    message = ' '.join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f'llm-jax: error: {message}', file=sys.stderr)
     return EXIT_USER_ERROR
   except KeyboardInterrupt:
     print('llm-jax: interrupted', file=sys.stderr)

@@ -184,6 +184,8 @@ def load_recipe(spec: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise UserError(f'config file not found: {path}')
   module_spec = importlib.util.spec_from_file_location(f'_llm_jax_recipe_{abs(hash(path))}', path)
+  if module_spec is None or module_spec.loader is None:  # not a .py file: importlib finds no loader for it
+    raise UserError(f'config file {path} is not a Python file (expected recipe.py[:variant])')
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)

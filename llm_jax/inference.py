@@ -84,12 +84,12 @@ _SENTINEL = re.compile(r'<extra_id_(\d+)>')
 def load_run(workdir: str) -> Run:
   cfg = workdir_lib.load_config(workdir)
   tok = workdir_lib.load_tokenizer(workdir, cfg)
-  ckpt, step = open_for_reading(workdir)
+  ckpt = open_for_reading(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   try:
-    params = ckpt.restore_params(step, abstract_params(model, mesh, rules))
+    step, params = ckpt.restore_latest_params(abstract_params(model, mesh, rules))
   finally:
     ckpt.close()
   return Run(cfg, tok, model, params, mesh, rules, step)
@@ -101,6 +101,10 @@ def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = Fal
   `max_new_tokens` in the context; with `truncate`, the oldest tokens (after BOS) are dropped instead.
   An encoder-decoder's prompt (with EOS, as span corruption ends its inputs) must fit the encoder's rows
   (data.seq_len) and the new tokens the decoder's (data.target_len)."""
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in as lone surrogates (argv, stdin, JSON)
+    raise UserError(f'{name} is not valid UTF-8 text') from None
   if run.cfg.model.family == 'encdec':
     return _encoder_prompt(run, text, max_new_tokens, truncate, name, flag)
   bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []

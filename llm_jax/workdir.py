@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
 from typing import Sequence
 
 import jax
@@ -31,8 +31,10 @@ def config_path(workdir: str) -> str:
 
 def load_config(workdir: str):
   """The config a run was trained with; a one-line error when the workdir is not a run."""
-  if not os.path.isdir(workdir):
+  if not os.path.exists(workdir):
     raise UserError(f'workdir {workdir} does not exist')
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} is not a directory')
   path = config_path(workdir)
   if not os.path.isfile(path):
     raise UserError(f'workdir {workdir} has no {CONFIG} (not an llm-jax run?)')
@@ -70,19 +72,60 @@ def _has_checkpoints(workdir: str) -> bool:
   return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
-def prepare(workdir: str, cfg) -> None:
-  """Create the workdir and write the resolved config (process 0), failing early if it is not writable."""
+def unwritable(path: str) -> str | None:
+  """Why an existing directory cannot be written to, or None; asks the OS (access, statvfs) instead of
+  writing a probe file, so that checking changes nothing."""
+  if os.access(path, os.W_OK | os.X_OK):
+    return None
+  try:
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+      return os.strerror(errno.EROFS)
+  except OSError:
+    pass
+  return os.strerror(errno.EACCES)
+
+
+def check_writable(workdir: str) -> None:
+  """Fail before any work if the workdir cannot be written (read-only filesystem, a file in the way), and
+  without writing anything: the run's files change only once its inputs are known to be good (`prepare`)."""
   if jax.process_index() != 0:
     return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} is not a directory')
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  why = unwritable(existing) if os.path.isdir(existing) else 'not a directory'
+  if why and existing == os.path.abspath(workdir):
+    raise UserError(f'cannot write to workdir {workdir}: {why}')
+  if why:
+    raise UserError(f'cannot create workdir {workdir}: {existing}: {why}')
+
+
+def prepare(workdir: str, cfg, tok: tokenizer_lib.Tokenizer) -> None:
+  """Create the workdir and write the resolved config and the tokenizer (process 0). Training calls it once
+  the data, the tokenizer and the checkpoint to resume from have been read: a mistake in a resumed run's
+  overrides then fails without touching its config.json, which eval and generate read."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, TOKENIZER)
   try:
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_json_atomic(cfg, config_path(workdir))
+    if not os.path.isfile(path) or _read_bytes(path) != tok.serialized():
+      tokenizer_lib.save(tok, path)
   except OSError as e:
     raise UserError(f'cannot write to workdir {workdir}: {e.strerror}') from None
 
 
+def _read_bytes(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
+
+
 def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer, made once: copied from data.tokenizer, or trained on the training split.
+  """The run's tokenizer, made once: data.tokenizer, the workdir's own, or trained on the training split
+  (`prepare` saves it in the workdir).
 
   Process 0 makes it and hands the bytes to the others, so hosts need no shared filesystem.
   """
@@ -91,9 +134,6 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
   if jax.process_index() == 0:
     if cfg.data.tokenizer:
       tok = tokenizer_lib.load(cfg.data.tokenizer)
-      if os.path.abspath(cfg.data.tokenizer) != os.path.abspath(path):
-        shutil.copyfile(cfg.data.tokenizer, path + '.tmp')
-        os.replace(path + '.tmp', path)
     elif os.path.isfile(path):
       tok = tokenizer_lib.load(path)
     elif _has_checkpoints(workdir):  # e.g. imported from Hugging Face without a sentencepiece model
@@ -101,7 +141,6 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
                       'their embeddings: give the one they were trained with (--config.data.tokenizer=PATH)')
     else:
       tok = prepared_tokenizer(cfg.data) or train_tokenizer(cfg)
-      tokenizer_lib.save(tok, path)
     proto = tok.serialized()
   proto = _broadcast_bytes(proto)
   tok = tokenizer_lib.Tokenizer(proto)
@@ -166,6 +205,8 @@ class MetricsWriter:
   def __init__(self, workdir: str):
     self._path = os.path.join(workdir, METRICS)
     self._enabled = jax.process_index() == 0
+    if self._enabled:
+      _drop_partial_last_line(self._path)
 
   def write(self, record: dict) -> None:
     if not self._enabled:
@@ -174,3 +215,21 @@ class MetricsWriter:
                        for k, v in record.items()})
     with open(self._path, 'a', encoding='utf-8') as f:
       f.write(line + '\n')
+
+
+def _drop_partial_last_line(path: str) -> None:
+  """A run killed in the middle of appending a record (or stopped by a full disk) can leave a last line
+  without its newline; the resumed run's first record would be glued onto it, corrupting both."""
+  try:
+    with open(path, 'rb+') as f:
+      size = f.seek(0, os.SEEK_END)
+      start = max(0, size - 65536)  # records are far shorter than this
+      f.seek(start)
+      tail = f.read()
+      if not tail or tail.endswith(b'\n'):
+        return
+      cut = tail.rfind(b'\n')
+      if cut >= 0 or start == 0:
+        f.truncate(start + cut + 1)
+  except FileNotFoundError:
+    return

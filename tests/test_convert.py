@@ -69,10 +69,11 @@ def _workdir(path, cfg, tokenizer_path=None) -> str:
 def _params(path):
   cfg = workdir_lib.load_config(path)
   mesh = sharding.make_mesh(cfg.mesh)
-  ckpt, step = open_for_reading(path)
+  ckpt = open_for_reading(path)
   try:
-    return step, jax.device_get(ckpt.restore_params(step, abstract_params(
-        build_model(cfg.model), mesh, sharding.rules_from_config(cfg.mesh))))
+    step, params = ckpt.restore_latest_params(abstract_params(build_model(cfg.model), mesh,
+                                                              sharding.rules_from_config(cfg.mesh)))
+    return step, jax.device_get(params)
   finally:
     ckpt.close()
 
@@ -229,3 +230,14 @@ def test_a_sharded_checkpoint_reads_like_one_file(tmp_path, gpt2_hf):
   for a, b in zip(jax.tree.leaves(_params(str(tmp_path / 'sharded'))[1]),
                   jax.tree.leaves(_params(str(tmp_path / 'single'))[1])):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_conversion_leaves_none_of_the_directories_it_made(tmp_path):
+  with pytest.raises(RuntimeError):
+    with convert._atomic_dir(str(tmp_path / 'a' / 'b' / 'out')) as tmp:
+      open(os.path.join(tmp, 'half.safetensors'), 'w').close()
+      raise RuntimeError('the write failed half way')
+  assert os.listdir(tmp_path) == []
+  with convert._atomic_dir(str(tmp_path / 'a' / 'b' / 'out')) as tmp:  # a success keeps them
+    open(os.path.join(tmp, 'model.safetensors'), 'w').close()
+  assert os.listdir(tmp_path / 'a' / 'b' / 'out') == ['model.safetensors']

@@ -48,9 +48,9 @@ def _load(workdir):
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
-  ckpt, step = open_for_reading(workdir)
+  ckpt = open_for_reading(workdir)
   try:
-    params = ckpt.restore_params(step, abstract_params(model, mesh, rules))
+    _, params = ckpt.restore_latest_params(abstract_params(model, mesh, rules))
   finally:
     ckpt.close()
   return cfg, model, params

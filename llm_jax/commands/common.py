@@ -1,5 +1,7 @@
 """Small pieces several commands share."""
 
+from __future__ import annotations
+
 import json
 import os
 
@@ -9,6 +11,24 @@ from llm_jax.errors import UserError
 def no_overrides(command: str, overrides) -> None:
   if overrides:
     raise UserError(f"{command} reads the run's own config; --config.* overrides are not accepted")
+
+
+def nonempty(flag: str, value: str | None) -> None:
+  """`--workdir=` (an unset shell variable, say) would otherwise mean the current directory."""
+  if value is not None and not value.strip():
+    raise UserError(f'{flag} is empty')
+
+
+def check_output(flag: str, path: str | None) -> None:
+  """An output file that cannot be written is reported before the work, not after it."""
+  if path is None:
+    return
+  nonempty(flag, path)
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise UserError(f'{flag}={path} is a directory')
+  if not os.path.isdir(parent):
+    raise UserError(f'{flag}={path}: directory {parent} does not exist')
 
 
 def write_json(path: str, obj) -> None:

@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
 
 def run(args, overrides) -> int:
   from llm_jax import convert
+  from llm_jax.commands.common import nonempty
+  nonempty('--output', args.output)  # empty would mean the current directory
+  convert.check_output(args.output)  # before reading gigabytes of weights
   if args.direction == 'from-hf':
     summary = convert.from_hf(args.hf_dir, args.output, overrides)
     tokenizer = 'with its sentencepiece tokenizer' if summary['tokenizer'] else 'without a sentencepiece tokenizer'

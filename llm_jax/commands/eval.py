@@ -4,7 +4,7 @@ held-out text or any other source (`--data`), and multiple-choice tasks (`--task
 import os
 
 from llm_jax import distributed
-from llm_jax.commands.common import no_overrides, write_json
+from llm_jax.commands.common import check_output, no_overrides, nonempty, write_json
 from llm_jax.errors import UserError
 
 HELP = 'held-out loss, perplexity, bits per byte and multiple-choice tasks of the latest checkpoint'
@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
 
 def run(args, overrides) -> int:
   no_overrides('eval', overrides)
+  nonempty('--workdir', args.workdir)
+  check_output('--output', args.output)
   if args.max_tokens is not None and args.max_tokens < 1:
     raise UserError(f'--max_tokens={args.max_tokens}: expected a positive integer')
   if args.batch_size < 1:

@@ -13,7 +13,7 @@ import json
 import sys
 
 from llm_jax import distributed
-from llm_jax.commands.common import no_overrides, write_jsonl
+from llm_jax.commands.common import check_output, no_overrides, nonempty, write_jsonl
 from llm_jax.errors import UserError
 
 HELP = 'continue prompts with the latest checkpoint'
@@ -77,7 +77,10 @@ def read_prompts(args) -> list[str]:
   if source is None and sys.stdin.isatty():
     raise UserError('no prompt: give --prompt=TEXT, --prompts_file=FILE, or prompts on standard input')
   if source in (None, '-'):
-    name, lines = 'standard input', sys.stdin.read().splitlines()
+    try:
+      name, lines = 'standard input', sys.stdin.read().splitlines()
+    except UnicodeDecodeError:
+      raise UserError('standard input is not UTF-8 text') from None
   else:
     try:
       with open(source, encoding='utf-8') as f:
@@ -109,6 +112,8 @@ def _prompt_of(name: str, lineno: int, line: str, jsonl: bool) -> str | None:
 
 def run(args, overrides) -> int:
   no_overrides('generate', overrides)
+  nonempty('--workdir', args.workdir)
+  check_output('--output', args.output)
   if args.num_samples < 1:
     raise UserError(f'--num_samples={args.num_samples}: expected a positive integer')
   if args.batch_size < 1:

@@ -87,6 +87,9 @@ def _backend_started() -> bool:
 
 def run(args, overrides) -> int:
   from llm_jax import config as config_lib, plan, workdir as workdir_lib
+  from llm_jax.commands.common import nonempty
+  for flag in ('config', 'mesh', 'device_kind', 'device_memory'):  # empty is a mistake, not the default
+    nonempty(f'--{flag}', getattr(args, flag))
   if args.top < 1:
     raise UserError(f'--top={args.top}: expected a positive integer')
   recipe = args.config or workdir_lib.default_recipe()

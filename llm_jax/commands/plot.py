@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from llm_jax.commands.common import no_overrides
+from llm_jax.commands.common import no_overrides, nonempty
 from llm_jax.errors import UserError
 
 HELP = 'draw train / held-out loss and tokens/s of one or more runs into a PNG'
@@ -24,8 +24,10 @@ def add_arguments(p) -> None:
 def read_metrics(workdir: str) -> dict[str, dict[int, dict]]:
   """{'train': {step: record}, 'eval': {step: record}} of a run; one-line errors for what is missing."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isdir(workdir):
+  if not os.path.exists(workdir):
     raise UserError(f'workdir {workdir} does not exist')
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir} is not a directory')
   if not os.path.isfile(path):
     raise UserError(f'workdir {workdir} has no metrics.jsonl (not an llm-jax run, or not trained yet)')
   series: dict[str, dict[int, dict]] = {'train': {}, 'eval': {}}
@@ -98,6 +100,9 @@ def plot(workdirs: list[str], out: str) -> None:
 
 def run(args, overrides) -> int:
   no_overrides('plot', overrides)
+  for workdir in args.workdir:
+    nonempty('--workdir', workdir)
+  nonempty('--out', args.out)
   plot(args.workdir, args.out)
   print(f'wrote {args.out}')
   return 0

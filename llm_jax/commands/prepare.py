@@ -15,7 +15,9 @@ def run(args, overrides) -> int:
   import re
 
   from llm_jax import config as config_lib, workdir as workdir_lib
+  from llm_jax.commands.common import nonempty
   from llm_jax.data import prepared, tokenizer as tokenizer_lib
+  nonempty('--output', args.output)
   if not re.fullmatch(r'[a-z][a-z0-9_]*', args.name):
     raise UserError(f'--name={args.name!r}: expected lower_snake_case (a TFDS dataset name)')
   cfg = config_lib.load(args.config or workdir_lib.default_recipe(), overrides)

@@ -2,7 +2,7 @@
 
 import os
 
-from llm_jax.commands.common import no_overrides
+from llm_jax.commands.common import no_overrides, nonempty
 from llm_jax.errors import UserError
 
 HELP = 'serve the latest checkpoint over an OpenAI-compatible HTTP API'
@@ -21,6 +21,7 @@ def add_arguments(p) -> None:
 
 def run(args, overrides) -> int:
   no_overrides('serve', overrides)
+  nonempty('--workdir', args.workdir)
   if not 0 <= args.port < 65536:
     raise UserError(f'--port={args.port}: expected 0 to 65535')
   if args.max_batch < 1:

@@ -91,25 +91,48 @@ def from_layout(params: dict) -> dict:
   return out
 
 
-@contextlib.contextmanager
-def _atomic_dir(output: str):
-  """A temporary directory beside `output`, renamed to it when the block succeeds, removed otherwise."""
+def check_output(output: str) -> None:
+  """The output must be new or an empty directory: nothing is overwritten. Checked before any weights are
+  read, and again when writing."""
   output = os.path.abspath(output)
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
     raise UserError(f'--output={output} exists and is not empty; choose a new directory')
+  existing = os.path.dirname(output)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f'--output={output}: {existing} is not a directory')
+
+
+@contextlib.contextmanager
+def _atomic_dir(output: str):
+  """A temporary directory beside `output`, renamed to it when the block succeeds, removed otherwise (with
+  the parent directories it had to create)."""
+  check_output(output)
+  output = os.path.abspath(output)
   parent = os.path.dirname(output)
+  created = parent  # the outermost directory made here, removed on failure
+  while not os.path.exists(os.path.dirname(created)):
+    created = os.path.dirname(created)
+  created = None if os.path.exists(parent) else created
+  ok = False
   try:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.tmp', dir=parent)
   except OSError as e:
+    if created is not None:
+      shutil.rmtree(created, ignore_errors=True)
     raise UserError(f'cannot write to {parent}: {e.strerror}') from None
   try:
     yield tmp
     if os.path.isdir(output):
       os.rmdir(output)  # empty, checked above
     os.replace(tmp, output)
+    ok = True
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+    if not ok and created is not None:
+      shutil.rmtree(created, ignore_errors=True)
 
 
 def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
@@ -197,9 +220,9 @@ def to_hf(workdir: str, output: str) -> dict:
   mesh_cfg.update(data=-1, fsdp=1, sequence=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   mesh = sharding.make_mesh(mesh_cfg)
   rules = sharding.rules_from_config(mesh_cfg)
-  ckpt, step = open_for_reading(workdir)
-  try:
-    params = ckpt.restore_params(step, abstract_params(build_model(cfg.model), mesh, rules))
+  ckpt = open_for_reading(workdir)
+  try:  # the newest step that reads: a damaged one is passed over with a warning
+    step, params = ckpt.restore_latest_params(abstract_params(build_model(cfg.model), mesh, rules))
   finally:
     ckpt.close()
   params = from_layout(jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params))

@@ -22,6 +22,7 @@ import numpy as np
 
 from llm_jax.data.files import Skipped
 from llm_jax.data.objectives import Stream
+from llm_jax.errors import UserError
 
 Feed = Callable[[int], Iterator]
 
@@ -29,10 +30,14 @@ Feed = Callable[[int], Iterator]
 class Packer:
   """Fills rows of a batch from one ordered document feed."""
 
-  def __init__(self, streams: tuple[Stream, ...], feed: Feed, on_skip: Callable[[Skipped], None] = None):
+  def __init__(self, streams: tuple[Stream, ...], feed: Feed, on_skip: Callable[[Skipped], None] = None,
+               max_skips: int | None = None):
     self._streams = streams
     self._feed = feed
     self._on_skip = on_skip
+    # An endless feed whose documents all became unusable (the files deleted mid-run) would otherwise be
+    # skipped through forever: this many skips in a row is an error.
+    self._max_skips = max_skips
     self._arange = np.arange(max(s.length for s in streams), dtype=np.int32)
     self._index = 0  # the document at the front: partly taken (part or offsets > 0) or next to read
     self._part = 0  # which of its examples
@@ -56,6 +61,7 @@ class Packer:
     """The examples of the document at self._index, skipping bad ones; None when the feed ends."""
     if self._it is None:
       self._it = iter(self._feed(self._index))
+    skipped, last = 0, None
     while True:
       try:
         item = next(self._it)
@@ -66,8 +72,15 @@ class Packer:
         return [item]
       if isinstance(item, list):
         return item
-      if isinstance(item, Skipped) and not item.silent and self._on_skip is not None:
-        self._on_skip(item)
+      if isinstance(item, Skipped) and not item.silent:
+        last = item
+        if self._on_skip is not None:
+          self._on_skip(item)
+      skipped += 1
+      if self._max_skips is not None and skipped >= self._max_skips:
+        why = f' (the last: {last.message()})' if last is not None else ''
+        raise UserError(f'{skipped} documents in a row could not be used{why}: no usable training data is '
+                        'left; were the files of data.source moved or deleted during the run?')
       self._advance()
 
   def _advance(self) -> None:

@@ -101,7 +101,10 @@ class TrainStream:
     datasets = [shard_dataset(parts, s, self.num_shards, seed, featurize) for s in self.shards]
     self._feeds = Feeds(datasets, data_cfg.workers, data_cfg.prefetch)
     self.skips = SkipLog(f' process {pi}:' if pc > 1 else '')
-    self._packers = [Packer(self.streams, (lambda start, p=p: self._feeds.feed(p, start)), self.skips)
+    # Every epoch visits each of a shard's documents once, in some order: a run of skips as long as two
+    # epochs holds a whole epoch, so then not one document of the shard is usable any more.
+    epoch = sum(len(docs) for docs, _ in parts) // self.num_shards + 1
+    self._packers = [Packer(self.streams, (lambda start, p=p: self._feeds.feed(p, start)), self.skips, 2 * epoch)
                      for p in range(len(self.shards))]
 
   def __iter__(self):

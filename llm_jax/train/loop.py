@@ -62,7 +62,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   still runs to cfg.train.steps, so a later invocation continues the same run. So does SIGTERM / SIGINT;
   the result then names the signal ('stopped_by').
   """
-  workdir_lib.prepare(workdir, cfg)
+  workdir_lib.check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
   sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules, cfg.train.microbatches)
@@ -75,14 +75,28 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   eval_model = build_model(cfg.model)
   stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed, model_cfg=cfg.model)
 
-  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None and not ckpt.has_train_state(latest):  # imported weights (convert from-hf)
-    state = factory.init_from_params(ckpt.restore_params(latest, factory.abstract_sharded().params), cfg.seed)
+  ckpt, latest, imported = None, None, False
+  try:
+    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    abstract_state = factory.abstract_sharded()
+    ckpt.check_space(abstract_state)
+    found = ckpt.restore_latest(abstract_state)  # the newest step that reads; damaged ones are passed over
+    if found is not None:
+      latest, state, data_state = found
+      imported = data_state is None  # params alone: weights from `convert from-hf`
+      if imported:
+        state = factory.init_from_params(state, cfg.seed)
+      else:
+        stream.set_state(data_state)
+    workdir_lib.prepare(workdir, cfg, tok)  # every input read: now the run's config and tokenizer are saved
+  except BaseException:
+    if ckpt is not None:
+      ckpt.close()
+    stream.close()
+    raise
+  if imported:
     _say(f'starting from the params of step {latest} of {workdir} (no optimizer state: imported weights)')
   elif latest is not None:
-    state, data_state = ckpt.restore(latest, factory.abstract_sharded())
-    stream.set_state(data_state)
     _say(f'resumed from step {latest} of {workdir}')
   else:
     state = factory.init(cfg.seed)

@@ -8,6 +8,7 @@ written as null to metrics.jsonl and left out of TensorBoard and W&B, which have
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -60,20 +61,38 @@ class Sinks:
 
   def __init__(self, workdir: str, train_cfg, config: dict):
     self._sinks = []
+    self._workdir = workdir
     if jax.process_index() != 0:
       return
-    self._sinks.append(workdir_lib.MetricsWriter(workdir))
-    if train_cfg.tensorboard:
-      self._sinks.append(_TensorBoard(os.path.join(workdir, TENSORBOARD_DIR)))
+    with self._io():
+      self._sinks.append(workdir_lib.MetricsWriter(workdir))
+      if train_cfg.tensorboard:
+        self._sinks.append(_TensorBoard(os.path.join(workdir, TENSORBOARD_DIR)))
     if train_cfg.wandb_project:
       self._sinks.append(_Wandb(train_cfg.wandb_project, workdir, config))
 
+  @contextlib.contextmanager
+  def _io(self):
+    """A full disk or a workdir gone read-only is one line, not a traceback from deep in a writer."""
+    try:
+      yield
+    except OSError as e:
+      raise UserError(f'cannot write metrics to {self._workdir}: {e.strerror or e}') from None
+
   def write(self, record: dict) -> None:
-    for sink in self._sinks:
-      sink.write(record)
+    with self._io():
+      for sink in self._sinks:
+        sink.write(record)
 
   def close(self) -> None:
-    for sink in self._sinks:
-      if hasattr(sink, 'close'):
-        sink.close()
-    self._sinks = []
+    sinks, self._sinks = self._sinks, []
+    failure = None
+    for sink in sinks:  # every sink gets closed, even after one fails
+      try:
+        if hasattr(sink, 'close'):
+          sink.close()
+      except OSError as e:
+        failure = failure or e
+    if failure is not None:
+      with self._io():
+        raise failure
