@@ -16,6 +16,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from llm_jax import lora
 from llm_jax.errors import UserError
 from llm_jax.train.state import TrainState
 
@@ -26,8 +27,11 @@ def checkpoint_dir(workdir: str) -> str:
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, create: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, create: bool = True,
+               adapters_only: bool = False):
     self.directory = checkpoint_dir(workdir)
+    # LoRA runs (lora.py): `params` holds the adapters alone; the frozen base lives in init_from.
+    self.adapters_only = adapters_only
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_save)
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
@@ -40,8 +44,9 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
     """Blocks only while arrays are copied off the device; the write finishes in the background."""
+    params = lora.split(state.params)[1] if self.adapters_only else state.params
     self._mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
+        params=ocp.args.StandardSave(params),
         train=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config),
@@ -54,16 +59,23 @@ class Checkpointer:
   def has_train_state(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), 'train'))
 
-  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+  def restore(self, step: int, abstract_state: TrainState, base_params: Any = None) -> tuple[TrainState, dict]:
+    """The state of `step`; with adapters_only, its adapters joined to `base_params` (the frozen base)."""
+    abstract_params = abstract_state.params
+    if self.adapters_only:
+      abstract_params = lora.split(abstract_params)[1]
     abstract_train = {'step': abstract_state.step, 'opt_state': abstract_state.opt_state,
                       'rng': abstract_state.rng}
     out = self._mgr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.params),
+        params=ocp.args.StandardRestore(abstract_params),
         train=ocp.args.StandardRestore(abstract_train),
         data=ocp.args.JsonRestore(),
     ))
     train = out['train']
-    state = TrainState(step=train['step'], params=out['params'], opt_state=train['opt_state'],
+    params = out['params']
+    if self.adapters_only:
+      params = lora.merge(lora.split(base_params)[0], params)
+    state = TrainState(step=train['step'], params=params, opt_state=train['opt_state'],
                        rng=train['rng'])
     return state, out['data']
 

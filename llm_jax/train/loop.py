@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from llm_jax import evaluate, flops, sharding, workdir as workdir_lib
+from llm_jax import evaluate, finetune, flops, lora, sharding, workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.errors import UserError
@@ -65,6 +65,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   still runs to cfg.train.steps, so a later invocation continues the same run. So does SIGTERM / SIGINT;
   the result then names the signal ('stopped_by').
   """
+  cfg = finetune.resolve(cfg)
   workdir_lib.prepare(workdir, cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
@@ -74,21 +75,30 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   train_model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
   eval_model = build_model(cfg.model)
   tx = optim.make_optimizer(cfg.train)
+  if cfg.model.lora.rank:
+    tx = lora.optimizer(tx)
   lr_schedule = optim.schedule(cfg.train)
   factory = StateFactory(train_model, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed, model_cfg=cfg.model)
 
-  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, adapters_only=cfg.model.lora.rank > 0)
   latest = ckpt.latest_step()
+  if cfg.init_from and (latest is None or cfg.model.lora.rank):
+    # A LoRA run never saves its frozen base: it is read from init_from at every start and resume.
+    init_state = finetune.initial_state(cfg, factory, mesh, rules)
+    if latest is None:
+      state = init_state
+      _say(f'starting from the params of {cfg.init_from} (step 0, new optimizer state)')
   if latest is not None and not ckpt.has_train_state(latest):  # imported weights (convert from-hf)
     state = factory.init_from_params(ckpt.restore_params(latest, factory.abstract_sharded().params), cfg.seed)
     _say(f'starting from the params of step {latest} of {workdir} (no optimizer state: imported weights)')
   elif latest is not None:
-    state, data_state = ckpt.restore(latest, factory.abstract_sharded())
+    state, data_state = ckpt.restore(latest, factory.abstract_sharded(),
+                                     init_state.params if cfg.model.lora.rank else None)
     stream.set_state(data_state)
     _say(f'resumed from step {latest} of {workdir}')
-  else:
+  elif not cfg.init_from:
     state = factory.init(cfg.seed)
   start, total = (latest or 0), cfg.train.steps
   end = total if stop_at is None else min(stop_at, total)
