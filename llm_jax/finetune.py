@@ -4,9 +4,11 @@ new data stream; its tokenizer; its architecture.
 The new run's model must be the pretrained one. Keys that change no parameter shape or meaning may differ
 (FREE_KEYS: dropout, dtypes, remat, LoRA), and `model.vocab_size` is set here, not by the recipe: the
 pretrained table's size, grown when the objective reserves ids past the tokenizer's pieces that the table
-has no rows for (the chat template's role markers, data/chat.py). New rows of the embedding start at the
-mean of the old ones and new output columns at the mean of the old columns: each marker starts as an
-"average token" whose logit is the mean logit, never a random one that could dominate the softmax.
+has no rows for (the chat template's role markers, data/chat.py). New embedding rows (output columns) are
+drawn around the mean of the old ones with their per-dimension spread (Hewitt 2021, "Initializing new word
+embeddings"): each marker starts as a plausible, ordinary token whose logit is near the mean logit, never an
+outlier that dominates the softmax, and the markers differ from each other from the first step, which matters
+most under LoRA, where these rows stay frozen.
 
 The resolved config (grown vocabulary, the tokenizer copied into the new workdir) is what the new run saves,
 so `eval`, `generate` and `chat` read the new workdir alone; only a LoRA run reads `init_from` again, for
@@ -74,13 +76,18 @@ def resolve(cfg):
   return config_lib.load(None, overrides, base=base)
 
 
-def _grow(table, rows: int, axis: int):
-  """`table` with rows (axis 0) or columns (axis 1) added up to `rows`, each the mean of the existing ones."""
+def _grow(table, rows: int, axis: int, rng):
+  """`table` with rows (axis 0) or columns (axis 1) added up to `rows`, drawn from a normal with the existing
+  ones' mean and standard deviation per dimension."""
   extra = rows - table.shape[axis]
   if extra <= 0:
     return table
   mean = jnp.mean(table, axis=axis, keepdims=True)
-  return jnp.concatenate([table, jnp.repeat(mean, extra, axis=axis)], axis=axis)
+  std = jnp.std(table, axis=axis, keepdims=True)
+  shape = list(table.shape)
+  shape[axis] = extra
+  new = mean + std * jax.random.normal(rng, shape, jnp.float32).astype(table.dtype)
+  return jnp.concatenate([table, new.astype(table.dtype)], axis=axis)
 
 
 def load_params(cfg, mesh, rules, target_shardings):
@@ -95,17 +102,18 @@ def load_params(cfg, mesh, rules, target_shardings):
     ckpt.close()
   vocab = cfg.model.vocab_size
 
-  def grow(p):
+  def grow(p, rng):
     p = dict(p)
+    rngs = jax.random.split(rng, 3)
     if 'embedding' in p:
-      p['embedding'] = _grow(p['embedding'], vocab, 0)
+      p['embedding'] = _grow(p['embedding'], vocab, 0, rngs[0])
     if 'unembed' in p:
-      p['unembed'] = _grow(p['unembed'], vocab, 1)
+      p['unembed'] = _grow(p['unembed'], vocab, 1, rngs[1])
     if 'unembed_bias' in p:
-      p['unembed_bias'] = _grow(p['unembed_bias'], vocab, 0)
+      p['unembed_bias'] = _grow(p['unembed_bias'], vocab, 0, rngs[2])
     return p
 
-  return jax.jit(grow, out_shardings=target_shardings)(params), step
+  return jax.jit(grow, out_shardings=target_shardings)(params, jax.random.PRNGKey(cfg.seed)), step
 
 
 def initial_state(cfg, factory, mesh, rules):
