@@ -8,8 +8,8 @@ The model section is configs/tiny.py's: it must match the pretrained run (model.
 Variants: `tiny` pairs with configs/tiny.py:tiny and runs in seconds; `lora` trains rank-8 adapters instead.
 """
 
-import os
 import importlib.util
+import os
 
 
 def _tiny_recipe():

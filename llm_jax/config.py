@@ -427,6 +427,8 @@ def _validate_family(cfg) -> None:
     _require(ok, 'data.chat_roles', tuple(roles), 'at least two distinct role names (letters, digits, _)')
   if d.objective == 'dpo':
     _require(d.dpo_beta > 0, 'data.dpo_beta', d.dpo_beta, 'positive')
+    _require(cfg.train.microbatches == 1, 'train.microbatches', cfg.train.microbatches,
+             "1 for data.objective='dpo' (its step does not accumulate)")
   lora = m.lora
   _require(lora.rank >= 0, 'model.lora.rank', lora.rank, 'a non-negative integer (0: off)')
   if lora.rank:

@@ -49,7 +49,8 @@ def sft_run(tmp_path_factory, pretrained):
   source = write_jsonl(root / 'pairs.jsonl', [{'prompt': p, 'response': r} for p, r in PAIRS] + [
       {'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
                     {'role': 'assistant', 'content': 'Hello.'}]},
-      {'prompt': 'no response'}, {'prompt': 'x', 'response': ' '}, '{"messages": [{"role": "robot", "content": "Hi"}]}'])
+      {'prompt': 'no response'}, {'prompt': 'x', 'response': ' '},
+      '{"messages": [{"role": "robot", "content": "Hi"}]}'])
   workdir = str(root / 'run')
   cfg = sft_config(pretrained, source, ('train.steps', '40'), ('train.learning_rate', '1e-2'))
   loop.train(cfg, workdir)

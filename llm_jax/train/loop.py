@@ -14,13 +14,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 from llm_jax import evaluate, finetune, flops, lora, sharding, workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
-from llm_jax.train import optim
+from llm_jax.train import dpo, optim
 from llm_jax.train.loss import LossConfig
 from llm_jax.train.preemption import StopRequests
 from llm_jax.train.progress import Progress
@@ -108,8 +109,17 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     stream.close()
     return {'step': start}
 
-  train_step = make_train_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
-                               loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
+  if cfg.data.objective == 'dpo':
+    # The reference is the run's step-0 params (init_from's, plus untrained adapters), rebuilt at every
+    # start so a resumed run compares against the same model. A copy: the state's own buffers are donated.
+    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=factory.param_shardings)(
+        (init_state if latest is None else finetune.initial_state(cfg, factory, mesh, rules)).params)
+    dpo_step = dpo.make_dpo_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
+                                 cfg.data.dpo_beta)
+    train_step = lambda state, batch: dpo_step(state, batch, ref_params)  # noqa: E731
+  else:
+    train_step = make_train_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
+                                 loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
   eval_step = make_eval_step(eval_model, mesh, rules, factory.param_shardings, batch_sharding,
                              loss_chunk=cfg.train.loss_chunk)
   heldout = sources.open_source(cfg.data, 'heldout') if cfg.eval.every else None
@@ -157,6 +167,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
               'mfu': flops.mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)}
     if 'skipped' in m:
       record['skipped'] = int(m['skipped'])
+    record.update({k: float(m[k]) for k in dpo.DPO_METRICS if k in m})
     sinks.write(record)
     progress.update(step, record)
     last.update(record)
