@@ -94,6 +94,9 @@ def load_params(cfg, mesh, rules, target_shardings):
   """init_from's latest params in `cfg`'s layout, vocabulary grown to cfg.model.vocab_size, placed with
   `target_shardings` (a tree like the pretrained params: adapters are added by the caller)."""
   pre = pretrained_config(cfg.init_from)
+  if pre.model.lora.rank:
+    raise UserError(f'config key init_from={cfg.init_from!r} is a LoRA run (its checkpoints hold adapters only); '
+                    'merge it first: llm-jax export --merge-lora')
   ckpt, step = open_for_reading(cfg.init_from)
   try:
     pre_model = build_model(pre.model)
