@@ -198,3 +198,12 @@ def test_chat_refuses_bad_input_in_one_line(which, needle, pretrained, tmp_path,
   (tmp_path / 'config.json').write_text('{not json')
   code, out, err = _chat(monkeypatch, capsys, workdir, 'hi\n')
   assert code == 2 and err.count('\n') == 1 and err.startswith('llm-jax: error: ') and needle in err
+
+
+def test_a_source_with_no_usable_record_stops_with_one_line(pretrained, tmp_path):
+  # A DPO file handed to SFT: every record lacks 'response'. Reading it forever would hang the run.
+  source = write_jsonl(tmp_path / 'prefs.jsonl', [{'prompt': 'q', 'chosen': 'a', 'rejected': 'b'}] * 3)
+  cfg = sft_config(pretrained, source)
+  with pytest.raises(UserError, match=r"records in a row made no example.*prefs.jsonl:\d: field 'response' is "
+                                      'missing'):
+    loop.train(cfg, str(tmp_path / 'run'))

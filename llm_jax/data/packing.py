@@ -22,6 +22,7 @@ import numpy as np
 
 from llm_jax.data.files import Skipped
 from llm_jax.data.objectives import Stream
+from llm_jax.errors import UserError
 
 Feed = Callable[[int], Iterator]
 
@@ -29,10 +30,14 @@ Feed = Callable[[int], Iterator]
 class Packer:
   """Fills rows of a batch from one ordered document feed."""
 
-  def __init__(self, streams: tuple[Stream, ...], feed: Feed, on_skip: Callable[[Skipped], None] = None):
+  def __init__(self, streams: tuple[Stream, ...], feed: Feed, on_skip: Callable[[Skipped], None] = None,
+               max_skips: int = 0):
     self._streams = streams
     self._feed = feed
     self._on_skip = on_skip
+    # An endless feed whose every record is bad (a DPO file given to SFT, say) would be read forever: after
+    # `max_skips` skips in a row (a whole epoch of the shard), that is the user's error, not bad luck.
+    self._max_skips, self._skips_in_a_row = max_skips, 0
     self._arange = np.arange(max(s.length for s in streams), dtype=np.int32)
     self._index = 0  # the document at the front: partly taken (part or offsets > 0) or next to read
     self._part = 0  # which of its examples
@@ -62,12 +67,16 @@ class Packer:
       except StopIteration:
         self.exhausted = True
         return None
-      if isinstance(item, dict):
-        return [item]
-      if isinstance(item, list):
-        return item
+      if isinstance(item, (dict, list)):
+        self._skips_in_a_row = 0
+        return [item] if isinstance(item, dict) else item
       if isinstance(item, Skipped) and not item.silent and self._on_skip is not None:
         self._on_skip(item)
+      self._skips_in_a_row += 1
+      if self._max_skips and self._skips_in_a_row > self._max_skips:
+        last = f' (the last: {item.message()})' if isinstance(item, Skipped) and not item.silent else ''
+        raise UserError(f'{self._skips_in_a_row} records in a row made no example, a whole pass over this data '
+                        f'shard: nothing in data.source can be trained on{last}')
       self._advance()
 
   def _advance(self) -> None:

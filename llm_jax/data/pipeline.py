@@ -101,8 +101,9 @@ class TrainStream:
     datasets = [shard_dataset(parts, s, self.num_shards, seed, featurize) for s in self.shards]
     self._feeds = Feeds(datasets, data_cfg.workers, data_cfg.prefetch)
     self.skips = SkipLog(f' process {pi}:' if pc > 1 else '')
-    self._packers = [Packer(self.streams, (lambda start, p=p: self._feeds.feed(p, start)), self.skips)
-                     for p in range(len(self.shards))]
+    per_shard = [sum(len(range(s, len(docs), self.num_shards)) for docs, _ in parts) for s in self.shards]
+    self._packers = [Packer(self.streams, (lambda start, p=p: self._feeds.feed(p, start)), self.skips,
+                            max_skips=per_shard[p]) for p in range(len(self.shards))]
 
   def __iter__(self):
     return self
