@@ -85,6 +85,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, adapters_only=cfg.model.lora.rank > 0)
   latest = ckpt.latest_step()
+  init_state = None
   if cfg.init_from and (latest is None or cfg.model.lora.rank):
     # A LoRA run never saves its frozen base: it is read from init_from at every start and resume.
     init_state = finetune.initial_state(cfg, factory, mesh, rules)
@@ -113,7 +114,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     # The reference is the run's step-0 params (init_from's, plus untrained adapters), rebuilt at every
     # start so a resumed run compares against the same model. A copy: the state's own buffers are donated.
     ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=factory.param_shardings)(
-        (init_state if latest is None else finetune.initial_state(cfg, factory, mesh, rules)).params)
+        (init_state if init_state is not None else finetune.initial_state(cfg, factory, mesh, rules)).params)
     dpo_step = dpo.make_dpo_step(train_model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
                                  cfg.data.dpo_beta)
     train_step = lambda state, batch: dpo_step(state, batch, ref_params)  # noqa: E731
