@@ -417,9 +417,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def _validate_family(cfg) -> None:
   m, d = cfg.model, cfg.data
-  allowed = (OBJECTIVE_OF[m.family],) + _FINETUNE_OBJECTIVES.get(m.family, ())
-  _require(d.objective in allowed, 'data.objective', d.objective,
-           f'one of {allowed} for model.family={m.family!r}')
+  extra = _FINETUNE_OBJECTIVES.get(m.family, ())
+  _require(d.objective in (OBJECTIVE_OF[m.family],) + extra, 'data.objective', d.objective,
+           f'{OBJECTIVE_OF[m.family]!r} for model.family={m.family!r}'
+           + (f' (or {" / ".join(map(repr, extra))} to fine-tune)' if extra else ''))
   if d.objective in CHAT_OBJECTIVES:
     roles = d.chat_roles
     ok = (len(roles) >= 2 and len(set(roles)) == len(roles)
