@@ -31,6 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from llm_jax import checkpoint_files as files
+from llm_jax import lora
 from llm_jax.errors import UserError
 from llm_jax.train.state import TrainState
 from llm_jax.workdir import unwritable
@@ -63,9 +64,12 @@ class Checkpointer:
   """`create=True`: the writer (training), which cleans up after interrupted saves and moves damaged steps
   aside. `create=False`: a reader that changes nothing on disk."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, create: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, create: bool = True,
+               adapters_only: bool = False):
     self.directory = checkpoint_dir(workdir)
     self._writer = create
+    # LoRA runs (lora.py): `params` holds the adapters alone; the frozen base lives in init_from.
+    self.adapters_only = adapters_only
     self._async = async_save
     self._pending: int | None = None  # the step whose save may still be running in the background
     logging.getLogger('absl').addFilter(_QUIET)  # a no-op when already there
@@ -117,8 +121,9 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
     """Blocks only while arrays are copied off the device; the write finishes in the background."""
+    params = lora.split(state.params)[1] if self.adapters_only else state.params
     self._save(step, ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
+        params=ocp.args.StandardSave(params),
         train=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config),
@@ -162,16 +167,23 @@ class Checkpointer:
     raise UserError(f'cannot write the checkpoint of step {self._pending} to {self.directory}: {why}; '
                     f'{kept}') from None
 
-  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+  def restore(self, step: int, abstract_state: TrainState, base_params: Any = None) -> tuple[TrainState, dict]:
+    """The state of `step`; with adapters_only, its adapters joined to `base_params` (the frozen base)."""
+    abstract_params = abstract_state.params
+    if self.adapters_only:
+      abstract_params = lora.split(abstract_params)[1]
     abstract_train = {'step': abstract_state.step, 'opt_state': abstract_state.opt_state,
                       'rng': abstract_state.rng}
     out = self._mgr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.params),
+        params=ocp.args.StandardRestore(abstract_params),
         train=ocp.args.StandardRestore(abstract_train),
         data=ocp.args.JsonRestore(),
     ))
     train = out['train']
-    state = TrainState(step=train['step'], params=out['params'], opt_state=train['opt_state'],
+    params = out['params']
+    if self.adapters_only:
+      params = lora.merge(lora.split(base_params)[0], params)
+    state = TrainState(step=train['step'], params=params, opt_state=train['opt_state'],
                        rng=train['rng'])
     return state, out['data']
 
@@ -179,12 +191,13 @@ class Checkpointer:
     out = self._mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
     return out['params']
 
-  def restore_latest(self, abstract_state: TrainState) -> tuple[int, TrainState | Any, dict | None] | None:
+  def restore_latest(self, abstract_state: TrainState, base_params: Any = None
+                     ) -> tuple[int, TrainState | Any, dict | None] | None:
     """(step, state, data state) of the newest step that reads; None when there are no steps at all. A step
-    of params alone (imported weights) gives (step, params, None)."""
+    of params alone (imported weights) gives (step, params, None). `base_params`: see `restore`."""
     def restore(step: int):
       if self.has_train_state(step):
-        return self.restore(step, abstract_state)
+        return self.restore(step, abstract_state, base_params)
       return self.restore_params(step, abstract_state.params), None
     found = self._newest_readable(restore)
     return None if found is None else (found[0], *found[1])

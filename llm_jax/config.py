@@ -53,6 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
   """Every key llm-jax reads, with its default. Recipes override values from here."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Fine-tuning: a pretrained workdir whose latest params start this run (step 0, new optimizer state, its
+  # tokenizer); '' trains from scratch. Its model must match this one (model.vocab_size may grow to fit the
+  # chat template's role markers; see finetune.py).
+  c.init_from = ''
 
   c.model = ml_collections.ConfigDict()
   m = c.model
@@ -93,6 +97,12 @@ def default_config() -> ml_collections.ConfigDict:
   # (bfloat16/float16, head_dim a multiple of 8 up to 128, no T5 bias, no context parallelism), else XLA.
   m.attention_impl = 'auto'  # auto | xla | cudnn
   m.remat = 'none'  # none | full | dots_no_batch | save_attention (see models/decoder.py)
+  # LoRA (Hu et al. 2021): low-rank adapters x A B * alpha / rank on the named projections; with rank > 0
+  # only the adapters train (needs init_from) and checkpoints hold only them (see lora.py).
+  m.lora = ml_collections.ConfigDict()
+  m.lora.rank = 0  # 0: off
+  m.lora.alpha = 16.0
+  m.lora.targets = ('q', 'v')  # of q k v o (attention) and gate up down (MLP)
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -125,6 +135,11 @@ def default_config() -> ml_collections.ConfigDict:
   d.mean_span_length = 3.0  # span: mean length of a corrupted span
   d.num_sentinels = 100  # span: sentinel ids reserved after the tokenizer's pieces (T5's extra_ids)
   d.target_len = 64  # span: decoder row length (data.seq_len is the encoder's)
+  # sft / dpo: the chat template. Each message is <|role|> content <|end|>; the markers are ids appended
+  # after the tokenizer's pieces (one per role, then <|end|>). The last role is the model's own voice: the
+  # only one trained on and the one `llm-jax chat` generates; {prompt, response} records are the last two.
+  d.chat_roles = ('system', 'user', 'assistant')
+  d.dpo_beta = 0.1  # dpo: the strength of the KL tie to the reference model (Rafailov et al. 2023)
 
   c.train = ml_collections.ConfigDict()
   t = c.train
@@ -328,6 +343,10 @@ _OPTIMIZERS = ('adamw', 'adafactor', 'lion')
 _SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt', 'wsd')
 _FAMILIES = ('decoder', 'encoder', 'encdec')
 OBJECTIVE_OF = {'decoder': 'causal', 'encoder': 'mlm', 'encdec': 'span'}
+# Objectives a family may train with besides its pretraining one: chat fine-tuning and preferences.
+_FINETUNE_OBJECTIVES = {'decoder': ('sft', 'dpo')}
+CHAT_OBJECTIVES = ('sft', 'dpo')
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 _NORM_TYPES = ('rms', 'layer')
 _NORM_POSITIONS = ('pre', 'post')
 _ACTIVATIONS = ('silu', 'gelu', 'gelu_tanh', 'relu')
@@ -406,8 +425,26 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def _validate_family(cfg) -> None:
   m, d = cfg.model, cfg.data
-  _require(d.objective == OBJECTIVE_OF[m.family], 'data.objective', d.objective,
-           f'{OBJECTIVE_OF[m.family]!r} for model.family={m.family!r}')
+  extra = _FINETUNE_OBJECTIVES.get(m.family, ())
+  _require(d.objective in (OBJECTIVE_OF[m.family],) + extra, 'data.objective', d.objective,
+           f'{OBJECTIVE_OF[m.family]!r} for model.family={m.family!r}'
+           + (f' (or {" / ".join(map(repr, extra))} to fine-tune)' if extra else ''))
+  if d.objective in CHAT_OBJECTIVES:
+    roles = d.chat_roles
+    ok = (len(roles) >= 2 and len(set(roles)) == len(roles)
+          and all(isinstance(r, str) and r and r.isidentifier() for r in roles))
+    _require(ok, 'data.chat_roles', tuple(roles), 'at least two distinct role names (letters, digits, _)')
+  if d.objective == 'dpo':
+    _require(d.dpo_beta > 0, 'data.dpo_beta', d.dpo_beta, 'positive')
+    _require(cfg.train.microbatches == 1, 'train.microbatches', cfg.train.microbatches,
+             "1 for data.objective='dpo' (its step does not accumulate)")
+  lora = m.lora
+  _require(lora.rank >= 0, 'model.lora.rank', lora.rank, 'a non-negative integer (0: off)')
+  if lora.rank:
+    _require(lora.alpha > 0, 'model.lora.alpha', lora.alpha, 'positive')
+    _require(len(lora.targets) > 0 and all(t in LORA_TARGETS for t in lora.targets), 'model.lora.targets',
+             tuple(lora.targets), f'a non-empty tuple of {LORA_TARGETS}')
+    _require(m.family == 'decoder', 'model.lora.rank', lora.rank, "0 for model.family other than 'decoder'")
   _require(m.num_decoder_layers >= 0, 'model.num_decoder_layers', m.num_decoder_layers,
            'a non-negative integer (0: model.num_layers)')
   _require(m.norm_type in _NORM_TYPES, 'model.norm_type', m.norm_type, f'one of {_NORM_TYPES}')
@@ -457,6 +494,8 @@ def _validate_family(cfg) -> None:
 
 def reserved_ids(data_cfg) -> int:
   """Ids the objective takes after the tokenizer's pieces: the mask token, or the span sentinels."""
+  if data_cfg.objective in CHAT_OBJECTIVES:
+    return len(data_cfg.chat_roles) + 1  # a marker per role, then <|end|>
   return {'mlm': 1, 'span': data_cfg.num_sentinels}.get(data_cfg.objective, 0)
 
 
@@ -558,6 +597,7 @@ def write_json_atomic(cfg: ml_collections.ConfigDict, path: str) -> None:
   os.replace(tmp, path)
 
 
-def model_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
+def model_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
+                      ignore: Sequence[str] = ()) -> list[str]:
   """Keys of `model` that differ: a checkpoint of one cannot be restored into the other."""
-  return [f'model.{k}' for k in a.model.keys() if a.model[k] != b.model[k]]
+  return [f'model.{k}' for k in a.model.keys() if k not in ignore and a.model[k] != b.model[k]]

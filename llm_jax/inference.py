@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import jax
+
 from llm_jax import decode, sharding, stops, workdir as workdir_lib
 from llm_jax.checkpoint import open_for_reading
 from llm_jax.errors import UserError
@@ -89,10 +91,22 @@ def load_run(workdir: str) -> Run:
   rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   try:
-    step, params = ckpt.restore_latest_params(abstract_params(model, mesh, rules))
+    step, params = restore_params(cfg, ckpt, abstract_params(model, mesh, rules), mesh, rules)
   finally:
     ckpt.close()
   return Run(cfg, tok, model, params, mesh, rules, step)
+
+
+def restore_params(cfg, ckpt, abstract, mesh, rules) -> tuple[int, Any]:
+  """(step, params) of the newest step that reads; a LoRA run's checkpoints hold adapters only, joined here
+  to init_from's base."""
+  if not cfg.model.lora.rank:
+    return ckpt.restore_latest_params(abstract)
+  from llm_jax import finetune, lora
+  base_abstract, adapter_abstract = lora.split(abstract)
+  base, _ = finetune.load_params(cfg, mesh, rules, jax.tree.map(lambda a: a.sharding, base_abstract))
+  step, adapters = ckpt.restore_latest_params(adapter_abstract)
+  return step, lora.merge(base, adapters)
 
 
 def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = False,

@@ -45,11 +45,12 @@ def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tup
   """The config of a training run: the recipe (default configs/tiny.py) plus overrides, or, when resuming
   a workdir without --config, its saved config plus overrides (e.g. more steps)."""
   saved = config_path(workdir)
+  from llm_jax import finetune  # it reads workdirs: imported late
   if spec is None and os.path.isfile(saved):
-    return config_lib.load(None, overrides, base=config_lib.from_json_file(saved))
+    return finetune.resolve(config_lib.load(None, overrides, base=config_lib.from_json_file(saved)))
   if spec is None:
     spec = default_recipe()
-  cfg = config_lib.load(spec, overrides)
+  cfg = finetune.resolve(config_lib.load(spec, overrides))
   if os.path.isfile(saved):
     changed = config_lib.model_differences(config_lib.from_json_file(saved), cfg)
     if changed and _has_checkpoints(workdir):

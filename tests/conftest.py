@@ -57,3 +57,12 @@ def corpus_config(glob, *overrides):
 def recipe_config(name: str, *overrides: tuple[str, str]):
   """configs/NAME.py:tiny plus overrides (the families' recipes: gpt2_124m, bert_base, t5_small)."""
   return config_lib.load(os.path.join(ROOT, 'configs', f'{name}.py') + ':tiny', list(overrides))
+
+
+@pytest.fixture(scope='session')
+def pretrained_workdir(tmp_path_factory, tokenizer_path):
+  """A configs/tiny.py:tiny run of two steps: the pretrained workdir fine-tuning tests start from."""
+  from llm_jax.train import loop
+  workdir = str(tmp_path_factory.mktemp('pretrained') / 'run')
+  loop.train(tiny_config(('data.tokenizer', tokenizer_path), ('train.steps', '2'), ('eval.every', '0')), workdir)
+  return workdir

@@ -44,6 +44,29 @@ class Skipped:
     return self.kind == 'nothing'
 
 
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """A whole .jsonl record (a dict), read when the objective needs more than one text field (chat.py)."""
+  where: str
+  fields: dict
+
+  def text(self) -> str:
+    """Its strings, one per line (what a tokenizer is trained on)."""
+    out = []
+
+    def walk(v):
+      if isinstance(v, str):
+        out.append(v)
+      elif isinstance(v, dict):
+        for x in v.values():
+          walk(x)
+      elif isinstance(v, list):
+        for x in v:
+          walk(x)
+    walk(self.fields)
+    return '\n'.join(out)
+
+
 def nothing(where: str = '') -> Skipped:
   """Not a bad record, just no document here (an empty last piece, a document the objective declines).
   Never None: grain drops None elements, which would shift every later index."""
@@ -200,7 +223,7 @@ class FileDocuments:
       return Skipped(where, 'binary', 'binary data (NUL bytes), not text')
     if file.kind == 'jsonl':
       text = self._json_text(raw, where)
-      if isinstance(text, Skipped):
+      if isinstance(text, (Skipped, Record)):
         return text
       if pieces > 1:
         text = text[piece * self._max:(piece + 1) * self._max]
@@ -224,6 +247,10 @@ class FileDocuments:
       return Skipped(where, 'bad_json', f'not valid JSON ({e.msg}, column {e.colno})')
     except RecursionError:
       return Skipped(where, 'bad_json', 'not valid JSON (nested too deeply)')
+    if self._field is None:  # the objective reads whole records
+      if not isinstance(record, dict):
+        return Skipped(where, 'missing_field', f'record is a {type(record).__name__}, expected an object')
+      return Record(where, record)
     if not isinstance(record, dict) or self._field not in record:
       return Skipped(where, 'missing_field', f'record has no field {self._field!r} (data.text_field)')
     text = record[self._field]

@@ -17,7 +17,7 @@ import grain
 from grain import experimental as grain_exp
 import numpy as np
 
-from llm_jax.data.files import Skipped, nothing
+from llm_jax.data.files import Record, Skipped, nothing
 from llm_jax.errors import UserError
 
 BLOCK = 1000
@@ -138,6 +138,8 @@ class Featurize:
   def __call__(self, item, key: tuple[int, ...] = ()):
     if isinstance(item, Skipped):
       return item
+    if isinstance(item, Record):  # chat objectives read whole records; a bad one comes back Skipped
+      return self._objective.from_record(item)
     if isinstance(item, str):
       if len(item) <= self._max:
         ids = self._tokenizer.encode_array(item)

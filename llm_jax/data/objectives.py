@@ -62,6 +62,9 @@ def streams(data_cfg) -> tuple[Stream, ...]:
   """The packed layout `data.objective` makes, from the config alone (no tokenizer needed)."""
   if data_cfg.objective == 'span':
     return _span_streams(data_cfg.seq_len, data_cfg.target_len)
+  if data_cfg.objective in ('sft', 'dpo'):
+    from llm_jax.data import chat
+    return chat.dpo_streams(data_cfg.seq_len) if data_cfg.objective == 'dpo' else chat.sft_streams(data_cfg.seq_len)
   return _text_streams(data_cfg.seq_len)
 
 
@@ -300,6 +303,9 @@ def for_config(data_cfg, tokenizer, model_cfg=None):
   """The objective `data.objective` names. Masked LM and span corruption need `model_cfg` (the vocabulary
   their random tokens come from; the decoder's start id)."""
   d = data_cfg
+  if d.objective in ('sft', 'dpo'):
+    from llm_jax.data import chat  # chat.py imports Stream from here
+    return chat.for_config(d, tokenizer)
   if d.objective == 'mlm':
     pieces = tokenizer.vocab_size
     random_ids = np.array([i for i in range(pieces) if not tokenizer.is_special(i)], np.int32)

@@ -35,8 +35,9 @@ class Packer:
     self._streams = streams
     self._feed = feed
     self._on_skip = on_skip
-    # An endless feed whose documents all became unusable (the files deleted mid-run) would otherwise be
-    # skipped through forever: this many skips in a row is an error.
+    # An endless feed whose documents all became unusable (the files deleted mid-run, or records of the wrong
+    # kind for the objective: a DPO file given to SFT) would otherwise be skipped through forever: this many
+    # skips in a row is an error.
     self._max_skips = max_skips
     self._arange = np.arange(max(s.length for s in streams), dtype=np.int32)
     self._index = 0  # the document at the front: partly taken (part or offsets > 0) or next to read
@@ -80,7 +81,8 @@ class Packer:
       if self._max_skips is not None and skipped >= self._max_skips:
         why = f' (the last: {last.message()})' if last is not None else ''
         raise UserError(f'{skipped} documents in a row could not be used{why}: no usable training data is '
-                        'left; were the files of data.source moved or deleted during the run?')
+                        'left; were the files of data.source moved or deleted during the run, or do its records '
+                        'not fit data.objective?')
       self._advance()
 
   def _advance(self) -> None:

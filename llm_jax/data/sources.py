@@ -25,8 +25,9 @@ import re
 import sysconfig
 from typing import Iterator
 
+from llm_jax import config as config_lib
 from llm_jax.data import files
-from llm_jax.data.files import Skipped
+from llm_jax.data.files import Record, Skipped
 from llm_jax.errors import UserError
 
 SPLITS = ('train', 'heldout')
@@ -91,13 +92,29 @@ def _open_one(spec: str, data_cfg, split: str, key: str):
   def select(name: str) -> bool:
     return in_heldout(name, data_cfg.heldout_percent) == want_heldout
 
+  if spec == 'builtin' and data_cfg.objective in config_lib.CHAT_OBJECTIVES:
+    raise UserError(f'{key}={spec!r}: data.objective={data_cfg.objective!r} reads JSONL records; give a glob '
+                    'of .jsonl files')
   if spec == 'builtin':
     names, paths = zip(*builtin_files())
     docs = files.open_files(list(paths), 'file', data_cfg.text_field, data_cfg.max_doc_chars, select,
                             names=list(names), kind='txt')
   else:
-    docs = files.open_files(glob_paths(spec, key), data_cfg.txt_mode, data_cfg.text_field,
-                            data_cfg.max_doc_chars, select)
+    paths = glob_paths(spec, key)
+    field = data_cfg.text_field
+    if data_cfg.objective in config_lib.CHAT_OBJECTIVES:
+      field = None  # chat.py reads whole records
+      for p in paths:
+        if files.kind_of(p) != 'jsonl':
+          raise UserError(f'{key}={spec!r}: {p} is not .jsonl; data.objective={data_cfg.objective!r} reads '
+                          'JSONL records')
+      # A record is one document: never cut into pieces (max_doc_chars is for running text).
+      return _nonempty(files.open_files(paths, 'file', field, 1 << 62, select), key, spec, split, data_cfg)
+    docs = files.open_files(paths, data_cfg.txt_mode, field, data_cfg.max_doc_chars, select)
+  return _nonempty(docs, key, spec, split, data_cfg)
+
+
+def _nonempty(docs, key: str, spec: str, split: str, data_cfg):
   if not len(docs):
     raise UserError(f'{key}={spec!r} has no {split} documents (data.heldout_percent='
                     f'{data_cfg.heldout_percent})')
@@ -156,6 +173,8 @@ def texts(docs, limit_chars: int | None = None) -> Iterator[str]:
   seen = 0
   for i in range(len(docs)):
     text = doc_text(docs, i)
+    if isinstance(text, Record):
+      text = text.text()
     if isinstance(text, str):
       yield text
       seen += len(text)

@@ -52,6 +52,24 @@ def _bias(module: nn.Module, name: str, names: tuple[str, ...], shape: tuple[int
   return _param(module, name, nn.initializers.zeros, names, shape, cfg)
 
 
+def lora_delta(module: nn.Module, name: str, x: Array, in_names: tuple, in_shape: tuple, out_names: tuple,
+               out_shape: tuple, cfg) -> Array | None:
+  """LoRA's x A B * alpha / rank (Hu et al. 2021) for the projection `name` of kernel in_shape + out_shape,
+  or None when `name` is not in model.lora.targets. x's trailing axes are the kernel's input axes. A starts
+  random and B at zero, so a new adapter changes nothing; the rank axis is small and never split."""
+  lora = cfg.lora
+  if not lora.rank or name not in lora.targets:
+    return None
+  dtype = compute_dtype(cfg.dtype)
+  fan_in = math.prod(in_shape)
+  a = _param(module, f'{name}_lora_a', nn.initializers.normal(1.0 / math.sqrt(fan_in)), in_names + (None,),
+             in_shape + (lora.rank,), cfg).astype(dtype)
+  b = _param(module, f'{name}_lora_b', nn.initializers.zeros, (None,) + out_names, (lora.rank,) + out_shape,
+             cfg).astype(dtype)
+  xa = jnp.tensordot(x, a, axes=len(in_shape))
+  return jnp.tensordot(xa, b, axes=1) * (lora.alpha / lora.rank)
+
+
 class Norm(nn.Module):
   """RMSNorm (LLaMA, T5) or LayerNorm (GPT-2, BERT; with a bias under `use_bias`), by `norm_type`."""
   cfg: Any
@@ -218,6 +236,9 @@ class Attention(nn.Module):
     w_DXH = _param(self, name, nn.initializers.normal(c.init_std), ('embed', axis, 'head_dim'),
                    (c.embed_dim, heads, c.head_dim), c).astype(dtype)
     y = jnp.einsum('BTD,DXH->BTXH', x_BxD, w_DXH)
+    delta = lora_delta(self, name, x_BxD, ('embed',), (c.embed_dim,), (axis, 'head_dim'), (heads, c.head_dim), c)
+    if delta is not None:
+      y = y + delta
     if c.use_bias:
       y = y + _bias(self, f'{name}_bias', (axis, 'head_dim'), (heads, c.head_dim), c).astype(dtype)
     return y
@@ -275,6 +296,9 @@ class Attention(nn.Module):
     wo_NHD = _param(self, 'o', out_init, ('heads', 'head_dim', 'embed'), (N, c.head_dim, c.embed_dim),
                     c).astype(dtype)
     out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, wo_NHD)
+    delta = lora_delta(self, 'o', out_BTNH, ('heads', 'head_dim'), (N, c.head_dim), ('embed',), (c.embed_dim,), c)
+    if delta is not None:
+      out_BTD = out_BTD + delta
     if c.use_bias:
       out_BTD = out_BTD + _bias(self, 'o_bias', ('embed',), (c.embed_dim,), c).astype(dtype)
     return out_BTD, cache
@@ -289,6 +313,9 @@ class Mlp(nn.Module):
     c = self.cfg
     dtype = compute_dtype(c.dtype)
     y = jnp.einsum('BTX,XY->BTY', x, _param(self, name, init, names, shape, c).astype(dtype))
+    delta = lora_delta(self, name, x, names[:1], shape[:1], names[1:], shape[1:], c)
+    if delta is not None:
+      y = y + delta
     if c.use_bias:
       y = y + _bias(self, f'{name}_bias', names[1:], shape[1:], c).astype(dtype)
     return y

@@ -14,12 +14,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
-from llm_jax import evaluate, flops, sharding, workdir as workdir_lib
+from llm_jax import evaluate, finetune, flops, sharding, workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
+from llm_jax.train import dpo
 from llm_jax.train.preemption import StopRequests
 from llm_jax.train.progress import Progress
 from llm_jax.train.sinks import TENSORBOARD_DIR, Sinks
@@ -62,6 +64,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   still runs to cfg.train.steps, so a later invocation continues the same run. So does SIGTERM / SIGINT;
   the result then names the signal ('stopped_by').
   """
+  cfg = finetune.resolve(cfg)  # init_from: its architecture checked, vocabulary and tokenizer taken
   workdir_lib.check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
@@ -75,12 +78,17 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   eval_model = build_model(cfg.model)
   stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed, model_cfg=cfg.model)
 
-  ckpt, latest, imported = None, None, False
+  ckpt, latest, imported, init_state = None, None, False, None
+  lora_run = cfg.model.lora.rank > 0
   try:
-    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, adapters_only=lora_run)
     abstract_state = factory.abstract_sharded()
     ckpt.check_space(abstract_state)
-    found = ckpt.restore_latest(abstract_state)  # the newest step that reads; damaged ones are passed over
+    if cfg.init_from and (ckpt.latest_step() is None or lora_run):
+      # A LoRA run never saves its frozen base: it is read from init_from at every start and resume.
+      init_state = finetune.initial_state(cfg, factory, mesh, rules)
+    # The newest step that reads; damaged ones are passed over.
+    found = ckpt.restore_latest(abstract_state, init_state.params if lora_run else None)
     if found is not None:
       latest, state, data_state = found
       imported = data_state is None  # params alone: weights from `convert from-hf`
@@ -88,6 +96,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
         state = factory.init_from_params(state, cfg.seed)
       else:
         stream.set_state(data_state)
+    elif init_state is not None:
+      state = init_state
     workdir_lib.prepare(workdir, cfg, tok)  # every input read: now the run's config and tokenizer are saved
   except BaseException:
     if ckpt is not None:
@@ -98,6 +108,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     _say(f'starting from the params of step {latest} of {workdir} (no optimizer state: imported weights)')
   elif latest is not None:
     _say(f'resumed from step {latest} of {workdir}')
+  elif init_state is not None:
+    _say(f'starting from the params of {cfg.init_from} (step 0, new optimizer state)')
   else:
     state = factory.init(cfg.seed)
   start, total = (latest or 0), cfg.train.steps
@@ -108,6 +120,14 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     stream.close()
     return {'step': start}
 
+  if cfg.data.objective == 'dpo':
+    # The reference is the run's step-0 params (init_from's, plus untrained adapters), rebuilt at every
+    # start so a resumed run compares against the same model. A copy: the state's own buffers are donated.
+    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=factory.param_shardings)(
+        (init_state if init_state is not None else finetune.initial_state(cfg, factory, mesh, rules)).params)
+    dpo_step = dpo.make_dpo_step(setup.model, setup.tx, lr_schedule, mesh, rules, factory.shardings,
+                                 batch_sharding, cfg.data.dpo_beta)
+    train_step = lambda state, batch: dpo_step(state, batch, ref_params)  # noqa: E731
   eval_step = make_eval_step(eval_model, mesh, rules, factory.param_shardings, batch_sharding,
                              loss_chunk=cfg.train.loss_chunk)
   heldout = sources.open_source(cfg.data, 'heldout') if cfg.eval.every else None
@@ -155,6 +175,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
               'mfu': flops.mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)}
     if 'skipped' in m:
       record['skipped'] = int(m['skipped'])
+    record.update({k: float(m[k]) for k in dpo.DPO_METRICS if k in m})
     sinks.write(record)
     progress.update(step, record)
     last.update(record)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax import sharding
+from llm_jax import lora, sharding
 from llm_jax.models import build_model, model_args
 from llm_jax.train import optim
 from llm_jax.train.loss import SUM_KEYS, LossConfig, model_sums, objective_sum, token_sums
@@ -138,6 +138,8 @@ def setup_train_step(cfg, mesh, rules) -> TrainSetup:
   (train/loop.py) and tools/bench_train.py times, one path for both."""
   model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
   tx = optim.make_optimizer(cfg.train)
+  if cfg.model.lora.rank:
+    tx = lora.optimizer(tx)  # the run's optimizer on the adapters alone; no state for the frozen base
   lr_schedule = optim.schedule(cfg.train)
   factory = StateFactory(model, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)

@@ -1,0 +1,42 @@
+"""Supervised fine-tuning of a configs/tiny.py run on chat data: JSONL of {"prompt", "response"} or
+{"messages": [{"role", "content"}, ...]}, loss on the assistant's replies only (data/chat.py).
+
+    llm-jax train --config=configs/sft.py --workdir=runs/sft --config.init_from=runs/tiny \\
+        --config.data.source='data/sft/*.jsonl'
+
+The model section is configs/tiny.py's: it must match the pretrained run (model.vocab_size is set from it).
+Variants: `tiny` pairs with configs/tiny.py:tiny and runs in seconds; `lora` trains rank-8 adapters instead.
+"""
+
+import importlib.util
+import os
+
+
+def _tiny_recipe():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
+  spec = importlib.util.spec_from_file_location('_llm_jax_recipe_tiny_for_sft', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  variants = set((arg or '').split(',')) - {''}
+  unknown = variants - {'tiny', 'lora'}
+  if unknown:
+    raise ValueError(f'unknown variant {sorted(unknown)[0]!r} (known: tiny, lora)')
+  c = _tiny_recipe().get_config('tiny' if 'tiny' in variants else None)
+  c.data.update(objective='sft', source='data/sft/*.jsonl', heldout_percent=5)
+  # Fine-tuning moves far less than pretraining: a tenth of the learning rate, short warmup, no decay of
+  # the pretrained weights toward zero.
+  c.train.update(steps=300, learning_rate=3e-4, warmup_steps=20, weight_decay=0.0, log_every=10,
+                 checkpoint_every=100)
+  c.eval.update(every=100, batches=2)
+  if 'tiny' in variants:
+    c.data.update(shards=1, heldout_percent=0)
+    c.train.update(steps=20, learning_rate=1e-3, warmup_steps=2, log_every=5, checkpoint_every=20)
+    c.eval.update(every=0)
+  if 'lora' in variants:
+    c.model.lora.update(rank=8, alpha=16.0, targets=('q', 'v', 'o'))
+    c.train.update(learning_rate=c.train.learning_rate * 10)  # adapters start at zero: they need more
+  return c

@@ -1,0 +1,134 @@
+"""Starting a run from a pretrained workdir (`init_from`): its params only, with a fresh optimizer, step 0 and a
+new data stream; its tokenizer; its architecture.
+
+The new run's model must be the pretrained one. Keys that change no parameter shape or meaning may differ
+(FREE_KEYS: dropout, dtypes, remat, LoRA), and `model.vocab_size` is set here, not by the recipe: the
+pretrained table's size, grown when the objective reserves ids past the tokenizer's pieces that the table
+has no rows for (the chat template's role markers, data/chat.py). New embedding rows (output columns) are
+drawn around the mean of the old ones with their per-dimension spread (Hewitt 2021, "Initializing new word
+embeddings"): each marker starts as a plausible, ordinary token whose logit is near the mean logit, never an
+outlier that dominates the softmax, and the markers differ from each other from the first step, which matters
+most under LoRA, where these rows stay frozen.
+
+The resolved config (grown vocabulary, the tokenizer copied into the new workdir) is what the new run saves,
+so `eval`, `generate` and `chat` read the new workdir alone; only a LoRA run reads `init_from` again, for
+the frozen base params it never copies (lora.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from llm_jax import config as config_lib, workdir as workdir_lib
+from llm_jax.checkpoint import open_for_reading
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.errors import UserError
+from llm_jax.models import build_model
+from llm_jax.train.state import abstract_params
+
+FREE_KEYS = ('vocab_size', 'dropout_rate', 'dtype', 'logits_dtype', 'remat', 'init_std', 'lora')
+
+
+def pretrained_config(path: str):
+  if not os.path.isdir(path):
+    raise UserError(f'config key init_from={path!r}: the workdir does not exist')
+  return workdir_lib.load_config(path)
+
+
+def resolve(cfg):
+  """`cfg` with the model checked against init_from's, model.vocab_size set and data.tokenizer pointed at the
+  pretrained tokenizer (unless given). Unchanged when init_from is empty."""
+  if not cfg.init_from:
+    # Checked here rather than in validate(): recipes name no workdir, the command line does.
+    if cfg.data.objective == 'dpo':
+      raise UserError("config key init_from='' : data.objective='dpo' needs a pretrained workdir (its params "
+                      'are the frozen reference model): --config.init_from=WORKDIR')
+    if cfg.model.lora.rank:
+      raise UserError("config key init_from='' : model.lora.rank > 0 needs a pretrained workdir (adapters "
+                      'train on top of its frozen params): --config.init_from=WORKDIR')
+    return cfg
+  pre = pretrained_config(cfg.init_from)
+  diffs = config_lib.model_differences(pre, cfg, ignore=FREE_KEYS)
+  if diffs:
+    key = diffs[0].split('.', 1)[1]
+    raise UserError(f'config key {diffs[0]}={cfg.model[key]!r} differs from the pretrained model in init_from='
+                    f'{cfg.init_from} ({pre.model[key]!r}); fine-tuning keeps the architecture')
+  overrides = []
+  tok_path = cfg.data.tokenizer
+  if not tok_path:
+    tok_path = os.path.join(cfg.init_from, workdir_lib.TOKENIZER)
+    if not os.path.isfile(tok_path):
+      raise UserError(f'init_from={cfg.init_from} has no {workdir_lib.TOKENIZER}; give the one it was trained '
+                      'with (--config.data.tokenizer=PATH)')
+    overrides.append(('data.tokenizer', tok_path))
+  tok = tokenizer_lib.load(tok_path)
+  need = tok.vocab_size + config_lib.reserved_ids(cfg.data)
+  vocab = max(pre.model.vocab_size, need)
+  if vocab != cfg.model.vocab_size:
+    overrides.append(('model.vocab_size', str(vocab)))
+  if not overrides:
+    return cfg
+  base = ml_collections.ConfigDict(cfg.to_dict())
+  return config_lib.load(None, overrides, base=base)
+
+
+def _grow(table, rows: int, axis: int, rng):
+  """`table` with rows (axis 0) or columns (axis 1) added up to `rows`, drawn from a normal with the existing
+  ones' mean and standard deviation per dimension."""
+  extra = rows - table.shape[axis]
+  if extra <= 0:
+    return table
+  mean = jnp.mean(table, axis=axis, keepdims=True)
+  std = jnp.std(table, axis=axis, keepdims=True)
+  shape = list(table.shape)
+  shape[axis] = extra
+  new = mean + std * jax.random.normal(rng, shape, jnp.float32).astype(table.dtype)
+  return jnp.concatenate([table, new.astype(table.dtype)], axis=axis)
+
+
+def load_params(cfg, mesh, rules, target_shardings):
+  """init_from's latest params in `cfg`'s layout, vocabulary grown to cfg.model.vocab_size, placed with
+  `target_shardings` (a tree like the pretrained params: adapters are added by the caller)."""
+  pre = pretrained_config(cfg.init_from)
+  if pre.model.lora.rank:
+    raise UserError(f'config key init_from={cfg.init_from!r} is a LoRA run (its checkpoints hold adapters only); '
+                    'merge it first: llm-jax export --merge-lora')
+  ckpt = open_for_reading(cfg.init_from)
+  try:
+    pre_model = build_model(pre.model)
+    # The newest step that reads: a damaged one is passed over with a warning, as when resuming.
+    step, params = ckpt.restore_latest_params(abstract_params(pre_model, mesh, rules))
+  finally:
+    ckpt.close()
+  vocab = cfg.model.vocab_size
+
+  def grow(p, rng):
+    p = dict(p)
+    rngs = jax.random.split(rng, 3)
+    if 'embedding' in p:
+      p['embedding'] = _grow(p['embedding'], vocab, 0, rngs[0])
+    if 'unembed' in p:
+      p['unembed'] = _grow(p['unembed'], vocab, 1, rngs[1])
+    if 'unembed_bias' in p:
+      p['unembed_bias'] = _grow(p['unembed_bias'], vocab, 0, rngs[2])
+    return p
+
+  return jax.jit(grow, out_shardings=target_shardings)(params, jax.random.PRNGKey(cfg.seed)), step
+
+
+def initial_state(cfg, factory, mesh, rules):
+  """Step 0 of a fine-tuning run: init_from's params (plus freshly initialised adapters for LoRA) with a new
+  optimizer state."""
+  from llm_jax import lora
+  from llm_jax.train.state import init_params
+  base_shardings, adapter_shardings = lora.split(factory.param_shardings)
+  params, _ = load_params(cfg, mesh, rules, base_shardings)
+  if adapter_shardings:
+    fresh = jax.jit(lambda rng: lora.split(init_params(factory.model, rng))[1],
+                    out_shardings=adapter_shardings)(jax.random.PRNGKey(cfg.seed))
+    params = lora.merge(params, fresh)
+  return factory.init_from_params(params, cfg.seed)

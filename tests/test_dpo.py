@@ -1,0 +1,100 @@
+"""DPO: preference pairs raise the chosen-minus-rejected margin over the frozen reference, the reference
+stays as it was, and bad records or a missing reference are refused clearly."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from llm_jax import config as config_lib, finetune, inference
+from llm_jax.data import chat, pipeline, sources
+from llm_jax.data.files import Record, Skipped
+from llm_jax.errors import UserError
+from llm_jax.train import loop
+from llm_jax.train.dpo import DPO_METRICS, pair_logps
+from llm_jax.train.state import param_shardings
+
+DPO = os.path.join(ROOT, 'configs', 'dpo.py')
+
+
+@pytest.fixture(scope='module')
+def prefs(tmp_path_factory):
+  path = tmp_path_factory.mktemp('dpo') / 'prefs.jsonl'
+  with open(path, 'w') as f:
+    for i in range(8):
+      f.write(json.dumps({'prompt': f'Count to {i}.', 'chosen': ' '.join(str(j) for j in range(i + 1)),
+                          'rejected': 'I will not.'}) + '\n')
+    f.write(json.dumps({'prompt': 'Count to 9.', 'chosen': '0 1 2'}) + '\n')  # skipped: no 'rejected'
+  return str(path)
+
+
+def _params(workdir):
+  return jax.device_get(inference.load_run(workdir).params)
+
+
+def test_dpo_raises_the_margin_on_the_pairs_and_leaves_the_reference(pretrained_workdir, prefs, tmp_path):
+  reference_before = _params(pretrained_workdir)
+  cfg = config_lib.load(DPO + ':tiny', [('init_from', pretrained_workdir), ('data.source', prefs),
+                                        ('train.log_every', '5')])
+  workdir = str(tmp_path / 'dpo')
+  loop.train(cfg, workdir)
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert all(set(DPO_METRICS) <= set(r) for r in records)
+  assert records[-1]['reward_accuracy'] > 0.9 and records[-1]['margin'] > records[0]['margin'] + 0.5
+  assert records[-1]['chosen_reward'] > 0 > records[-1]['rejected_reward']
+
+  # Independently of the logged metrics: every training pair, policy against reference.
+  run = inference.load_run(workdir)
+  ref = finetune.load_params(run.cfg, run.mesh, run.rules,
+                             param_shardings(run.model, run.mesh, run.rules))[0]
+  docs = sources.open_source(run.cfg.data, 'train')
+  logps = jax.jit(lambda p, b: pair_logps(run.model, p, b))
+  margins = {'policy': [], 'reference': []}
+  for batch in pipeline.eval_batches(docs, run.tokenizer, run.cfg.data, batch_size=8, model_cfg=run.cfg.model):
+    for name, params in (('policy', run.params), ('reference', ref)):
+      chosen, rejected, valid = (np.asarray(x) for x in logps(params, batch))
+      margins[name].extend((chosen - rejected)[valid])
+  policy, reference = np.array(margins['policy']), np.array(margins['reference'])
+  assert len(policy) == 8
+  assert np.mean(policy > reference) > 0.9
+
+  reference_after = _params(pretrained_workdir)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(reference_before),
+                                                  jax.tree.leaves(reference_after)))
+
+
+def test_pairs_share_a_segment_in_both_streams(tokenizer):
+  from llm_jax.data.packing import Packer, empty_batch
+  dpo = chat.DPO(chat.Template(tokenizer, ('system', 'user', 'assistant'), True), seq_len=64)
+  records = [Record(f'p.jsonl:{i}', {'prompt': 'q' * (i + 1), 'chosen': 'yes ' * (i + 1), 'rejected': 'no'})
+             for i in range(6)]
+  packer = Packer(dpo.streams(64), lambda start: (dpo.from_record(r) for r in records[start:]))
+  out = empty_batch(dpo.streams(64), 2)
+  packer.fill(out, 0)
+  segs = set(out['segment_ids'][0].tolist()) - {0}
+  assert segs and segs == set(out['rejected_segment_ids'][0].tolist()) - {0}
+  for s in segs:  # each segment of the chosen row trains on its chosen reply, of the rejected row on 'no'
+    rejected = out['rejected_targets'][0][(out['rejected_segment_ids'][0] == s) & (out['rejected_loss_mask'][0] == 1)]
+    assert rejected.tolist() == tokenizer.encode('no') + [dpo.template.end_id]
+
+
+@pytest.mark.parametrize('fields,needle', [
+    ({'prompt': 'q', 'chosen': 'a'}, "field 'rejected' is missing"),
+    ({'prompt': 'q', 'chosen': '', 'rejected': 'b'}, "'chosen' or 'rejected' is empty"),
+    ({'chosen': 'a', 'rejected': 'b'}, "field 'prompt' is missing"),
+])
+def test_bad_pairs_are_skipped_with_file_and_line(tokenizer, fields, needle):
+  dpo = chat.DPO(chat.Template(tokenizer, ('user', 'assistant'), True), seq_len=64)
+  out = dpo.from_record(Record('prefs.jsonl:3', fields))
+  assert isinstance(out, Skipped) and out.message().startswith('prefs.jsonl:3: ') and needle in out.message()
+
+
+def test_dpo_needs_a_reference(prefs):
+  cfg = config_lib.load(DPO + ':tiny', [('data.source', prefs)])
+  with pytest.raises(UserError, match="data.objective='dpo' needs a pretrained workdir"):
+    finetune.resolve(cfg)
+  with pytest.raises(UserError, match='train.microbatches=2: expected 1 for data.objective'):
+    config_lib.load(DPO + ':tiny', [('train.microbatches', '2')])

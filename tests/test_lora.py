@@ -1,0 +1,125 @@
+"""LoRA: only the adapters train and are checkpointed, the optimizer state scales with the rank, and the
+merged export computes the same logits as the adapters applied."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from llm_jax import cli, config as config_lib, finetune, inference, lora, sharding
+from llm_jax.checkpoint import checkpoint_dir
+from llm_jax.data import pipeline, tokenizer as tokenizer_lib
+from llm_jax.errors import UserError
+from llm_jax.models import build_model, example_batch
+from llm_jax.train import loop, optim
+from llm_jax.train.state import StateFactory
+from llm_jax.train.step import forward, make_train_step
+
+SFT = os.path.join(ROOT, 'configs', 'sft.py')
+
+
+@pytest.fixture(scope='module')
+def source(tmp_path_factory):
+  path = tmp_path_factory.mktemp('lora') / 'pairs.jsonl'
+  with open(path, 'w') as f:
+    for i in range(8):
+      f.write(json.dumps({'prompt': f'Count to {i}.', 'response': ' '.join(str(j) for j in range(i + 1))}) + '\n')
+  return str(path)
+
+
+def lora_config(pretrained, source, rank=4, *overrides):
+  return finetune.resolve(config_lib.load(SFT + ':tiny,lora', [
+      ('init_from', pretrained), ('data.source', source), ('model.lora.rank', str(rank)), *overrides]))
+
+
+def _sizes(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_only_the_adapters_change(pretrained_workdir, source):
+  cfg = lora_config(pretrained_workdir, source, 4, ('model.lora.targets', "('q', 'o', 'up')"),
+                   ('train.warmup_steps', '0'))
+  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+  model = build_model(cfg.model)
+  tx = lora.optimizer(optim.make_optimizer(cfg.train))
+  factory = StateFactory(model, tx, mesh, rules)
+  state = finetune.initial_state(cfg, factory, mesh, rules)
+  before = jax.device_get(state.params)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step = make_train_step(model, tx, optim.schedule(cfg.train), mesh, rules, factory.shardings, batch_sharding)
+  stream = pipeline.TrainStream(cfg.data, tokenizer_lib.load(cfg.data.tokenizer), seed=0, model_cfg=cfg.model)
+  for _ in range(2):  # B starts at zero, so A moves from the second step on
+    state, _ = step(state, pipeline.to_global(next(stream), batch_sharding))
+  stream.close()
+  after = jax.device_get(state.params)
+  base_before, adapters_before = lora.split(before)
+  base_after, adapters_after = lora.split(after)
+  names = {k[-1] for k in jax.tree_util.tree_flatten_with_path(adapters_after)[0] for k in [tuple(
+      getattr(p, 'key', p) for p in k[0])]}
+  assert names == {f'{t}_lora_{ab}' for t in ('q', 'o', 'up') for ab in 'ab'}
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)))
+  assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(adapters_before),
+                                                      jax.tree.leaves(adapters_after)))
+
+
+def test_optimizer_state_scales_with_the_rank_not_the_model(pretrained_workdir, source):
+  mesh = sharding.make_mesh(config_lib.default_config().mesh)
+  sizes = {}
+  for rank in (2, 4, 8):
+    cfg = lora_config(pretrained_workdir, source, rank)
+    factory = StateFactory(build_model(cfg.model), lora.optimizer(optim.make_optimizer(cfg.train)), mesh,
+                           sharding.rules_from_config(cfg.mesh))
+    adapters = _sizes(lora.split(factory.abstract.params)[1])
+    sizes[rank] = (_sizes(factory.abstract.opt_state), adapters, _sizes(factory.abstract.params))
+  for rank, (opt, adapters, params) in sizes.items():
+    assert adapters * 2 == sizes[2][1] * rank  # adapters grow linearly with the rank ...
+    assert 2 * adapters <= opt <= 2 * adapters + 8  # ... AdamW's two moments of them, plus a few counters
+    assert opt < params / 4
+  assert sizes[8][1] == 4 * sizes[2][1]
+
+
+def test_checkpoints_hold_adapters_resume_and_merge_to_the_same_logits(pretrained_workdir, source, tmp_path,
+                                                                         capsys):
+  cfg = config_lib.load(SFT + ':tiny,lora', [('init_from', pretrained_workdir), ('data.source', source),
+                                              ('train.steps', '6'), ('train.checkpoint_every', '3')])
+  workdir = str(tmp_path / 'lora')
+  loop.train(cfg, workdir, stop_at=3)
+  loop.train(cfg, workdir)  # resumes: adapters from the checkpoint, base from init_from
+  params_dir = os.path.join(checkpoint_dir(workdir), '6', 'params')
+  saved = json.load(open(os.path.join(params_dir, '_METADATA')))['tree_metadata']
+  assert saved and all('_lora_' in key for key in saved)
+  out = str(tmp_path / 'merged')
+  assert cli.main(['export', '--merge-lora', f'--workdir={workdir}', f'--output={out}']) == 0
+  adapted, merged = inference.load_run(workdir), inference.load_run(out)
+  assert merged.cfg.model.lora.rank == 0 and not merged.cfg.init_from and merged.step == 6
+  assert not lora.split(merged.params)[1]
+  batch = example_batch(adapted.cfg.model, rows=2, length=16)
+  batch['inputs'] = np.arange(32, dtype=np.int32).reshape(2, 16) * 7 % adapted.cfg.model.vocab_size
+  run_adapted = jax.jit(lambda p, b: forward(adapted.model, p, b))
+  run_plain = jax.jit(lambda p, b: forward(merged.model, p, b))
+  logits_adapted = np.asarray(run_adapted(adapted.params, batch))
+  logits_merged = np.asarray(run_plain(merged.params, batch))
+  logits_base = np.asarray(run_plain(lora.split(adapted.params)[0], batch))
+  np.testing.assert_allclose(logits_merged, logits_adapted, atol=2e-5)
+  assert np.abs(logits_adapted - logits_base).max() > 1e-3  # the adapters did something to merge
+
+
+def test_export_refuses_bad_input(pretrained_workdir, tmp_path, capsys):
+  def run(*args):
+    code = cli.main(['export', *args])
+    return code, capsys.readouterr().err
+  code, err = run(f'--workdir={pretrained_workdir}', f'--output={tmp_path}/x')
+  assert code == 2 and 'give --merge-lora' in err
+  code, err = run('--merge-lora', f'--workdir={pretrained_workdir}', f'--output={tmp_path}/x')
+  assert code == 2 and 'has no LoRA adapters' in err
+  code, err = run('--merge-lora', f'--workdir={tmp_path}/nope', f'--output={tmp_path}/x')
+  assert code == 2 and 'does not exist' in err and err.count('\n') == 1
+
+
+def test_lora_needs_init_from(source):
+  cfg = config_lib.load(SFT + ':tiny,lora', [('data.source', source)])
+  with pytest.raises(UserError, match="config key init_from='' : model.lora.rank > 0 needs a pretrained"):
+    finetune.resolve(cfg)
