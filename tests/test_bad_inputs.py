@@ -191,6 +191,34 @@ CASES = {
         ('garbage', ['to-hf', '--workdir={bad_config}', '--output={new}']),
         ('garbage', ['to-hf', '--workdir={bad_checkpoint}', '--output={new}']),
     ],
+    'chat': [
+        ('missing', []),
+        ('empty', ['--workdir=']),
+        ('wrong_type', ['--workdir={run}', '--temperature=hot']),
+        ('wrong_type', ['--workdir={binary}']),
+        ('wrong_type', ['--workdir={run}', '--config.train.steps=3']),
+        ('wrong_type', ['--workdir={run}']),  # pretrained, no chat template: fine-tune it first
+        ('out_of_range', ['--workdir={run}', '--max_new_tokens=0']),
+        ('out_of_range', ['--workdir={run}', '--top_p=1.5']),
+        ('nonexistent', ['--workdir={missing}']),
+        ('garbage', ['--workdir={empty}']),
+        ('garbage', ['--workdir={bad_config}']),
+    ],
+    'export': [
+        ('missing', []),
+        ('missing', ['--workdir={run}', '--merge-lora']),
+        ('missing', ['--workdir={run}', '--output={new}']),  # --merge-lora is the only export there is
+        ('empty', ['--workdir=', '--output={new}', '--merge-lora']),
+        ('empty', ['--workdir={run}', '--output=', '--merge-lora']),
+        ('wrong_type', ['--workdir={binary}', '--output={new}', '--merge-lora']),
+        ('wrong_type', ['--workdir={run}', '--output={new}', '--merge-lora']),  # no adapters to merge
+        ('wrong_type', ['--workdir={run}', '--output={new}', '--merge-lora', '--config.model.lora.rank=4']),
+        ('out_of_range', ['--workdir={run}', '--output={run}', '--merge-lora']),  # never overwrites
+        ('nonexistent', ['--workdir={missing}', '--output={new}', '--merge-lora']),
+        ('nonexistent', ['--workdir={run}', '--output={missing}/deeper/out', '--merge-lora']),
+        ('garbage', ['--workdir={empty}', '--output={new}', '--merge-lora']),
+        ('garbage', ['--workdir={bad_config}', '--output={new}', '--merge-lora']),
+    ],
 }
 # Kinds a command has nothing to give, and why.
 NOT_APPLICABLE = {
