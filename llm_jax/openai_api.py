@@ -6,8 +6,10 @@ token ids or a list of such lists), messages, max_tokens, temperature, top_p, n,
 logprobs (top-1 alternatives only), and the extensions top_k, min_p, repetition_penalty. A field of the
 wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
 
-Chat messages are rendered as `role: content` lines followed by `assistant:`; generation also stops at a new
-`user:` line. (Runs have no chat template of their own yet.)
+Chat messages of a run fine-tuned with a chat template (data.objective sft or dpo) are rendered by that
+template (data/chat.py: role markers, the reply role's marker last) and generation stops at its end marker;
+a role the template does not know is a 400. Any other run's messages are rendered as `role: content` lines
+followed by `assistant:`, and generation also stops at a new `user:` line.
 """
 
 from __future__ import annotations
@@ -74,21 +76,40 @@ def _prompts(body: dict) -> list:
   return out
 
 
-def render_chat(messages) -> str:
+def chat_messages(messages) -> list[tuple[str, str]]:
   if not isinstance(messages, list) or not messages:
     raise ApiError(400, '"messages" must be a non-empty list of {"role", "content"} objects')
-  lines = []
+  out = []
   for i, m in enumerate(messages):
     if not (isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str)):
       raise ApiError(400, f'"messages"[{i}] must be an object with string "role" and "content"')
-    lines.append(f'{m["role"]}: {m["content"]}\n')
-  return ''.join(lines) + 'assistant:'
+    out.append((m['role'], m['content']))
+  return out
 
 
-def parse(body, chat: bool) -> Parsed:
+def render_chat(messages) -> str:
+  return ''.join(f'{role}: {content}\n' for role, content in chat_messages(messages)) + 'assistant:'
+
+
+def render_with_template(messages, template) -> list[int]:
+  """The prompt ids a run fine-tuned with `template` (data/chat.Template) was trained to answer."""
+  pairs = chat_messages(messages)
+  for i, (role, _) in enumerate(pairs):
+    if role not in template.roles:
+      raise ApiError(400, f'"messages"[{i}]: role {role!r} is not one of this run\'s chat roles '
+                          f'{list(template.roles)}')
+  return template.prompt(pairs)
+
+
+def parse(body, chat: bool, template=None) -> Parsed:
+  """`template`: the run's chat template, or None for runs trained without one."""
   if not isinstance(body, dict):
     raise ApiError(400, 'the request body must be a JSON object')
-  prompts = [render_chat(body.get('messages'))] if chat else _prompts(body)
+  if chat:
+    messages = body.get('messages')
+    prompts = [render_with_template(messages, template) if template else render_chat(messages)]
+  else:
+    prompts = _prompts(body)
   default_max = None if chat else 16  # the OpenAI defaults
   max_key = 'max_completion_tokens' if chat and 'max_completion_tokens' in body else 'max_tokens'
   max_tokens = _field(body, max_key, int, default_max, lambda v: v >= 0, 'a non-negative integer')
@@ -99,7 +120,7 @@ def parse(body, chat: bool) -> Parsed:
     stop = [stop]
   if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
     raise ApiError(400, '"stop" must be a non-empty string or a list of up to 4 of them')
-  if chat:
+  if chat and template is None:
     stop = stop + ['\nuser:']
   echo = _field(body, 'echo', bool, False, expected='a boolean')
   logprobs = body.get('logprobs')
@@ -119,7 +140,7 @@ def parse(body, chat: bool) -> Parsed:
                                       'a positive number')),
       max_new_tokens=max(1, max_tokens or 1),
       seed=_field(body, 'seed', int, 0, lambda v: 0 <= v <= MAX_SEED, f'an integer in [0, {MAX_SEED}]'),
-      stop_strings=tuple(stop))
+      stop_strings=tuple(stop), stop_tokens=(template.end_id,) if chat and template else ())
   try:
     sampling.check(flag_prefix='')
   except UserError as e:

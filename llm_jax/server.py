@@ -95,6 +95,11 @@ class App:
   def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005):
     self.run, self.model_name = run, model_name
     self.batcher = Batcher(run, max_batch, batch_wait_s)
+    self.template = None  # a fine-tuned run's chat template renders /v1/chat/completions
+    from llm_jax import config as config_lib
+    if run.cfg.data.objective in config_lib.CHAT_OBJECTIVES:
+      from llm_jax.data import chat
+      self.template = chat.Template(run.tokenizer, run.cfg.data.chat_roles, run.cfg.data.add_bos)
 
   def models(self) -> dict:
     return {'object': 'list', 'data': [{'id': self.model_name, 'object': 'model', 'created': 0,
@@ -118,7 +123,7 @@ class App:
 
   def complete(self, body, chat: bool) -> tuple[openai_api.Parsed, dict]:
     """The parsed request and its answer; an ApiError (400) for a bad request."""
-    parsed = openai_api.parse(body, chat)
+    parsed = openai_api.parse(body, chat, self.template)
     tok = self.run.tokenizer
     prompts = []
     for p in parsed.prompts:

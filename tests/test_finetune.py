@@ -128,6 +128,26 @@ def test_sft_reproduces_the_seen_responses_and_skips_bad_records(sft_run, pretra
     assert run.tokenizer.decode(result.tokens) == response
 
 
+
+def test_served_chat_completions_use_the_template_and_stop_at_its_end(sft_run):
+  """/v1/chat/completions of a fine-tuned run: the same prompt ids and reply as the template gives the engine,
+  and a role the template does not know is a 400 naming it."""
+  from llm_jax import openai_api, server
+  run = inference.load_run(sft_run)
+  app = server.App(run, 'sft', max_batch=4, batch_wait_s=0.0)
+  try:
+    for prompt, response in PAIRS[:2]:
+      body = {'messages': [{'role': 'user', 'content': prompt}], 'max_tokens': 12, 'temperature': 0}
+      parsed, answer = app.complete(body, chat=True)
+      assert parsed.prompts == [app.template.prompt([('user', prompt)])]
+      assert parsed.sampling.stop_tokens == (app.template.end_id,) and '\nuser:' not in parsed.sampling.stop_strings
+      assert answer['choices'][0]['message']['content'] == response
+      assert answer['choices'][0]['finish_reason'] == 'stop'
+    with pytest.raises(openai_api.ApiError, match="role 'robot' is not one of this run's chat roles"):
+      app.complete({'messages': [{'role': 'robot', 'content': 'hi'}]}, chat=True)
+  finally:
+    app.close()
+
 def test_init_from_loads_params_and_grows_the_vocabulary(pretrained, tmp_path):
   cfg = finetune.resolve(sft_config(pretrained, 'unused.jsonl'))
   pre = config_lib.from_json_file(os.path.join(pretrained, 'config.json'))
