@@ -21,11 +21,8 @@ import numpy as np
 from llm_jax import flops, sharding
 from llm_jax.data import objectives, packing
 from llm_jax.errors import UserError
-from llm_jax.models import build_model
-from llm_jax.train import optim
-from llm_jax.train.loss import LossConfig
-from llm_jax.train.state import StateFactory
-from llm_jax.train.step import make_train_step
+from llm_jax.train import dpo
+from llm_jax.train.step import setup_train_step
 
 GiB = 1024 ** 3
 
@@ -107,17 +104,20 @@ def make_plan(cfg, devices, capacity: Capacity | None, top: int = 8) -> dict:
   mesh = sharding.make_mesh(cfg.mesh, devices)
   rules = sharding.rules_from_config(cfg.mesh)
   sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules, cfg.train.microbatches)
-  model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
-  tx = optim.make_optimizer(cfg.train)
-  factory = StateFactory(model, tx, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  # The step exactly as train/loop.py builds it (loss options and microbatches change its memory).
-  step = make_train_step(model, tx, optim.schedule(cfg.train), mesh, rules, factory.shardings, batch_sh,
-                         loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
-  compiled = step.lower(factory.abstract_sharded(), abstract_batch(cfg.data, batch_sh)).compile()
+  # The step exactly as train/loop.py builds it (loss options, microbatches and LoRA change its memory).
+  setup = setup_train_step(cfg, mesh, rules)
+  factory, batch_sh = setup.factory, setup.batch_sharding
+  state = factory.abstract_sharded()
+  batch = abstract_batch(cfg.data, batch_sh)
+  if cfg.data.objective == 'dpo':
+    # DPO's step also holds the frozen reference params (an argument, never donated): they count too.
+    step = dpo.make_dpo_step(setup.model, setup.tx, setup.lr_schedule, mesh, rules, factory.shardings, batch_sh,
+                             cfg.data.dpo_beta)
+    compiled = step.lower(state, batch, state.params).compile()
+  else:
+    compiled = setup.step.lower(state, batch).compile()
   mem = compiled.memory_analysis()
 
-  state = factory.abstract_sharded()
   arrays = []
   for path, a in jax.tree_util.tree_leaves_with_path(state):
     itemsize = np.dtype(a.dtype).itemsize

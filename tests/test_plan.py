@@ -116,3 +116,17 @@ def test_plans_for_the_encoder_and_encoder_decoder_recipes():
     assert report['params'] > 0
   batch = plan.abstract_batch(recipe_config('t5_small').data, None)
   assert batch['inputs'].shape == (8, 64) and batch['targets'].shape == (8, 16)
+
+
+def test_dpo_plans_its_own_step_with_the_reference_and_lora_shrinks_the_optimizer_state():
+  """DPO's compiled step holds the frozen reference params beside the state; LoRA's optimizer state covers the
+  adapters alone (the step as train/loop.py builds it)."""
+  from conftest import recipe_config
+  one = jax.devices()[:1]
+  dpo = plan.make_plan(recipe_config('dpo', ('mesh.data', '1')), one, None)
+  sft = plan.make_plan(recipe_config('dpo', ('mesh.data', '1'), ('data.objective', 'sft')), one, None)
+  assert dpo['memory']['arguments'] - sft['memory']['arguments'] >= dpo['param_bytes']
+  lora = plan.make_plan(recipe_config('sft', ('mesh.data', '1'), ('model.lora.rank', '2')), one, None)
+  full = plan.make_plan(recipe_config('sft', ('mesh.data', '1')), one, None)
+  # AdamW keeps two moments per trained parameter: the base's are gone.
+  assert full['state_bytes'] - lora['state_bytes'] >= full['param_bytes']

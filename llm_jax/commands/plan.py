@@ -94,6 +94,8 @@ def run(args, overrides) -> int:
     raise UserError(f'--top={args.top}: expected a positive integer')
   recipe = args.config or workdir_lib.default_recipe()
   cfg = config_lib.load(recipe, list(overrides) + mesh_overrides(args.mesh))
+  from llm_jax import finetune
+  cfg = finetune.resolve(cfg)  # init_from: the pretrained vocabulary (grown for chat markers) is what trains
   count = device_count(cfg, args.devices, args.mesh)
   cluster = distributed.initialize_from_args(args)
   import jax
