@@ -127,18 +127,20 @@ class Checkpointer:
         train=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config),
-    ))
+    ), _tree_bytes((params, state.opt_state)))
 
   def save_params(self, step: int, params: Any, config: dict) -> None:
     """A step of params alone (imported weights), sealed by its manifest like any other."""
-    self._save(step, ocp.args.Composite(params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config)))
+    self._save(step, ocp.args.Composite(params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config)),
+               _tree_bytes(params))
 
   def has_train_state(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), 'train'))
 
-  def _save(self, step: int, args: ocp.args.Composite) -> None:
+  def _save(self, step: int, args: ocp.args.Composite, nbytes: int) -> None:
     self.wait()  # a failure of the previous save surfaces here, named after its own step
     self._pending = step
+    self._check_room(step, nbytes)
     try:
       self._mgr.save(step, args=args, force=True)  # force: never skipped silently
     except Exception as e:
@@ -146,6 +148,19 @@ class Checkpointer:
       raise
     if not self._async:
       self.wait()
+
+  def _check_room(self, step: int, nbytes: int) -> None:
+    """A save that cannot fit is refused before orbax starts it. Orbax would fail part-way instead, and the
+    tensorstore writes still in flight when it gives up then print tracebacks ('Event loop is closed') from
+    their threads: the one-line error would arrive buried under them."""
+    free = shutil.disk_usage(self.directory).free
+    if free >= nbytes:
+      return
+    good = self._mgr.latest_step()
+    kept = (f'the newest complete checkpoint, step {good}, is intact' if good is not None
+            else 'no complete checkpoint was written before it')
+    raise UserError(f'cannot write the checkpoint of step {step} to {self.directory}: '
+                    f'{os.strerror(errno.ENOSPC)} ({_mb(free)} free, it needs about {_mb(nbytes)}); {kept}')
 
   def wait(self) -> None:
     try:
@@ -278,6 +293,11 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def _tree_bytes(tree: Any) -> int:
+  """The bytes of a tree's arrays (global shapes: the whole checkpoint, whichever process writes it)."""
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'dtype'))
 
 
 def _mb(n: int) -> str:

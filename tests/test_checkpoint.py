@@ -230,6 +230,25 @@ def test_too_little_space_for_one_checkpoint_is_an_error_before_training(tmp_pat
   ckpt.close()
 
 
+
+def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path, factory, states, monkeypatch):
+  directory = _save(tmp_path, states, steps=(1,))
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  before = sorted(os.listdir(directory))
+  need = sum(x.nbytes for x in jax.tree.leaves((states[2].params, states[2].opt_state)))
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**9, 10**9 - need + 1,
+                                                                                  need - 1))
+  with pytest.raises(UserError) as err:
+    ckpt.save(2, states[2], {'step': 2}, {})
+  assert str(err.value).startswith(f'cannot write the checkpoint of step 2 to {directory}: No space left on '
+                                   'device (') and str(err.value).endswith('the newest complete checkpoint, step '
+                                                                           '1, is intact')
+  assert sorted(os.listdir(directory)) == before  # not even a temporary directory was started
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**9, 10**9 - need, need))
+  ckpt.save(2, states[2], {'step': 2}, {})  # exactly enough is enough
+  ckpt.close()
+  assert ckpt.all_steps() == [1, 2]
+
 def test_an_unwritable_checkpoint_directory_is_an_error_at_start(tmp_path):
   (tmp_path / 'checkpoints').write_text('a file where the directory should be')
   with pytest.raises(UserError, match=r'cannot write checkpoints to .*checkpoints: '):

@@ -340,11 +340,13 @@ def test_data_files_deleted_mid_run(tmp_path, tokenizer_path, small_corpus, faul
   workdir = tmp_path / 'run'
   common = _train_args(workdir, tokenizer_path, f'--config.data.source={corpus}/*.txt',
                        '--config.data.heldout_percent=10', '--config.data.prefetch=1', '--config.eval.every=0',
-                       '--config.train.log_every=1', '--config.train.checkpoint_every=4')
+                       '--config.train.log_every=1', '--config.train.checkpoint_every=8')
 
   # Four files go after step 2 (at most one of each shard's documents: shard s reads documents s, s + 8,
-  # ...): they are skipped with a warning naming them, and the run ends.
-  run = _Train(common + ['--config.train.steps=40'], fault_env, tmp_path / 'err1')
+  # ...): they are skipped with a warning naming them, and the run ends. The shards cycle through their few
+  # small documents every handful of steps, so the run reads the deleted ones again however late the deletion
+  # lands; 160 steps leave room for this (test) process to be slow to act on step 2 on a busy machine.
+  run = _Train(common + ['--config.train.steps=160'], fault_env, tmp_path / 'err1')
   run.wait_for_step(2)
   removed = sorted(corpus.iterdir())[:4]
   for path in removed:
@@ -354,19 +356,19 @@ def test_data_files_deleted_mid_run(tmp_path, tokenizer_path, small_corpus, faul
   assert warnings and all(': cannot read: No such file or directory' in w for w in warnings)
   assert any(str(p) in w for p in removed for w in warnings)
   assert run.stderr.splitlines()[-1].startswith('llm-jax: data: skipped ') and 'unreadable' in run.stderr
-  assert max(_committed(workdir)) == 40
+  assert max(_committed(workdir)) == 160
 
   # Then the rest go while the resumed run reads: one line within bounded time, not an endless loop, and
   # the checkpoint it started from is still there.
-  run = _Train(common + ['--config.train.steps=400'], fault_env, tmp_path / 'err2')
-  run.wait_for_step(42)
+  run = _Train(common + ['--config.train.steps=800'], fault_env, tmp_path / 'err2')
+  run.wait_for_step(162)
   for path in corpus.iterdir():
     path.unlink()
   assert run.finish(timeout=240) == 2
   errors = [line for line in run.stderr.splitlines() if not line.startswith('llm-jax: warning:')]
   assert len(errors) == 1 and errors[0].startswith('llm-jax: error: ') and 'documents in a row could not be used' \
       in errors[0] and 'no usable training data is left' in errors[0], run.stderr
-  assert 40 in _committed(workdir)
+  assert 160 in _committed(workdir)
 
 
 # ---------------------------------------------------------------------------------------------------------
