@@ -8,16 +8,11 @@ The model section is configs/tiny.py's, like configs/sft.py: it must match the r
 Variants: `tiny` runs in seconds; `lora` trains rank-8 adapters (the reference is then the base alone).
 """
 
-import importlib.util
 import os
 
+from llm_jax.config import load_recipe
 
-def _tiny_recipe():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
-  spec = importlib.util.spec_from_file_location('_llm_jax_recipe_tiny_for_dpo', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
 
 
 def get_config(arg=None):
@@ -25,7 +20,7 @@ def get_config(arg=None):
   unknown = variants - {'tiny', 'lora'}
   if unknown:
     raise ValueError(f'unknown variant {sorted(unknown)[0]!r} (known: tiny, lora)')
-  c = _tiny_recipe().get_config('tiny' if 'tiny' in variants else None)
+  c = load_recipe(_TINY + (':tiny' if 'tiny' in variants else ''))  # the model this fine-tunes
   c.data.update(objective='dpo', source='data/prefs/*.jsonl', dpo_beta=0.1, heldout_percent=0)
   # DPO's published recipes use a learning rate around 5e-7 for 7B models; small models take more. No
   # weight decay: the KL tie to the reference is the regulariser.

@@ -8,16 +8,11 @@ The model section is configs/tiny.py's: it must match the pretrained run (model.
 Variants: `tiny` pairs with configs/tiny.py:tiny and runs in seconds; `lora` trains rank-8 adapters instead.
 """
 
-import importlib.util
 import os
 
+from llm_jax.config import load_recipe
 
-def _tiny_recipe():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
-  spec = importlib.util.spec_from_file_location('_llm_jax_recipe_tiny_for_sft', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
 
 
 def get_config(arg=None):
@@ -25,7 +20,7 @@ def get_config(arg=None):
   unknown = variants - {'tiny', 'lora'}
   if unknown:
     raise ValueError(f'unknown variant {sorted(unknown)[0]!r} (known: tiny, lora)')
-  c = _tiny_recipe().get_config('tiny' if 'tiny' in variants else None)
+  c = load_recipe(_TINY + (':tiny' if 'tiny' in variants else ''))  # the model this fine-tunes
   c.data.update(objective='sft', source='data/sft/*.jsonl', heldout_percent=5)
   # Fine-tuning moves far less than pretraining: a tenth of the learning rate, short warmup, no decay of
   # the pretrained weights toward zero.
