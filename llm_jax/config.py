@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Fine-tuning: a pretrained workdir whose latest params start this run (step 0, new optimizer state, its
   # tokenizer); '' trains from scratch. Its model must match this one (model.vocab_size may grow to fit the
-  # chat template's role markers; see finetune.py).
+  # chat template's role markers; see run/finetune.py).
   c.init_from = ''
 
   c.model = ml_collections.ConfigDict()
@@ -98,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.attention_impl = 'auto'  # auto | xla | cudnn
   m.remat = 'none'  # none | full | dots_no_batch | save_attention (see models/decoder.py)
   # LoRA (Hu et al. 2021): low-rank adapters x A B * alpha / rank on the named projections; with rank > 0
-  # only the adapters train (needs init_from) and checkpoints hold only them (see lora.py).
+  # only the adapters train (needs init_from) and checkpoints hold only them (see run/lora.py).
   m.lora = ml_collections.ConfigDict()
   m.lora.rank = 0  # 0: off
   m.lora.alpha = 16.0

@@ -6,7 +6,8 @@ of a save every time instead of by luck."""
 import sys
 import time
 
-from llm_jax import checkpoint_files, cli
+from llm_jax import cli
+from llm_jax.run import checkpoint_files
 
 
 def main() -> int:

@@ -6,8 +6,11 @@ import shutil
 import jax
 
 from conftest import tiny_config
-from llm_jax import config as config_lib, inference, sharding, workdir as workdir_lib
-from llm_jax.checkpoint import Checkpointer
+
+from llm_jax import config as config_lib, sharding
+from llm_jax.infer import inference
+from llm_jax.run import workdir as workdir_lib
+from llm_jax.run.checkpoint import Checkpointer
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.models import build_model
 from llm_jax.train import optim

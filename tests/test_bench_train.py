@@ -10,7 +10,9 @@ import os
 import pytest
 
 from conftest import ROOT
-from llm_jax import config as config_lib, flops
+
+from llm_jax import config as config_lib
+from llm_jax.models import flops
 
 
 def _bench():

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llm_jax import checkpoint_files, sharding
-from llm_jax.checkpoint import Checkpointer
+
+from llm_jax import sharding
+from llm_jax.run import checkpoint_files
+from llm_jax.run.checkpoint import Checkpointer
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
 from llm_jax.train import optim
@@ -287,7 +289,8 @@ def test_the_pickle_detector_detects_pickles(tmp_path):
 
 
 def test_a_trained_workdir_holds_no_pickle_and_loading_it_never_unpickles(tmp_path, tokenizer_path, monkeypatch):
-  from llm_jax import inference, workdir as workdir_lib
+  from llm_jax.infer import inference
+  from llm_jax.run import workdir as workdir_lib
   from llm_jax.train import loop
   cfg = tiny_config(('data.tokenizer', tokenizer_path), ('train.steps', '3'), ('train.checkpoint_every', '2'),
                     ('eval.every', '0'), ('train.log_every', '1'))

@@ -6,7 +6,7 @@ import io
 import sentencepiece as spm
 
 from llm_jax.data import tokenizer as tokenizer_lib
-from llm_jax import stops
+from llm_jax.infer import stops
 
 
 def _t5_style_tokenizer() -> tokenizer_lib.Tokenizer:
@@ -45,8 +45,10 @@ import pytest  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from conftest import ROOT, recipe_config, tiny_config  # noqa: E402
-from llm_jax import config as config_lib, convert, sharding, workdir as workdir_lib  # noqa: E402
-from llm_jax.checkpoint import Checkpointer, open_for_reading  # noqa: E402
+
+from llm_jax import config as config_lib, convert, sharding  # noqa: E402
+from llm_jax.run import workdir as workdir_lib
+from llm_jax.run.checkpoint import Checkpointer, open_for_reading  # noqa: E402
 from llm_jax.errors import UserError  # noqa: E402
 from llm_jax.models import build_model  # noqa: E402
 from llm_jax.train.state import abstract_params, init_params  # noqa: E402

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from llm_jax import decode, sampling, sharding, stops
-from llm_jax.beam_search import BeamParams
-from llm_jax.decode import Request, SamplingParams as SP
+
+from llm_jax import sharding
+from llm_jax.infer import decode, sampling, stops
+from llm_jax.infer.beam_search import BeamParams
+from llm_jax.infer.decode import Request, SamplingParams as SP
 from llm_jax.models import build_model
 from llm_jax.train.state import init_params
 

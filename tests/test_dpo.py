@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from llm_jax import config as config_lib, finetune, inference
+
+from llm_jax import config as config_lib
+from llm_jax.run import finetune
+from llm_jax.infer import inference
 from llm_jax.data import chat, pipeline, sources
 from llm_jax.data.files import Record, Skipped
 from llm_jax.errors import UserError

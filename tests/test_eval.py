@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import evaluate, tasks
+from llm_jax.evaluate import heldout, tasks
 from llm_jax.errors import UserError
 from random_run import make_run
 
@@ -66,10 +66,10 @@ def test_data_flag_scores_every_document_of_a_source(run, tmp_path):
   texts = [f'value_{i} = {i} * {i}\n' for i in range(12)]
   for i, t in enumerate(texts):
     (tmp_path / f'doc{i}.txt').write_text(t)
-  result = evaluate.evaluate_run(run, data=str(tmp_path / '*.txt'))
+  result = heldout.evaluate_run(run, data=str(tmp_path / '*.txt'))
   assert result['documents'] == 12  # both splits of the source
   # Every token after BOS is predicted once: the document's tokens and its EOS.
   assert result['tokens'] == sum(len(run.tokenizer.encode(t)) + 1 for t in texts)
   assert result['bytes'] == sum(len(t.encode()) for t in texts)
   with pytest.raises(UserError, match='matches no files'):
-    evaluate.evaluate_run(run, data=str(tmp_path / '*.none'))
+    heldout.evaluate_run(run, data=str(tmp_path / '*.none'))

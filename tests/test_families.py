@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import recipe_config
+
 from llm_jax.models import build_model, encdec
 from llm_jax.models.layers import relative_bucket
 from llm_jax.train.state import init_params
@@ -170,7 +171,7 @@ def test_relative_buckets_are_exact_near_and_logarithmic_far(bidirectional):
 
 
 def test_biases_and_position_tables_are_not_decayed_or_counted_as_matmuls():
-  from llm_jax import flops
+  from llm_jax.models import flops
   from llm_jax.train import optim
   for name in ('gpt2_124m', 'bert_base', 't5_small'):
     cfg = recipe_config(name)

@@ -80,7 +80,7 @@ def _tokens(tokenizer_path, text):
 
 def test_encoder_decoder_prompts_read_and_write_sentinels(tokenizer):
   from conftest import recipe_config
-  from llm_jax import inference
+  from llm_jax.infer import inference
   from llm_jax.errors import UserError
   cfg = recipe_config('t5_small')
   run = inference.Run(cfg, tokenizer, model=None, params=None, mesh=None, rules=(), step=0)

@@ -26,8 +26,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, tiny_config
-from llm_jax import checkpoint_files, sharding
-from llm_jax.checkpoint import Checkpointer
+
+from llm_jax import sharding
+from llm_jax.run import checkpoint_files
+from llm_jax.run.checkpoint import Checkpointer
 from llm_jax.data import files as files_lib
 from llm_jax.data.objectives import Stream
 from llm_jax.data.packing import Packer
@@ -219,7 +221,7 @@ def test_kill_9_anywhere_sigterm_and_a_damaged_step_still_end_in_the_uninterrupt
 
 
 def test_a_record_cut_off_by_a_kill_is_dropped_before_the_resumed_run_appends(tmp_path):
-  from llm_jax.workdir import MetricsWriter
+  from llm_jax.run.workdir import MetricsWriter
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "tr')
   MetricsWriter(str(tmp_path)).write({'step': 2, 'split': 'train', 'loss': 1.5})

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from llm_jax import cli, config as config_lib, finetune, inference, sharding
+
+from llm_jax import cli, config as config_lib, sharding
+from llm_jax.run import finetune
+from llm_jax.infer import inference
 from llm_jax.data import chat
 from llm_jax.data.files import Record, Skipped
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
-from llm_jax.sampling import SamplingParams
+from llm_jax.infer.sampling import SamplingParams
 from llm_jax.train import loop
 from llm_jax.train.step import loss_and_stats
 
@@ -132,7 +135,7 @@ def test_sft_reproduces_the_seen_responses_and_skips_bad_records(sft_run, pretra
 def test_served_chat_completions_use_the_template_and_stop_at_its_end(sft_run):
   """/v1/chat/completions of a fine-tuned run: the same prompt ids and reply as the template gives the engine,
   and a role the template does not know is a 400 naming it."""
-  from llm_jax import openai_api, server
+  from llm_jax.serve import openai_api, server
   run = inference.load_run(sft_run)
   app = server.App(run, 'sft', max_batch=4, batch_wait_s=0.0)
   try:

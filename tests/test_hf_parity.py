@@ -17,8 +17,9 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from llm_jax import convert, sharding, workdir as workdir_lib  # noqa: E402
-from llm_jax.checkpoint import open_for_reading  # noqa: E402
+from llm_jax import convert, sharding  # noqa: E402
+from llm_jax.run import workdir as workdir_lib
+from llm_jax.run.checkpoint import open_for_reading  # noqa: E402
 from llm_jax.models import build_model  # noqa: E402
 from llm_jax.train.state import abstract_params  # noqa: E402
 

@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from llm_jax import cli, config as config_lib, finetune, inference, lora, sharding
-from llm_jax.checkpoint import checkpoint_dir
+
+from llm_jax import cli, config as config_lib, sharding
+from llm_jax.run import finetune, lora
+from llm_jax.infer import inference
+from llm_jax.run.checkpoint import checkpoint_dir
 from llm_jax.data import pipeline, tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 from llm_jax.models import build_model, example_batch
 from llm_jax.train import loop, optim
 from llm_jax.train.state import StateFactory
-from llm_jax.train.step import forward, make_train_step
+from llm_jax.models.outputs import forward
+from llm_jax.train.step import make_train_step
 
 SFT = os.path.join(ROOT, 'configs', 'sft.py')
 

@@ -10,7 +10,10 @@ import jax
 import pytest
 
 from conftest import ROOT, TINY, tiny_config
-from llm_jax import cli, flops, plan
+
+from llm_jax import cli
+from llm_jax.models import flops
+from llm_jax.train import plan
 from llm_jax.errors import UserError
 
 

@@ -12,7 +12,8 @@ import pytest
 tfds = pytest.importorskip('tensorflow_datasets')
 
 from conftest import ROOT, TINY, tiny_config  # noqa: E402
-from llm_jax import workdir as workdir_lib  # noqa: E402
+
+from llm_jax.run import workdir as workdir_lib  # noqa: E402
 from llm_jax.data import pipeline, prepared, sources, tokenizer as tokenizer_lib  # noqa: E402
 from llm_jax.errors import UserError  # noqa: E402
 

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import inference, server
-from llm_jax.sampling import SamplingParams
+from llm_jax.infer import inference
+from llm_jax.serve import server
+from llm_jax.infer.sampling import SamplingParams
 from random_run import make_run
 
 

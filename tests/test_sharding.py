@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
+
 from llm_jax import sharding
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
@@ -234,7 +235,7 @@ def test_dcn_without_slices_groups_processes_in_order():
 def test_decoding_on_a_context_parallel_mesh_equals_unsharded():
   # `generate` decodes on the run's own mesh: a sequence axis must not change a token.
   import test_decode
-  from llm_jax import decode
+  from llm_jax.infer import decode
   _, model, params = test_decode._model()
   cfg = tiny_config(('mesh.data', '2'), ('mesh.sequence', '2'), ('mesh.tensor', '2'))
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)

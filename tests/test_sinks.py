@@ -12,7 +12,10 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from conftest import tiny_config
-from llm_jax import cli, flops, tensorboard
+
+from llm_jax import cli
+from llm_jax.models import flops
+from llm_jax.train import tensorboard
 from llm_jax.errors import UserError
 from llm_jax.train.sinks import Sinks
 

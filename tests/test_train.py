@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, tiny_config
+
 from llm_jax import sharding
-from llm_jax.checkpoint import Checkpointer
+from llm_jax.run.checkpoint import Checkpointer
 from llm_jax.models import build_model
 from llm_jax.train import loop
 from llm_jax.train.state import abstract_params

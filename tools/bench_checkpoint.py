@@ -20,8 +20,9 @@ import time
 
 import jax
 
-from llm_jax import checkpoint_files, cli, config as config_lib, sharding
-from llm_jax.checkpoint import Checkpointer
+from llm_jax import cli, config as config_lib, sharding
+from llm_jax.run import checkpoint_files
+from llm_jax.run.checkpoint import Checkpointer
 from llm_jax.models import build_model
 from llm_jax.train import optim
 from llm_jax.train.state import StateFactory

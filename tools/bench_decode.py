@@ -31,9 +31,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llm_jax import config as config_lib, decode, sharding  # noqa: E402
+from llm_jax import config as config_lib, sharding  # noqa: E402
+from llm_jax.infer import decode
 from llm_jax.models import build_model  # noqa: E402
-from llm_jax.sampling import SamplingParams  # noqa: E402
+from llm_jax.infer.sampling import SamplingParams  # noqa: E402
 from llm_jax.train.state import init_params, param_shardings  # noqa: E402
 
 

@@ -43,7 +43,8 @@ def main() -> None:
 
   import jax
   jax.config.update('jax_num_cpu_devices', args.devices)
-  from llm_jax import config as config_lib, plan
+  from llm_jax import config as config_lib
+  from llm_jax.train import plan
   from llm_jax.commands.plan import mesh_overrides
   import flax
   print(f'python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}; '

@@ -10,7 +10,7 @@ jit with shardings and the state donated), on synthetic tokens made on the devic
 measured. After `--warmup` steps, `--steps` steps run in `--windows` windows; the host waits for the device
 only at the end of a window, and the step time is the median over windows of window time / steps.
 
-MFU counts FLOPs as the torch reference does (../shared/bench/torch_reference.py, llm_jax/flops.py):
+MFU counts FLOPs as the torch reference does (../shared/bench/torch_reference.py, llm_jax/models/flops.py):
 (6 x matmul parameters + 12 x layers x d x seq) per token, over the device's dense bf16 peak (989 TFLOP/s
 for an H100 SXM). `--xla_flags` names a set of XLA GPU flags (XLA_FLAG_SETS) put into XLA_FLAGS before JAX
 starts, so it only works with this file run as its own process. tools/bench_train_gpu.sh runs the whole
@@ -149,7 +149,8 @@ def _synthetic_batch(cfg, batch_sharding):
 
 def _measure(cfg, args) -> dict:
   import jax
-  from llm_jax import flops, sharding
+  from llm_jax import sharding
+  from llm_jax.models import flops
   from llm_jax.errors import UserError
   from llm_jax.train.step import setup_train_step
 

@@ -35,7 +35,9 @@ def run(args, overrides) -> int:
     raise UserError(f'--batch_size={args.batch_size}: expected a positive integer')
   if args.data is not None and not args.data:
     raise UserError('--data is empty')
-  from llm_jax import evaluate, inference, tasks, workdir as workdir_lib
+  from llm_jax.evaluate import heldout, tasks
+  from llm_jax.infer import inference
+  from llm_jax.run import workdir as workdir_lib
   if args.task:  # choices are ranked by their log-likelihood as a continuation: a decoder's
     inference.require_family(workdir_lib.load_config(args.workdir), 'eval --task', ('decoder',),
                              'multiple-choice tasks score continuations with a decoder-only model')
@@ -46,12 +48,12 @@ def run(args, overrides) -> int:
   run_ = inference.load_run(args.workdir)
   result = {'step': run_.step}
   if args.data is not None or not args.task:
-    result.update(evaluate.evaluate_run(run_, args.data, args.max_tokens, progress=True))
+    result.update(heldout.evaluate_run(run_, args.data, args.max_tokens, progress=True))
     _print_data(result, say)
   if task_items:
     result['tasks'] = {}
     for path, items in task_items.items():
-      bar = evaluate.progress_bar(sum(len(i.choices) for i in items), 'choices')
+      bar = heldout.progress_bar(sum(len(i.choices) for i in items), 'choices')
       try:
         scores = tasks.evaluate(run_, items, args.batch_size, progress=bar.update)
       finally:

@@ -30,7 +30,7 @@ def run(args, overrides) -> int:
   no_overrides('export', overrides)
   if not args.merge_lora:
     raise UserError('export: give --merge-lora (merging adapters is the only export there is)')
-  from llm_jax import workdir as workdir_lib
+  from llm_jax.run import workdir as workdir_lib
   cfg = workdir_lib.load_config(args.workdir)
   if not cfg.model.lora.rank:
     raise UserError(f'export --merge-lora: workdir {args.workdir} has no LoRA adapters (model.lora.rank=0)')
@@ -41,8 +41,10 @@ def run(args, overrides) -> int:
     raise UserError(f'--output={args.output}: the directory {os.path.dirname(out)} does not exist')
   distributed.initialize_from_args(args)
   import ml_collections
-  from llm_jax import config as config_lib, inference, lora
-  from llm_jax.checkpoint import Checkpointer
+  from llm_jax import config as config_lib
+  from llm_jax.infer import inference
+  from llm_jax.run import lora
+  from llm_jax.run.checkpoint import Checkpointer
   run_ = inference.load_run(args.workdir)
   merged = lora.merged(run_.params, cfg.model)
   plain = ml_collections.ConfigDict(cfg.to_dict())

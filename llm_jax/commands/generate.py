@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
 
 
 def sampling_params(args):
-  from llm_jax.sampling import SamplingParams
+  from llm_jax.infer.sampling import SamplingParams
   params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                           seed=args.seed, stop_strings=tuple(args.stop), ignore_eos=args.ignore_eos)
@@ -54,7 +54,7 @@ def sampling_params(args):
 
 
 def beam_params(args):
-  from llm_jax.beam_search import BeamParams
+  from llm_jax.infer.beam_search import BeamParams
   params = BeamParams(num_beams=args.num_beams, length_penalty=args.length_penalty,
                       max_new_tokens=args.max_new_tokens)
   params.check()
@@ -122,7 +122,8 @@ def run(args, overrides) -> int:
   if default_new:
     args.max_new_tokens = DEFAULT_NEW_TOKENS
   params = beam_params(args) if args.num_beams else sampling_params(args)
-  from llm_jax import inference, workdir as workdir_lib
+  from llm_jax.infer import inference
+  from llm_jax.run import workdir as workdir_lib
   cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before prompts are read
   inference.require_family(cfg, 'generate', ('decoder', 'encdec'))
   if default_new and cfg.model.family == 'encdec':
@@ -159,7 +160,7 @@ def run(args, overrides) -> int:
 
 
 def _sample_records(run_, prompts, params, args):
-  from llm_jax import inference
+  from llm_jax.infer import inference
   jobs = [(i, s) for i in range(len(prompts)) for s in range(args.num_samples)]
   records = []
   for start in range(0, len(jobs), args.batch_size):

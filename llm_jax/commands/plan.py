@@ -86,7 +86,9 @@ def _backend_started() -> bool:
 
 
 def run(args, overrides) -> int:
-  from llm_jax import config as config_lib, plan, workdir as workdir_lib
+  from llm_jax import config as config_lib
+  from llm_jax.train import plan
+  from llm_jax.run import workdir as workdir_lib
   from llm_jax.commands.common import nonempty
   for flag in ('config', 'mesh', 'device_kind', 'device_memory'):  # empty is a mistake, not the default
     nonempty(f'--{flag}', getattr(args, flag))
@@ -94,7 +96,7 @@ def run(args, overrides) -> int:
     raise UserError(f'--top={args.top}: expected a positive integer')
   recipe = args.config or workdir_lib.default_recipe()
   cfg = config_lib.load(recipe, list(overrides) + mesh_overrides(args.mesh))
-  from llm_jax import finetune
+  from llm_jax.run import finetune
   cfg = finetune.resolve(cfg)  # init_from: the pretrained vocabulary (grown for chat markers) is what trains
   count = device_count(cfg, args.devices, args.mesh)
   cluster = distributed.initialize_from_args(args)

@@ -13,8 +13,8 @@ def add_arguments(p) -> None:
 
 def run(args, overrides) -> int:
   import re
-
-  from llm_jax import config as config_lib, workdir as workdir_lib
+  from llm_jax import config as config_lib
+  from llm_jax.run import workdir as workdir_lib
   from llm_jax.commands.common import nonempty
   from llm_jax.data import prepared, tokenizer as tokenizer_lib
   nonempty('--output', args.output)

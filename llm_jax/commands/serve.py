@@ -28,7 +28,9 @@ def run(args, overrides) -> int:
     raise UserError(f'--max_batch={args.max_batch}: expected a positive integer')
   if args.batch_wait_ms < 0:
     raise UserError(f'--batch_wait_ms={args.batch_wait_ms}: expected a non-negative number')
-  from llm_jax import inference, server, workdir as workdir_lib
+  from llm_jax.infer import inference
+  from llm_jax.serve import server
+  from llm_jax.run import workdir as workdir_lib
   # The OpenAI-style API's context rules (prompt + new tokens in one window) and scoring are a decoder's.
   inference.require_family(workdir_lib.load_config(args.workdir), 'serve', ('decoder',))
   run_ = inference.load_run(args.workdir)

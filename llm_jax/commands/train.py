@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
 
 
 def run(args, overrides) -> int:
-  from llm_jax import workdir as workdir_lib
+  from llm_jax.run import workdir as workdir_lib
   from llm_jax.commands.common import nonempty
   from llm_jax.train import loop
   nonempty('--workdir', args.workdir)

@@ -151,7 +151,7 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
                         f'expected {type(cfg[section][key]).__name__}') from None
   cfg = config_lib.load(None, overrides, base=cfg)
 
-  from llm_jax import workdir as workdir_lib
+  from llm_jax.run import workdir as workdir_lib
   from llm_jax.data import tokenizer as tokenizer_lib
   tok_path = hf_files.tokenizer_file(hf_dir)
   tok = tokenizer_lib.load(tok_path) if tok_path else None
@@ -179,8 +179,9 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
 
 
 def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None:
-  from llm_jax import sharding, workdir as workdir_lib
-  from llm_jax.checkpoint import Checkpointer
+  from llm_jax import sharding
+  from llm_jax.run import workdir as workdir_lib
+  from llm_jax.run.checkpoint import Checkpointer
   from llm_jax.models import build_model
   from llm_jax.train.state import abstract_params
   mesh = sharding.make_mesh(cfg.mesh)
@@ -200,8 +201,9 @@ def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None
 
 def to_hf(workdir: str, output: str) -> dict:
   """Write the latest params of the run in `workdir` as a Hugging Face directory `output`."""
-  from llm_jax import sharding, workdir as workdir_lib
-  from llm_jax.checkpoint import open_for_reading
+  from llm_jax import sharding
+  from llm_jax.run import workdir as workdir_lib
+  from llm_jax.run.checkpoint import open_for_reading
   from llm_jax.data import tokenizer as tokenizer_lib
   from llm_jax.models import build_model
   from llm_jax.train.state import abstract_params

@@ -8,7 +8,7 @@ The template. A conversation is rendered as
 where each `<|role|>` of `data.chat_roles` and `<|end|>` are *marker ids* appended after the tokenizer's
 pieces: role i is `pieces + i`, `<|end|>` is `pieces + len(roles)` (config.reserved_ids counts them). They
 are never produced by encoding text, so no user text can forge a turn, and sentencepiece models need no
-surgery: a pretrained model whose table has no rows for them grows it when fine-tuning starts (finetune.py),
+surgery: a pretrained model whose table has no rows for them grows it when fine-tuning starts (run/finetune.py),
 and the new run's config.json records the roles, so eval, generate and chat read them back. `decode` drops
 ids past the pieces, so markers never show in text.
 

@@ -11,7 +11,7 @@ Letters as in layers.py; S is the encoder's length, T the decoder's.
         -> (logits_BTV, cache)
 
 Packed rows work as for the other families: a decoder token attends to its own target's earlier tokens and
-to the encoder tokens of the same segment. Decoding (decode.py's EncoderDecoder adapter) calls it twice:
+to the encoder tokens of the same segment. Decoding (infer/decode.py's EncoderDecoder adapter) calls it twice:
 once with a cache, which encodes the prompt, fills every layer's cross-attention keys and values and
 decodes the start token; then with `step=True` per new token, which skips the encoder (its arguments may be
 None) and reads the cache: {'k', 'v'} [L, B, T, K, H] of the decoder, {'ck', 'cv'} [L, B, S, K, H] of the

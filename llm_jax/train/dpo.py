@@ -24,7 +24,8 @@ import optax
 from llm_jax import sharding
 from llm_jax.train import optim
 from llm_jax.train.state import TrainState
-from llm_jax.train.step import global_norm, token_nll
+from llm_jax.models.outputs import token_nll
+from llm_jax.train.step import global_norm
 
 Array = jax.Array
 DPO_METRICS = ('reward_accuracy', 'chosen_reward', 'rejected_reward', 'margin')

@@ -16,8 +16,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llm_jax import evaluate, finetune, flops, sharding, workdir as workdir_lib
-from llm_jax.checkpoint import Checkpointer
+from llm_jax import sharding
+from llm_jax.evaluate import heldout as heldout_eval
+from llm_jax.run import finetune, workdir as workdir_lib
+from llm_jax.models import flops
+from llm_jax.run.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
@@ -207,8 +210,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
           if pending is not None:
             report(*pending)
             pending = None
-          scores = evaluate.score(eval_step, state.params, _periodic_eval_batches(cfg, tok, heldout),
-                                  batch_sharding)
+          scores = heldout_eval.score(eval_step, state.params, _periodic_eval_batches(cfg, tok, heldout),
+                                       batch_sharding)
           record = {'step': done, 'split': 'eval', 'loss': scores['loss']}
           sinks.write(record)
           progress.write(f'step {done:>6}  held-out loss {scores["loss"]:.4f}')

@@ -14,7 +14,8 @@ import os
 
 import jax
 
-from llm_jax import tensorboard, workdir as workdir_lib
+from llm_jax.train import tensorboard
+from llm_jax.run import workdir as workdir_lib
 from llm_jax.errors import UserError
 
 TENSORBOARD_DIR = 'tensorboard'

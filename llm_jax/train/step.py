@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax import lora, sharding
-from llm_jax.models import build_model, model_args
+from llm_jax import sharding
+from llm_jax.run import lora
+from llm_jax.models import build_model
 from llm_jax.train import optim
 from llm_jax.train.loss import SUM_KEYS, LossConfig, model_sums, objective_sum, token_sums
 from llm_jax.train.state import StateFactory, TrainState
@@ -24,20 +25,8 @@ from llm_jax.train.state import StateFactory, TrainState
 Array = jax.Array
 
 
-def token_nll(logits_BTV: Array, targets_BT: Array) -> Array:
-  """Per-token negative log-likelihood, float32, without materialising a one-hot."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
-
-
 def global_norm(tree) -> Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def forward(model, params, batch: dict[str, Array], rngs=None) -> Array:
-  logits_BTV, _ = model.apply({'params': params}, *model_args(model.cfg, batch), rngs=rngs)
-  return logits_BTV
 
 
 def loss_and_stats(model, params, batch, rngs=None, with_accuracy: bool = False,
@@ -161,5 +150,5 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding, loss_chu
                  out_shardings=sharding.replicated(mesh))
 
 
-__all__ = ['TrainSetup', 'forward', 'global_norm', 'loss_and_stats', 'make_eval_step', 'make_train_step',
-           'setup_train_step', 'token_nll', 'token_sums']
+__all__ = ['TrainSetup', 'global_norm', 'loss_and_stats', 'make_eval_step', 'make_train_step',
+           'setup_train_step', 'token_sums']

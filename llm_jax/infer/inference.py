@@ -16,11 +16,13 @@ from typing import Any, Sequence
 
 import jax
 
-from llm_jax import decode, sharding, stops, workdir as workdir_lib
-from llm_jax.checkpoint import open_for_reading
+from llm_jax import sharding
+from llm_jax.infer import decode, stops
+from llm_jax.run import workdir as workdir_lib
+from llm_jax.run.checkpoint import open_for_reading
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
-from llm_jax.sampling import SamplingParams
+from llm_jax.infer.sampling import SamplingParams
 from llm_jax.train.state import abstract_params
 
 
@@ -102,7 +104,7 @@ def restore_params(cfg, ckpt, abstract, mesh, rules) -> tuple[int, Any]:
   to init_from's base."""
   if not cfg.model.lora.rank:
     return ckpt.restore_latest_params(abstract)
-  from llm_jax import finetune, lora
+  from llm_jax.run import finetune, lora
   base_abstract, adapter_abstract = lora.split(abstract)
   base, _ = finetune.load_params(cfg, mesh, rules, jax.tree.map(lambda a: a.sharding, base_abstract))
   step, adapters = ckpt.restore_latest_params(adapter_abstract)

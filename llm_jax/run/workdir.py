@@ -45,7 +45,7 @@ def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tup
   """The config of a training run: the recipe (default configs/tiny.py) plus overrides, or, when resuming
   a workdir without --config, its saved config plus overrides (e.g. more steps)."""
   saved = config_path(workdir)
-  from llm_jax import finetune  # it reads workdirs: imported late
+  from llm_jax.run import finetune  # it reads workdirs: imported late
   if spec is None and os.path.isfile(saved):
     return finetune.resolve(config_lib.load(None, overrides, base=config_lib.from_json_file(saved)))
   if spec is None:

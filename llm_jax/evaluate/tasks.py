@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from llm_jax import loglik
+from llm_jax.infer import loglik
 from llm_jax.errors import UserError
 
 

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from llm_jax.errors import UserError
-from llm_jax.sampling import MAX_SEED, SamplingParams
+from llm_jax.infer.sampling import MAX_SEED, SamplingParams
 
 
 class ApiError(Exception):

@@ -18,7 +18,8 @@ import re
 import jax
 import numpy as np
 
-from llm_jax import flops, sharding
+from llm_jax import sharding
+from llm_jax.models import flops
 from llm_jax.data import objectives, packing
 from llm_jax.errors import UserError
 from llm_jax.train import dpo

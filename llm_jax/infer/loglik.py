@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import sharding
-from llm_jax.train.step import forward, token_nll
+from llm_jax.models.outputs import forward, token_nll
 
 
 @dataclass

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from llm_jax import config as config_lib, workdir as workdir_lib
-from llm_jax.checkpoint import open_for_reading
+from llm_jax import config as config_lib
+from llm_jax.run import workdir as workdir_lib
+from llm_jax.run.checkpoint import open_for_reading
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
@@ -123,7 +124,7 @@ def load_params(cfg, mesh, rules, target_shardings):
 def initial_state(cfg, factory, mesh, rules):
   """Step 0 of a fine-tuning run: init_from's params (plus freshly initialised adapters for LoRA) with a new
   optimizer state."""
-  from llm_jax import lora
+  from llm_jax.run import lora
   from llm_jax.train.state import init_params
   base_shardings, adapter_shardings = lora.split(factory.param_shardings)
   params, _ = load_params(cfg, mesh, rules, base_shardings)

@@ -20,9 +20,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from llm_jax import inference, loglik, openai_api
+from llm_jax.infer import inference, loglik
+from llm_jax.serve import openai_api
 from llm_jax.errors import UserError
-from llm_jax.openai_api import ApiError
+from llm_jax.serve.openai_api import ApiError
 
 
 @dataclass

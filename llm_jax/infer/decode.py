@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import sampling, sharding, stops
+from llm_jax import sharding
+from llm_jax.infer import sampling, stops
 from llm_jax.models import CACHE_AXES, encdec, init_cache
-from llm_jax.sampling import SamplingParams, Stages
+from llm_jax.infer.sampling import SamplingParams, Stages
 
 Array = jax.Array
 
@@ -294,5 +295,5 @@ class Engine:
 
   def beam_search(self, token_lists: Sequence[Sequence[int]], params) -> list[list]:
     """The finished beams of each prompt, best first (see beam_search.py for `params`)."""
-    from llm_jax import beam_search
+    from llm_jax.infer import beam_search
     return beam_search.run(self, token_lists, params)

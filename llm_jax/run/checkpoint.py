@@ -30,11 +30,11 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from llm_jax import checkpoint_files as files
-from llm_jax import lora
+from llm_jax.run import checkpoint_files as files
+from llm_jax.run import lora
 from llm_jax.errors import UserError
 from llm_jax.train.state import TrainState
-from llm_jax.workdir import unwritable
+from llm_jax.run.workdir import unwritable
 
 # Failures of a save that are the machine's state, not a bug: reported as one line, without a traceback.
 _IO_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
