@@ -18,8 +18,38 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from llm_jax.config import MESH_AXES, RULE_PRESETS
 from llm_jax.errors import UserError
+
+# The mesh axes, from the least to the most communication per step: a data-parallel replica exchanges
+# gradients once per step, FSDP gathers weights once per layer, context parallelism gathers keys and values
+# once per layer, tensor parallelism reduces activations twice per layer. jax.make_mesh gives the last axes
+# the fastest links, so `tensor` goes last.
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
+
+# Every logical axis name the models use (see models/layers.py). `kv_seq` is the key length of attention,
+# which context parallelism gathers whole while queries stay split over `sequence`.
+# `table` is the rows of small lookup tables (learned positions, token types, T5's relative-position buckets),
+# never split.
+LOGICAL_AXES = ('batch', 'seq', 'kv_seq', 'cache_seq', 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
+                'layers', 'table')
+
+# Logical axis -> mesh axes, in priority order (flax semantics: a mesh axis is used at most once per array,
+# so `batch` claims ('data', 'fsdp') for activations before `embed` could claim 'fsdp'; parameters, which
+# have no batch axis, get `embed` sharded over 'fsdp', which is what makes FSDP). Parameters are also split
+# over `sequence`, which would otherwise hold whole copies: context parallelism doubles as FSDP for weights.
+_REPLICATED = tuple((name, None) for name in ('kv_seq', 'cache_seq', 'head_dim', 'layers', 'table'))
+RULE_PRESETS = {
+    # Pure data parallelism: every device holds every weight; rows split over data and fsdp alike.
+    'dp': (('batch', ('data', 'fsdp')), ('seq', 'sequence'), ('vocab', None), ('embed', None), ('heads', None),
+           ('kv_heads', None), ('mlp', None)) + _REPLICATED,
+    # ZeRO-3 / FSDP: weights, gradients and optimizer state split along `embed`, gathered per layer.
+    'fsdp': (('batch', ('data', 'fsdp')), ('seq', 'sequence'), ('vocab', None), ('embed', ('fsdp', 'sequence')),
+             ('heads', None), ('kv_heads', None), ('mlp', None)) + _REPLICATED,
+    # FSDP plus Megatron-style tensor parallelism of heads, MLP and vocabulary over `tensor`.
+    'fsdp_tp': (('batch', ('data', 'fsdp')), ('seq', 'sequence'), ('vocab', 'tensor'),
+                ('embed', ('fsdp', 'sequence')), ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'))
+               + _REPLICATED,
+}
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -65,12 +95,6 @@ def mesh_layout(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[int,
                     + (f' times {slices} slices/nodes' if slices > 1 else '')
                     + f' needs {need} devices, {num_devices} are present')
   return tuple(sizes), dcn
-
-
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """The size of every mesh axis: its ICI size times its DCN size."""
-  ici, dcn = mesh_layout(mesh_cfg, num_devices)
-  return tuple(i * d for i, d in zip(ici, dcn))
 
 
 def hybrid_device_array(ici: Sequence[int], dcn: Sequence[int], devices: Sequence[Any]) -> np.ndarray:

@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Implicit rank promotion (adding a [T] array to a [B, T, D] one) hides shape mistakes: an error in the suite,
+# in this process and in every command it starts.
+os.environ.setdefault('JAX_NUMPY_RANK_PROMOTION', 'raise')
 
 import pytest  # noqa: E402
 

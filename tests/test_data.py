@@ -10,6 +10,7 @@ from llm_jax.data import objectives, pipeline, sources
 from llm_jax.data.mixture import EpochShuffle
 from llm_jax.data.packing import Packer, empty_batch
 from llm_jax.errors import UserError
+from llm_jax.data.streams import Stream
 from llm_jax.models.layers import attention_mask
 
 
@@ -90,7 +91,7 @@ def test_no_token_of_one_document_is_visible_to_another():
 
 def test_packing_takes_stream_lengths_from_the_objective():
   """An encoder-decoder layout: two streams of different lengths sharing segment ids."""
-  streams = (objectives.Stream(('enc',), 12, 'encoder_'), objectives.Stream(('dec',), 4, 'decoder_'))
+  streams = (Stream(('enc',), 12, 'encoder_'), Stream(('dec',), 4, 'decoder_'))
 
   def feed(start):
     for d in range(start, 6):

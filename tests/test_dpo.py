@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 from llm_jax import config as config_lib
-from llm_jax.run import finetune
+from llm_jax.run import finetune, params as params_lib
 from llm_jax.infer import inference
 from llm_jax.data import chat, pipeline, sources
 from llm_jax.data.files import Record, Skipped
@@ -51,7 +51,7 @@ def test_dpo_raises_the_margin_on_the_pairs_and_leaves_the_reference(pretrained_
 
   # Independently of the logged metrics: every training pair, policy against reference.
   run = inference.load_run(workdir)
-  ref = finetune.load_params(run.cfg, run.mesh, run.rules,
+  ref = params_lib.from_init(run.cfg, run.mesh, run.rules,
                              param_shardings(run.model, run.mesh, run.rules))[0]
   docs = sources.open_source(run.cfg.data, 'train')
   logps = jax.jit(lambda p, b: pair_logps(run.model, p, b))

@@ -31,7 +31,7 @@ from llm_jax import sharding
 from llm_jax.run import checkpoint_files
 from llm_jax.run.checkpoint import Checkpointer
 from llm_jax.data import files as files_lib
-from llm_jax.data.objectives import Stream
+from llm_jax.data.streams import Stream
 from llm_jax.data.packing import Packer
 from llm_jax.errors import UserError
 from llm_jax.models import build_model

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, tiny_config
 
 from llm_jax import cli, config as config_lib, sharding
-from llm_jax.run import finetune
+from llm_jax.run import finetune, params as params_lib
 from llm_jax.infer import inference
 from llm_jax.data import chat
 from llm_jax.data.files import Record, Skipped
@@ -157,7 +157,7 @@ def test_init_from_loads_params_and_grows_the_vocabulary(pretrained, tmp_path):
   assert cfg.model.vocab_size == pre.model.vocab_size + 4 and cfg.data.tokenizer.startswith(pretrained)
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
   from llm_jax.train.state import param_shardings
-  grown, step = finetune.load_params(cfg, mesh, rules, param_shardings(build_model(cfg.model), mesh, rules))
+  grown, step = params_lib.from_init(cfg, mesh, rules, param_shardings(build_model(cfg.model), mesh, rules))
   old = inference.load_run(pretrained).params
   assert step == 2
   emb, old_emb = np.asarray(grown['embedding']), np.asarray(old['embedding'])

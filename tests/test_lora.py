@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 from llm_jax import cli, config as config_lib, sharding
-from llm_jax.run import finetune, lora
+from llm_jax.run import finetune, lora, params as params_lib
 from llm_jax.infer import inference
 from llm_jax.run.checkpoint import checkpoint_dir
 from llm_jax.data import pipeline, tokenizer as tokenizer_lib
@@ -109,6 +109,23 @@ def test_checkpoints_hold_adapters_resume_and_merge_to_the_same_logits(pretraine
   logits_base = np.asarray(run_plain(lora.split(adapted.params)[0], batch))
   np.testing.assert_allclose(logits_merged, logits_adapted, atol=2e-5)
   assert np.abs(logits_adapted - logits_base).max() > 1e-3  # the adapters did something to merge
+
+  # Every reader of a run reads a LoRA run the same way (run/params.py): `convert to-hf` exports the merged
+  # weights (it used to call the adapters-only checkpoint unreadable), and init_from starts from them.
+  from safetensors.numpy import load_file
+  for name, run_dir in (('hf_lora', workdir), ('hf_merged', out)):
+    assert cli.main(['convert', 'to-hf', f'--workdir={run_dir}', f'--output={tmp_path / name}']) == 0
+  from_lora = load_file(str(tmp_path / 'hf_lora' / 'model.safetensors'))
+  from_merged = load_file(str(tmp_path / 'hf_merged' / 'model.safetensors'))
+  assert from_lora.keys() == from_merged.keys() and not [k for k in from_lora if 'lora' in k]
+  for key in from_lora:
+    np.testing.assert_array_equal(from_lora[key], from_merged[key])
+  child = finetune.resolve(config_lib.load(SFT + ':tiny', [('init_from', workdir), ('data.source', source)]))
+  shardings = jax.tree.map(lambda a: a.sharding, merged.params)
+  start, step = params_lib.from_init(child, merged.mesh, merged.rules, shardings)
+  assert step == 6
+  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(merged.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_export_refuses_bad_input(pretrained_workdir, tmp_path, capsys):

@@ -51,14 +51,14 @@ def run(args, overrides) -> int:
   no_overrides('chat', overrides)
   if args.max_new_tokens is not None and args.max_new_tokens < 1:
     raise UserError(f'--max_new_tokens={args.max_new_tokens}: expected a positive integer')
-  from llm_jax import config as config_lib
+  from llm_jax.data import objectives
   from llm_jax.infer import inference
   from llm_jax.run import workdir as workdir_lib
   from llm_jax.infer.sampling import SamplingParams
   cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before anything is read
-  inference.require_family(cfg, 'chat', ('decoder',), why='chat needs a decoder-only model fine-tuned with a '
+  inference.require_family(cfg, 'chat', 'causal', why='chat needs a decoder-only model fine-tuned with a '
                            'chat template (configs/sft.py)')
-  if cfg.data.objective not in config_lib.CHAT_OBJECTIVES:
+  if not objectives.of(cfg.data).chat:
     raise UserError(f'chat: this run was trained with data.objective={cfg.data.objective!r} and has no chat '
                     'template; fine-tune it first (configs/sft.py with --config.init_from)')
   roles = cfg.data.chat_roles

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from llm_jax import atomic
 from llm_jax.errors import UserError
 
 
@@ -33,23 +34,17 @@ def check_output(flag: str, path: str | None) -> None:
 
 def write_json(path: str, obj) -> None:
   """Write `obj` to `path` atomically: a failure leaves any previous file intact."""
-  tmp = f'{path}.tmp{os.getpid()}'
   try:
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(obj, f, indent=2)
-      f.write('\n')
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=2) + '\n')
   except OSError as e:
     raise UserError(f'cannot write {path}: {e.strerror}') from None
 
 
 def write_jsonl(path: str, records) -> None:
   """One JSON object per line, written atomically like `write_json`."""
-  tmp = f'{path}.tmp{os.getpid()}'
   try:
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with atomic.replacing(path) as f:
       for r in records:
         f.write(json.dumps(r, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
   except OSError as e:
     raise UserError(f'cannot write {path}: {e.strerror}') from None

@@ -2,14 +2,13 @@
 
 The output holds config.json (model.lora.rank 0, no init_from), tokenizer.model and a params-only checkpoint
 at the run's step, so `eval`, `generate`, `chat` and `serve` read it like any run, and `train` continues from
-it with a fresh optimizer (as from imported weights). It is written into OUTPUT.tmp and renamed at the end:
+it with a fresh optimizer (as from imported weights). It is written beside OUTPUT and renamed at the end (run/writer.py):
 an interrupted export leaves no half-written workdir, and an existing OUTPUT is never touched.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 from llm_jax import distributed
 from llm_jax.commands.common import no_overrides
@@ -41,32 +40,17 @@ def run(args, overrides) -> int:
     raise UserError(f'--output={args.output}: the directory {os.path.dirname(out)} does not exist')
   distributed.initialize_from_args(args)
   import ml_collections
-  from llm_jax import config as config_lib
-  from llm_jax.infer import inference
-  from llm_jax.run import lora
-  from llm_jax.run.checkpoint import Checkpointer
-  run_ = inference.load_run(args.workdir)
-  merged = lora.merged(run_.params, cfg.model)
+  from llm_jax import config as config_lib, sharding
+  from llm_jax.run import params as params_lib, writer
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_from_config(cfg.mesh)
+  step, merged = params_lib.restore(args.workdir, mesh, rules, cfg, merge_lora=True)
   plain = ml_collections.ConfigDict(cfg.to_dict())
   plain.model.lora.rank = 0
   plain.init_from = ''
   plain = config_lib.load(None, base=plain)
-  tmp = out + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    os.makedirs(tmp)
-    config_lib.write_json_atomic(plain, workdir_lib.config_path(tmp))
-    shutil.copyfile(os.path.join(args.workdir, workdir_lib.TOKENIZER), os.path.join(tmp, workdir_lib.TOKENIZER))
-    ckpt = Checkpointer(tmp, async_save=False)
-    ckpt.save_params(run_.step, merged, plain.to_dict())
-    ckpt.close()
-  except OSError as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise UserError(f'cannot write --output={args.output}: {e.strerror}') from None
-  except UserError:  # a checkpoint write that failed (disk full, read-only): nothing half-written is left
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  os.replace(tmp, out)
-  print(f'wrote {args.output}: step {run_.step} of {args.workdir} with its adapters merged '
+  writer.write_run(args.output, plain, merged, step,
+                   {workdir_lib.TOKENIZER: os.path.join(args.workdir, workdir_lib.TOKENIZER)})
+  print(f'wrote {args.output}: step {step} of {args.workdir} with its adapters merged '
         f'(rank {cfg.model.lora.rank} on {", ".join(cfg.model.lora.targets)})')
   return 0

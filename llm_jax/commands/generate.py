@@ -123,10 +123,12 @@ def run(args, overrides) -> int:
     args.max_new_tokens = DEFAULT_NEW_TOKENS
   params = beam_params(args) if args.num_beams else sampling_params(args)
   from llm_jax.infer import inference
+  from llm_jax.models import family_of
   from llm_jax.run import workdir as workdir_lib
   cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before prompts are read
-  inference.require_family(cfg, 'generate', ('decoder', 'encdec'))
-  if default_new and cfg.model.family == 'encdec':
+  inference.require_family(cfg, 'generate', 'generates')
+  two_stacks = family_of(cfg.model).two_stacks
+  if default_new and two_stacks:
     args.max_new_tokens = min(DEFAULT_NEW_TOKENS, cfg.data.target_len)
     params = dataclasses.replace(params, max_new_tokens=args.max_new_tokens)
   multi = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id) is not None
@@ -155,7 +157,7 @@ def run(args, overrides) -> int:
       if many:
         print(f'--- prompt {r["index"] + 1}, sample {r["sample"] + 1} ({r["finish_reason"]})')
       # A decoder continues its prompt; an encoder-decoder's output stands alone (T5: the spans it filled).
-      print(r['text'] if run_.cfg.model.family == 'encdec' else r['prompt'] + r['text'])
+      print(r['text'] if two_stacks else r['prompt'] + r['text'])
   return 0
 
 

@@ -8,7 +8,7 @@ Exit status: 0 when it fits (or the capacity is unknown), 1 when it does not, 2 
 from __future__ import annotations
 
 from llm_jax import distributed
-from llm_jax.config import MESH_AXES
+from llm_jax.sharding import MESH_AXES
 from llm_jax.errors import UserError
 
 HELP = 'compile the train step for a mesh and say whether it fits in device memory'

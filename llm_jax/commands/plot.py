@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from llm_jax import atomic
 from llm_jax.commands.common import no_overrides, nonempty
 from llm_jax.errors import UserError
 
@@ -86,16 +87,13 @@ def plot(workdirs: list[str], out: str) -> None:
   ax_speed.grid(alpha=0.3)
   ax_loss.set_title('llm-jax: ' + ', '.join(_labels(workdirs)), fontsize='medium')
   fig.tight_layout()
-  tmp = f'{out}.tmp{os.getpid()}'
   try:
-    fig.savefig(tmp, format='png', dpi=110)
-    os.replace(tmp, out)
+    with atomic.replacing(out, 'wb') as f:
+      fig.savefig(f, format='png', dpi=110)
   except OSError as e:
     raise UserError(f'cannot write {out}: {e.strerror}') from None
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def run(args, overrides) -> int:

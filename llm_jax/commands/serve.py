@@ -32,7 +32,7 @@ def run(args, overrides) -> int:
   from llm_jax.serve import server
   from llm_jax.run import workdir as workdir_lib
   # The OpenAI-style API's context rules (prompt + new tokens in one window) and scoring are a decoder's.
-  inference.require_family(workdir_lib.load_config(args.workdir), 'serve', ('decoder',))
+  inference.require_family(workdir_lib.load_config(args.workdir), 'serve', 'causal')
   run_ = inference.load_run(args.workdir)
   name = args.model_name or os.path.basename(os.path.abspath(args.workdir))
   app = server.App(run_, name, args.max_batch, args.batch_wait_ms / 1000)

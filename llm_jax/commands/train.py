@@ -13,11 +13,11 @@ def add_arguments(p) -> None:
 
 
 def run(args, overrides) -> int:
-  from llm_jax.run import workdir as workdir_lib
+  from llm_jax.run import finetune
   from llm_jax.commands.common import nonempty
   from llm_jax.train import loop
   nonempty('--workdir', args.workdir)
-  cfg = workdir_lib.resolve_train_config(args.workdir, args.config, overrides)
+  cfg = finetune.resolve_train_config(args.workdir, args.config, overrides)
   distributed.initialize_from_args(args)  # before anything touches a device
   result = loop.train(cfg, args.workdir)
   # Stopped by SIGTERM / SIGINT with a checkpoint: the shell's convention for death by a signal (128 + its

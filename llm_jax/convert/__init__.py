@@ -11,17 +11,15 @@ beside the output and renames it into place at the end: a failure leaves nothing
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import tempfile
 
 import jax
 import ml_collections
 import numpy as np
 
-from llm_jax import config as config_lib
+from llm_jax import atomic, config as config_lib
 from llm_jax.convert import bert, gpt2, hf_files, llama, t5
 from llm_jax.convert.mapping import HFConfig, flatten, read_params, write_tensors
 from llm_jax.errors import UserError
@@ -104,37 +102,6 @@ def check_output(output: str) -> None:
     raise UserError(f'--output={output}: {existing} is not a directory')
 
 
-@contextlib.contextmanager
-def _atomic_dir(output: str):
-  """A temporary directory beside `output`, renamed to it when the block succeeds, removed otherwise (with
-  the parent directories it had to create)."""
-  check_output(output)
-  output = os.path.abspath(output)
-  parent = os.path.dirname(output)
-  created = parent  # the outermost directory made here, removed on failure
-  while not os.path.exists(os.path.dirname(created)):
-    created = os.path.dirname(created)
-  created = None if os.path.exists(parent) else created
-  ok = False
-  try:
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.tmp', dir=parent)
-  except OSError as e:
-    if created is not None:
-      shutil.rmtree(created, ignore_errors=True)
-    raise UserError(f'cannot write to {parent}: {e.strerror}') from None
-  try:
-    yield tmp
-    if os.path.isdir(output):
-      os.rmdir(output)  # empty, checked above
-    os.replace(tmp, output)
-    ok = True
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if not ok and created is not None:
-      shutil.rmtree(created, ignore_errors=True)
-
-
 def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   """Convert the checkpoint in `hf_dir` into a new work directory `output`; returns a summary."""
   hf = HFConfig(hf_files.read_config(hf_dir), hf_dir)
@@ -181,7 +148,7 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
 def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None:
   from llm_jax import sharding
   from llm_jax.run import workdir as workdir_lib
-  from llm_jax.run.checkpoint import Checkpointer
+  from llm_jax.run import writer
   from llm_jax.models import build_model
   from llm_jax.train.state import abstract_params
   mesh = sharding.make_mesh(cfg.mesh)
@@ -190,23 +157,15 @@ def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None
   params = to_layout(params, cfg.model.scan_layers)
   dtype = jax.numpy.dtype(cfg.model.param_dtype)
   on_mesh = jax.tree.map(lambda a, t: jax.device_put(np.asarray(a, dtype), t.sharding), params, targets)
-  with _atomic_dir(output) as tmp:
-    config_lib.write_json_atomic(cfg, workdir_lib.config_path(tmp))
-    if tok_path:
-      shutil.copyfile(tok_path, os.path.join(tmp, workdir_lib.TOKENIZER))
-    ckpt = Checkpointer(tmp, async_save=False)
-    ckpt.save_params(0, on_mesh, cfg.to_dict())
-    ckpt.close()
+  check_output(output)
+  writer.write_run(output, cfg, on_mesh, 0, {workdir_lib.TOKENIZER: tok_path} if tok_path else {})
 
 
 def to_hf(workdir: str, output: str) -> dict:
   """Write the latest params of the run in `workdir` as a Hugging Face directory `output`."""
   from llm_jax import sharding
-  from llm_jax.run import workdir as workdir_lib
-  from llm_jax.run.checkpoint import open_for_reading
+  from llm_jax.run import params as params_lib, workdir as workdir_lib
   from llm_jax.data import tokenizer as tokenizer_lib
-  from llm_jax.models import build_model
-  from llm_jax.train.state import abstract_params
   cfg = workdir_lib.load_config(workdir)
   reasons = {a.ARCHITECTURE: a.mismatches(cfg.model) for a in ARCHITECTURES.values()}
   arch = next((ARCHITECTURES[a.MODEL_TYPE] for a in ARCHITECTURES.values() if not reasons[a.ARCHITECTURE]), None)
@@ -222,21 +181,22 @@ def to_hf(workdir: str, output: str) -> dict:
   mesh_cfg.update(data=-1, fsdp=1, sequence=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   mesh = sharding.make_mesh(mesh_cfg)
   rules = sharding.rules_from_config(mesh_cfg)
-  ckpt = open_for_reading(workdir)
-  try:  # the newest step that reads: a damaged one is passed over with a warning
-    step, params = ckpt.restore_latest_params(abstract_params(build_model(cfg.model), mesh, rules))
-  finally:
-    ckpt.close()
+  # The newest step that reads (a damaged one is passed over with a warning); a LoRA run's adapters folded in.
+  step, params = params_lib.restore(workdir, mesh, rules, cfg, merge_lora=True)
   params = from_layout(jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params))
   m = cfg.model
   tensors = write_tensors(arch.table(m), params)
   if arch is bert:
     tensors.update(bert.extra_tensors(m, params))
   config = arch.config_to_hf(cfg, tok)
-  with _atomic_dir(output) as tmp:
-    hf_files.write(tmp, config, tensors)
-    if tok is not None:
-      shutil.copyfile(tok_path, os.path.join(tmp, 'spiece.model' if arch is t5 else 'tokenizer.model'))
+  check_output(output)
+  try:
+    with atomic.new_directory(output) as tmp:
+      hf_files.write(tmp, config, tensors)
+      if tok is not None:
+        shutil.copyfile(tok_path, os.path.join(tmp, 'spiece.model' if arch is t5 else 'tokenizer.model'))
+  except OSError as e:
+    raise UserError(f'cannot write --output={output}: {e.strerror or e}') from None
   return {'architecture': arch.ARCHITECTURE, 'output': output, 'step': step, 'tensors': len(tensors)}
 
 

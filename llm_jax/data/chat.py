@@ -6,7 +6,7 @@ The template. A conversation is rendered as
     [BOS] <|role|> content <|end|> <|role|> content <|end|> ...
 
 where each `<|role|>` of `data.chat_roles` and `<|end|>` are *marker ids* appended after the tokenizer's
-pieces: role i is `pieces + i`, `<|end|>` is `pieces + len(roles)` (config.reserved_ids counts them). They
+pieces: role i is `pieces + i`, `<|end|>` is `pieces + len(roles)` (objectives.reserved_ids counts them). They
 are never produced by encoding text, so no user text can forge a turn, and sentencepiece models need no
 surgery: a pretrained model whose table has no rows for them grows it when fine-tuning starts (run/finetune.py),
 and the new run's config.json records the roles, so eval, generate and chat read them back. `decode` drops
@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from llm_jax.data.files import Record, Skipped
-from llm_jax.data.objectives import Stream
+from llm_jax.data.streams import Stream, text_streams
 
 
 class Template:
@@ -112,7 +112,6 @@ class SFT:
   Conversations are never cut between rows (split=False)."""
 
   random = False
-  reads_records = True
 
   def __init__(self, template: Template, seq_len: int):
     self.template, self.seq_len = template, seq_len
@@ -139,7 +138,6 @@ class DPO:
   same segment id in their rows, which is how the loss finds the pairs (train/dpo.py)."""
 
   random = False
-  reads_records = True
 
   def __init__(self, template: Template, seq_len: int):
     self.template, self.seq_len = template, seq_len
@@ -169,16 +167,31 @@ class DPO:
 
 
 def sft_streams(seq_len: int) -> tuple[Stream, ...]:
-  return (Stream(('inputs', 'targets', 'loss_mask'), seq_len, split=False),)
+  return text_streams(seq_len, split=False)
 
 
 def dpo_streams(seq_len: int) -> tuple[Stream, ...]:
-  return (Stream(('inputs', 'targets', 'loss_mask'), seq_len, split=False),
-          Stream(('rejected_inputs', 'rejected_targets', 'rejected_loss_mask'), seq_len, 'rejected_',
-                 split=False))
+  return sft_streams(seq_len) + (
+      Stream(('rejected_inputs', 'rejected_targets', 'rejected_loss_mask'), seq_len, 'rejected_', split=False),)
 
 
-def for_config(data_cfg, tokenizer):
-  template = Template(tokenizer, data_cfg.chat_roles, data_cfg.add_bos)
-  cls = DPO if data_cfg.objective == 'dpo' else SFT
-  return cls(template, data_cfg.seq_len)
+def template_for(data_cfg, tokenizer) -> Template:
+  return Template(tokenizer, data_cfg.chat_roles, data_cfg.add_bos)
+
+
+def reserved_ids(data_cfg) -> int:
+  return len(data_cfg.chat_roles) + 1  # a marker per role, then <|end|>
+
+
+def check_config(cfg, require) -> None:
+  roles = cfg.data.chat_roles
+  ok = (len(roles) >= 2 and len(set(roles)) == len(roles)
+        and all(isinstance(r, str) and r and r.isidentifier() for r in roles))
+  require(ok, 'data.chat_roles', tuple(roles), 'at least two distinct role names (letters, digits, _)')
+
+
+def check_dpo_config(cfg, require) -> None:
+  check_config(cfg, require)
+  require(cfg.data.dpo_beta > 0, 'data.dpo_beta', cfg.data.dpo_beta, 'positive')
+  require(cfg.train.microbatches == 1, 'train.microbatches', cfg.train.microbatches,
+          "1 for data.objective='dpo' (its step does not accumulate)")

@@ -29,6 +29,7 @@ TXT_MODES = ('file', 'blocks')
 _BINARY_SNIFF = 8192  # bytes looked at for NUL, as git does to call a file binary
 
 
+
 @dataclasses.dataclass(frozen=True)
 class Skipped:
   """A record that is not a usable document; `kind` is the counter it goes under."""

@@ -14,7 +14,7 @@ the document's place in the stream, so a resumed run masks exactly as the uninte
 
 Objectives are plain picklable classes (no closures): grain worker processes receive them.
 
-Ids past the tokenizer's pieces are reserved by the objective (config.reserved_ids): masked LM's mask
+Ids past the tokenizer's pieces are reserved by the objective (reserved_ids below): masked LM's mask
 token is the first, span corruption's sentinels the last `num_sentinels`, numbered downwards as T5 numbers
 its `<extra_id_N>` (sentinel 0 is the highest), so a T5 checkpoint's sentinels are the same ids here.
 """
@@ -24,56 +24,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from typing import Any, Callable
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Stream:
-  """Features packed together into rows of `length`; `prefix` names its segment_ids / positions keys.
-
-  `split=False`: an example that does not fit in what is left of a row starts the next row instead of being
-  cut in two (an encoder input must stay in the row of its targets); one longer than a row is still cut.
-  """
-  features: tuple[str, ...]
-  length: int
-  prefix: str = ''
-  split: bool = True
-
-  @property
-  def segment_key(self) -> str:
-    return f'{self.prefix}segment_ids'
-
-  @property
-  def position_key(self) -> str:
-    return f'{self.prefix}positions'
-
-
-def _text_streams(seq_len: int) -> tuple[Stream, ...]:
-  return (Stream(('inputs', 'targets', 'loss_mask'), seq_len),)
-
-
-def _span_streams(seq_len: int, target_len: int) -> tuple[Stream, ...]:
-  return (Stream(('inputs',), seq_len, split=False),
-          Stream(('decoder_inputs', 'targets', 'loss_mask'), target_len, 'decoder_', split=False))
-
-
-def streams(data_cfg) -> tuple[Stream, ...]:
-  """The packed layout `data.objective` makes, from the config alone (no tokenizer needed)."""
-  if data_cfg.objective == 'span':
-    return _span_streams(data_cfg.seq_len, data_cfg.target_len)
-  if data_cfg.objective in ('sft', 'dpo'):
-    from llm_jax.data import chat
-    return chat.dpo_streams(data_cfg.seq_len) if data_cfg.objective == 'dpo' else chat.sft_streams(data_cfg.seq_len)
-  return _text_streams(data_cfg.seq_len)
-
-
-def batch_keys(streams: tuple[Stream, ...]) -> tuple[str, ...]:
-  keys = []
-  for s in streams:
-    keys.extend(s.features)
-    keys.extend((s.segment_key, s.position_key))
-  return tuple(keys)
+from llm_jax.data import chat
+from llm_jax.data.streams import Stream, text_streams
 
 
 class CausalLM:
@@ -83,7 +39,7 @@ class CausalLM:
     self.bos_id, self.eos_id, self.add_bos, self.add_eos = bos_id, eos_id, add_bos, add_eos
 
   def streams(self, seq_len: int) -> tuple[Stream, ...]:
-    return _text_streams(seq_len)
+    return text_streams(seq_len)
 
   random = False
 
@@ -131,7 +87,7 @@ class MaskedLM:
     self.word_table = word_table
 
   def streams(self, seq_len: int) -> tuple[Stream, ...]:
-    return _text_streams(seq_len)
+    return text_streams(seq_len)
 
   def _words(self, ids: np.ndarray) -> list[np.ndarray]:
     starts_word, ends_word = self.word_table
@@ -263,7 +219,7 @@ class SpanCorruption:
     self.chunk = span_chunk_length(seq_len, target_len, noise_density, mean_span_length)
 
   def streams(self, seq_len: int) -> tuple[Stream, ...]:
-    return _span_streams(seq_len, self.target_len)
+    return span_streams(seq_len, self.target_len)
 
   def sentinel(self, i: int) -> int:
     return self.first_sentinel - i
@@ -299,22 +255,113 @@ class SpanCorruption:
     return [self.corrupt(ids[a:b], rng) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def span_streams(seq_len: int, target_len: int) -> tuple[Stream, ...]:
+  return (Stream(('inputs',), seq_len, split=False),
+          Stream(('decoder_inputs', 'targets', 'loss_mask'), target_len, 'decoder_', split=False))
+
+
+def _masked_lm(d, tokenizer, model_cfg):
+  pieces = tokenizer.vocab_size
+  random_ids = np.array([i for i in range(pieces) if not tokenizer.is_special(i)], np.int32)
+  table = whole_word_table(tokenizer, model_cfg.vocab_size) if d.whole_word_masking else None
+  return MaskedLM(tokenizer.bos_id, tokenizer.eos_id, d.add_bos, d.add_eos, mask_id=pieces,
+                  random_ids=random_ids, rate=d.mask_rate, random_rate=d.mask_random_rate,
+                  keep_rate=d.mask_keep_rate, word_table=table)
+
+
+def _span(d, tokenizer, model_cfg):
+  return SpanCorruption(tokenizer.eos_id, sentinel_id(tokenizer.vocab_size, d.num_sentinels, 0),
+                        d.num_sentinels, d.noise_density, d.mean_span_length, d.seq_len, d.target_len,
+                        model_cfg.decoder_start_id)
+
+
+def sentinel_id(pieces: int, num_sentinels: int, n: int) -> int:
+  """Sentinel n (T5's <extra_id_n>): the reserved ids after the pieces, numbered downwards."""
+  return pieces + num_sentinels - 1 - n
+
+
+def _check_mlm(cfg, require) -> None:
+  d = cfg.data
+  require(0 < d.mask_rate < 1, 'data.mask_rate', d.mask_rate, 'in (0, 1)')
+  require(d.mask_random_rate >= 0, 'data.mask_random_rate', d.mask_random_rate, 'non-negative')
+  require(d.mask_keep_rate >= 0 and d.mask_random_rate + d.mask_keep_rate <= 1, 'data.mask_keep_rate',
+          d.mask_keep_rate, f'non-negative, at most 1 - data.mask_random_rate={d.mask_random_rate}')
+
+
+def _check_span(cfg, require) -> None:
+  d = cfg.data
+  require(0 < d.noise_density < 1, 'data.noise_density', d.noise_density, 'in (0, 1)')
+  require(d.mean_span_length >= 1, 'data.mean_span_length', d.mean_span_length, 'at least 1')
+  require(d.num_sentinels >= 1, 'data.num_sentinels', d.num_sentinels, 'a positive integer')
+  require(d.target_len >= 2, 'data.target_len', d.target_len, 'at least 2')
+  require(span_chunk_length(d.seq_len, d.target_len, d.noise_density, d.mean_span_length) >= 2,
+          'data.target_len', d.target_len, f'room for the targets of at least two tokens of input '
+          f'(data.seq_len={d.seq_len}, data.noise_density={d.noise_density})')
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """An objective as the rest of the system sees it. Code asks these fields; it never compares names.
+
+  families: the model families (models.FAMILIES) it trains; pretraining: a family's own objective (the
+  others fine-tune a pretrained run); streams / build: its packed layout from the config alone, and the
+  per-document transform; reserved: ids it takes after the tokenizer's pieces; chat: reads conversations
+  (data/chat.py) rendered with a chat template; preference: trains pairs with a frozen reference model
+  (train/dpo.py); bos: data.add_bos puts BOS before documents; sentinels: T5's <extra_id_N> ids; scoring: what held-out evaluation reports, 'text'
+  (perplexity and bits per byte), 'masked' (masked tokens only) or 'targets' (the decoder's targets);
+  check: its own config keys' validation.
+  """
+  name: str
+  families: tuple[str, ...]
+  pretraining: bool
+  streams: Callable[[Any], tuple[Stream, ...]]
+  build: Callable[[Any, Any, Any], Any]
+  reserved: Callable[[Any], int] = lambda d: 0
+  chat: bool = False
+  preference: bool = False
+  bos: bool = True
+  sentinels: bool = False
+  scoring: str = 'text'
+  check: Callable[[Any, Callable], None] = lambda cfg, require: None
+
+
+OBJECTIVES = {o.name: o for o in (
+    Objective('causal', ('decoder',), True, lambda d: text_streams(d.seq_len),
+              lambda d, tok, m: CausalLM(tok.bos_id, tok.eos_id, d.add_bos, d.add_eos)),
+    Objective('mlm', ('encoder',), True, lambda d: text_streams(d.seq_len), _masked_lm,
+              reserved=lambda d: 1, scoring='masked', check=_check_mlm),
+    Objective('span', ('encdec',), True, lambda d: span_streams(d.seq_len, d.target_len), _span,
+              reserved=lambda d: d.num_sentinels, bos=False, sentinels=True, scoring='targets', check=_check_span),
+    Objective('sft', ('decoder',), False, lambda d: chat.sft_streams(d.seq_len),
+              lambda d, tok, m: chat.SFT(chat.template_for(d, tok), d.seq_len),
+              reserved=chat.reserved_ids, chat=True, check=chat.check_config),
+    Objective('dpo', ('decoder',), False, lambda d: chat.dpo_streams(d.seq_len),
+              lambda d, tok, m: chat.DPO(chat.template_for(d, tok), d.seq_len),
+              reserved=chat.reserved_ids, chat=True, preference=True, check=chat.check_dpo_config),
+)}
+
+
+def of(data_cfg) -> Objective:
+  """The registry record of `data.objective` (validated at load, so it exists)."""
+  return OBJECTIVES[data_cfg.objective]
+
+
+def for_family(family: str, pretraining: bool) -> tuple[str, ...]:
+  return tuple(o.name for o in OBJECTIVES.values() if family in o.families and o.pretraining == pretraining)
+
+
+def streams(data_cfg) -> tuple[Stream, ...]:
+  """The packed layout `data.objective` makes, from the config alone (no tokenizer needed)."""
+  return of(data_cfg).streams(data_cfg)
+
+
+def reserved_ids(data_cfg) -> int:
+  """Ids the objective takes after the tokenizer's pieces: the mask token, the span sentinels, the chat
+  template's role markers."""
+  return of(data_cfg).reserved(data_cfg)
+
+
 def for_config(data_cfg, tokenizer, model_cfg=None):
   """The objective `data.objective` names. Masked LM and span corruption need `model_cfg` (the vocabulary
   their random tokens come from; the decoder's start id)."""
-  d = data_cfg
-  if d.objective in ('sft', 'dpo'):
-    from llm_jax.data import chat  # chat.py imports Stream from here
-    return chat.for_config(d, tokenizer)
-  if d.objective == 'mlm':
-    pieces = tokenizer.vocab_size
-    random_ids = np.array([i for i in range(pieces) if not tokenizer.is_special(i)], np.int32)
-    table = whole_word_table(tokenizer, model_cfg.vocab_size) if d.whole_word_masking else None
-    return MaskedLM(tokenizer.bos_id, tokenizer.eos_id, d.add_bos, d.add_eos, mask_id=pieces,
-                    random_ids=random_ids, rate=d.mask_rate, random_rate=d.mask_random_rate,
-                    keep_rate=d.mask_keep_rate, word_table=table)
-  if d.objective == 'span':
-    return SpanCorruption(tokenizer.eos_id, tokenizer.vocab_size + d.num_sentinels - 1, d.num_sentinels,
-                          d.noise_density, d.mean_span_length, d.seq_len, d.target_len,
-                          model_cfg.decoder_start_id)
-  return CausalLM(tokenizer.bos_id, tokenizer.eos_id, d.add_bos, d.add_eos)
+  return of(data_cfg).build(data_cfg, tokenizer, model_cfg)

@@ -1,6 +1,6 @@
 """Objective-agnostic packing: documents (per-token features, as an objective makes them) -> rows.
 
-Documents are laid end to end in rows of each stream's length (objectives.Stream). Each document in a row
+Documents are laid end to end in rows of each stream's length (streams.Stream). Each document in a row
 gets the next segment id (1, 2, ...; 0 is padding, whose loss_mask is 0) and positions counting from 0; a
 document that does not fit in what is left of a row is cut there and continues at the start of the next
 row as a new segment (positions restart), so an overlong document is split, never dropped. With several
@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from llm_jax.data.files import Skipped
-from llm_jax.data.objectives import Stream
+from llm_jax.data.streams import Stream
 from llm_jax.errors import UserError
 
 Feed = Callable[[int], Iterator]

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from llm_jax.data import objectives, sources
+from llm_jax.data import objectives, sources, streams
 from llm_jax.data.files import Skipped
 from llm_jax.data.mixture import Featurize, shard_dataset
 from llm_jax.data.packing import Packer, empty_batch
@@ -28,7 +28,7 @@ from llm_jax.data.workers import Feeds
 from llm_jax.errors import UserError
 
 STATE_FORMAT = 'llm-jax-data/1'
-BATCH_KEYS = objectives.batch_keys(objectives.CausalLM(1, 2, True, True).streams(2))
+BATCH_KEYS = streams.batch_keys(streams.text_streams(2))
 _MESSAGES_PER_KIND = 3
 
 

@@ -95,7 +95,7 @@ def prepare(data_cfg, tokenizer, output: str, name: str) -> dict:
   if data_cfg.mixture:
     raise UserError('prepare reads data.source; prepare each source of data.mixture on its own and mix '
                     'the prepared ones (tfds:DIR) in training')
-  if data_cfg.source.startswith(sources.TFDS_PREFIX) and tfds_source.prepared_tokenizers(data_cfg):
+  if data_cfg.source.startswith(sources.TFDS_PREFIX) and sources.prepared_tokenizers(data_cfg):
     raise UserError(f'data.source={data_cfg.source!r} is already prepared')
   target = os.path.join(output, name, VERSION)
   if os.path.exists(target):

@@ -25,8 +25,7 @@ import re
 import sysconfig
 from typing import Iterator
 
-from llm_jax import config as config_lib
-from llm_jax.data import files
+from llm_jax.data import files, objectives
 from llm_jax.data.files import Record, Skipped
 from llm_jax.errors import UserError
 
@@ -92,7 +91,8 @@ def _open_one(spec: str, data_cfg, split: str, key: str):
   def select(name: str) -> bool:
     return in_heldout(name, data_cfg.heldout_percent) == want_heldout
 
-  if spec == 'builtin' and data_cfg.objective in config_lib.CHAT_OBJECTIVES:
+  reads_records = objectives.of(data_cfg).chat
+  if spec == 'builtin' and reads_records:
     raise UserError(f'{key}={spec!r}: data.objective={data_cfg.objective!r} reads JSONL records; give a glob '
                     'of .jsonl files')
   if spec == 'builtin':
@@ -102,7 +102,7 @@ def _open_one(spec: str, data_cfg, split: str, key: str):
   else:
     paths = glob_paths(spec, key)
     field = data_cfg.text_field
-    if data_cfg.objective in config_lib.CHAT_OBJECTIVES:
+    if reads_records:
       field = None  # chat.py reads whole records
       for p in paths:
         if files.kind_of(p) != 'jsonl':
@@ -180,3 +180,17 @@ def texts(docs, limit_chars: int | None = None) -> Iterator[str]:
       seen += len(text)
       if limit_chars is not None and seen >= limit_chars:
         return
+
+
+def prepared_tokenizers(data_cfg) -> dict[str, bytes]:
+  """spec -> tokenizer model of every prepared (pre-tokenized) TFDS source the config reads."""
+  from llm_jax.data import tfds_source
+  out = {}
+  for spec, _ in source_specs(data_cfg):
+    if spec.startswith(TFDS_PREFIX):
+      builder = tfds_source.builder_for(spec[len(TFDS_PREFIX):], data_cfg, 'data.source')
+      path = os.path.join(str(builder.data_dir), tfds_source.TOKENIZER_FILE)
+      if os.path.isfile(path):
+        with open(path, 'rb') as f:
+          out[spec] = f.read()
+  return out

@@ -174,17 +174,3 @@ def open_tfds(name_or_dir: str, data_cfg, split: str, key: str):
   if not len(docs):
     raise UserError(f'{key}: {label} split {tfds_split!r} is empty')
   return docs
-
-
-def prepared_tokenizers(data_cfg) -> dict[str, bytes]:
-  """spec -> tokenizer model of every prepared (pre-tokenized) TFDS source the config reads."""
-  from llm_jax.data import sources
-  out = {}
-  for spec, _ in sources.source_specs(data_cfg):
-    if spec.startswith(sources.TFDS_PREFIX):
-      builder = builder_for(spec[len(sources.TFDS_PREFIX):], data_cfg, 'data.source')
-      path = os.path.join(str(builder.data_dir), TOKENIZER_FILE)
-      if os.path.isfile(path):
-        with open(path, 'rb') as f:
-          out[spec] = f.read()
-  return out

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from llm_jax import sharding
-from llm_jax.data import pipeline, sources
+from llm_jax.data import objectives, pipeline, sources
 from llm_jax.errors import UserError
 from llm_jax.train.step import make_eval_step
 
@@ -110,9 +110,9 @@ def evaluate_run(run, data: str | None = None, max_tokens: int | None = None, pr
   param_shardings = jax.tree.map(lambda a: a.sharding, run.params)
   eval_step = make_eval_step(run.model, run.mesh, run.rules, param_shardings, batch_sharding)
   batches = pipeline.eval_batches(texts, tok, cfg.data, cfg.data.batch_size, model_cfg=cfg.model, seed=cfg.seed)
-  causal = cfg.data.objective == 'causal'
+  scoring = objectives.of(cfg.data).scoring
   # Masked LM and span corruption score a share of the tokens: the bar counts scored tokens without a total.
-  total = sum(len(tok.encode(t)) + 1 for t in texts) if causal else None
+  total = sum(len(tok.encode(t)) + 1 for t in texts) if scoring == 'text' else None
   bar = progress_bar(total, 'tokens') if progress else None
   try:
     # Every process reads the same documents into the same whole batches: no process's share runs out first.
@@ -131,13 +131,13 @@ def evaluate_run(run, data: str | None = None, max_tokens: int | None = None, pr
       'loss': scores['loss'],
       'token_accuracy': scores['accuracy'],
   }
-  if cfg.data.objective == 'mlm':
+  if scoring == 'masked':
     # The loss and accuracy of the masked tokens only (the masks drawn from the run's seed, the same at every
     # evaluation); not a likelihood of the text, so no perplexity or bits per byte.
     return {**result, 'masked_tokens': int(scores['tokens']), 'masked_token_loss': scores['loss'],
             'masked_token_accuracy': scores['accuracy']}
   perplexity = math.exp(min(scores['loss'], 700.0))
-  if cfg.data.objective == 'span':  # of the targets (sentinels and corrupted spans) given the rest
+  if scoring == 'targets':  # of the targets (sentinels and corrupted spans) given the rest
     return {**result, 'target_tokens': int(scores['tokens']), 'perplexity': perplexity}
   return {
       **result,

@@ -33,7 +33,7 @@ import numpy as np
 
 from llm_jax import sharding
 from llm_jax.infer import sampling, stops
-from llm_jax.models import CACHE_AXES, encdec, init_cache
+from llm_jax.models import CACHE_AXES, encdec, family_of, init_cache
 from llm_jax.infer.sampling import SamplingParams, Stages
 
 Array = jax.Array
@@ -118,12 +118,10 @@ class EncoderDecoder:
 
 
 def adapter_for(model):
-  family = model.cfg.family
-  if family == 'decoder':
-    return DecoderOnly(model)
-  if family == 'encdec':
-    return EncoderDecoder(model)
-  raise ValueError(f'no decode adapter for model family {family!r}')
+  family = family_of(model.cfg)
+  if not family.generates:
+    raise ValueError(f'no decode adapter for model family {family.name!r}')  # require_family says it first
+  return EncoderDecoder(model) if family.two_stacks else DecoderOnly(model)
 
 
 def _decode(adapter, mesh, rules, params, prompt_BP, lengths_B, max_new_B, knobs, sample_B, stop_ids_BK,

@@ -14,16 +14,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import jax
-
 from llm_jax import sharding
 from llm_jax.infer import decode, stops
-from llm_jax.run import workdir as workdir_lib
-from llm_jax.run.checkpoint import open_for_reading
+from llm_jax.run import params as params_lib, workdir as workdir_lib
 from llm_jax.errors import UserError
-from llm_jax.models import build_model
+from llm_jax.data import objectives
+from llm_jax.models import FAMILIES, build_model, family_of
 from llm_jax.infer.sampling import SamplingParams
-from llm_jax.train.state import abstract_params
 
 
 @dataclass
@@ -43,10 +40,10 @@ class Run:
 
   @property
   def sentinels(self) -> int:
-    return self.cfg.data.num_sentinels if self.cfg.data.objective == 'span' else 0
+    return self.cfg.data.num_sentinels if objectives.of(self.cfg.data).sentinels else 0
 
   def sentinel_id(self, n: int) -> int:
-    return self.tokenizer.vocab_size + self.sentinels - 1 - n  # objectives.for_config's numbering
+    return objectives.sentinel_id(self.tokenizer.vocab_size, self.sentinels, n)
 
   def encode(self, text: str) -> list[int]:
     """Text to ids; with sentinels, each `<extra_id_N>` becomes sentinel N."""
@@ -88,27 +85,10 @@ _SENTINEL = re.compile(r'<extra_id_(\d+)>')
 def load_run(workdir: str) -> Run:
   cfg = workdir_lib.load_config(workdir)
   tok = workdir_lib.load_tokenizer(workdir, cfg)
-  ckpt = open_for_reading(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
-  model = build_model(cfg.model)
-  try:
-    step, params = restore_params(cfg, ckpt, abstract_params(model, mesh, rules), mesh, rules)
-  finally:
-    ckpt.close()
-  return Run(cfg, tok, model, params, mesh, rules, step)
-
-
-def restore_params(cfg, ckpt, abstract, mesh, rules) -> tuple[int, Any]:
-  """(step, params) of the newest step that reads; a LoRA run's checkpoints hold adapters only, joined here
-  to init_from's base."""
-  if not cfg.model.lora.rank:
-    return ckpt.restore_latest_params(abstract)
-  from llm_jax.run import finetune, lora
-  base_abstract, adapter_abstract = lora.split(abstract)
-  base, _ = finetune.load_params(cfg, mesh, rules, jax.tree.map(lambda a: a.sharding, base_abstract))
-  step, adapters = ckpt.restore_latest_params(adapter_abstract)
-  return step, lora.merge(base, adapters)
+  step, params = params_lib.restore(workdir, mesh, rules, cfg)
+  return Run(cfg, tok, build_model(cfg.model), params, mesh, rules, step)
 
 
 def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = False,
@@ -121,7 +101,7 @@ def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = Fal
     text.encode('utf-8')
   except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in as lone surrogates (argv, stdin, JSON)
     raise UserError(f'{name} is not valid UTF-8 text') from None
-  if run.cfg.model.family == 'encdec':
+  if family_of(run.cfg.model).two_stacks:
     return _encoder_prompt(run, text, max_new_tokens, truncate, name, flag)
   bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []
   ids = bos + run.tokenizer.encode(text)
@@ -181,12 +161,12 @@ def complete(run: Run, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
   return [to_completion(run, r, s) for r, s in zip(run.engine.generate(requests), params)]
 
 
-def require_family(cfg, command: str, families: tuple[str, ...], why: str = '') -> None:
-  """A one-line error when a command does not apply to the run's model family."""
-  family = cfg.model.family
-  if family in families:
+def require_family(cfg, command: str, can: str, why: str = '') -> None:
+  """A one-line error when the run's model family lacks the capability `can` (a models.Family field such
+  as 'generates' or 'causal') that `command` needs."""
+  family = family_of(cfg.model)
+  if getattr(family, can):
     return
-  if not why and family == 'encoder':
-    why = 'a masked-LM encoder does not generate text; `llm-jax eval` reports its masked-token loss and accuracy'
-  why = why or f'{command} is for model.family {" or ".join(repr(f) for f in families)}'
-  raise UserError(f'{command}: this run has model.family={family!r}: {why}')
+  why = why or family.cannot_generate or (
+      f'{command} is for model.family {" or ".join(repr(f.name) for f in FAMILIES.values() if getattr(f, can))}')
+  raise UserError(f'{command}: this run has model.family={family.name!r}: {why}')

@@ -9,6 +9,8 @@ family's `__call__` takes, so training, evaluation and initialisation handle eve
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import ml_collections
 
@@ -17,9 +19,42 @@ from llm_jax.models.encdec import EncoderDecoder
 from llm_jax.models.encoder import Encoder
 from llm_jax.models.transformer import CACHE_AXES
 
-__all__ = ['CACHE_AXES', 'build_model', 'example_batch', 'init_cache', 'model_args']
+__all__ = ['CACHE_AXES', 'FAMILIES', 'Family', 'build_model', 'example_batch', 'family_of', 'init_cache',
+           'model_args']
 
-_FAMILIES = {'decoder': Decoder, 'encoder': Encoder, 'encdec': EncoderDecoder}
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family as the rest of the system sees it. Code asks these fields; it never compares names.
+
+  two_stacks: an encoder and a decoder, each with its own rows (the batch's `decoder_*` arrays, data.target_len);
+  generates: decodes text (infer/decode.py has an adapter for it), else `cannot_generate` says why not;
+  causal: one causal stack whose next-token log-likelihoods score any continuation (tasks, the server);
+  lora: LoRA adapters are wired into its projections; output_bias: its output layer has a bias with
+  model.use_bias (BERT's masked-LM head).
+  """
+  name: str
+  module: type
+  two_stacks: bool = False
+  generates: bool = True
+  causal: bool = False
+  cannot_generate: str = ''
+  lora: bool = False
+  output_bias: bool = False
+
+
+FAMILIES = {f.name: f for f in (
+    Family('decoder', Decoder, causal=True, lora=True),
+    Family('encoder', Encoder, generates=False, output_bias=True,
+           cannot_generate='a masked-LM encoder does not generate text; `llm-jax eval` reports its masked-token '
+                           'loss and accuracy'),
+    Family('encdec', EncoderDecoder, two_stacks=True),
+)}
+
+
+def family_of(model_cfg) -> Family:
+  """The registry record of `model.family` (validated at load, so it exists)."""
+  return FAMILIES[model_cfg.family]
 
 
 def frozen(model_cfg) -> ml_collections.FrozenConfigDict:
@@ -31,15 +66,13 @@ def frozen(model_cfg) -> ml_collections.FrozenConfigDict:
 
 def build_model(model_cfg, deterministic: bool = True):
   cfg = frozen(model_cfg)
-  if cfg.family not in _FAMILIES:
-    raise ValueError(f'unknown model family {cfg.family!r}')  # config validation rejects this earlier
-  return _FAMILIES[cfg.family](cfg, deterministic=deterministic)
+  return family_of(cfg).module(cfg, deterministic=deterministic)
 
 
 def model_args(model_cfg, batch) -> tuple:
   """The arrays of `batch` that the family's model is called with, in order."""
   args = (batch['inputs'], batch['positions'], batch['segment_ids'])
-  if model_cfg.family == 'encdec':
+  if family_of(model_cfg).two_stacks:
     args += (batch['decoder_inputs'], batch['decoder_positions'], batch['decoder_segment_ids'])
   return args
 
@@ -50,6 +83,6 @@ def example_batch(model_cfg, rows: int = 1, length: int = 8) -> dict:
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
   batch = {'inputs': tokens, 'targets': tokens, 'loss_mask': jnp.ones_like(tokens), 'positions': positions,
            'segment_ids': jnp.ones_like(tokens)}
-  if model_cfg.family == 'encdec':
+  if family_of(model_cfg).two_stacks:
     batch.update(decoder_inputs=tokens, decoder_positions=positions, decoder_segment_ids=jnp.ones_like(tokens))
   return batch

@@ -28,6 +28,12 @@ Array = jax.Array
 # distribution instead of NaNs that would leak into gradients through 0 * NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+NORM_TYPES = ('rms', 'layer')
+NORM_POSITIONS = ('pre', 'post')
+POSITION_TYPES = ('rope', 'learned', 'relative')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # attend() below
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections lora_delta adapts
+
 ACTIVATIONS = {
     'silu': jax.nn.silu,
     'gelu': functools.partial(jax.nn.gelu, approximate=False),  # BERT: the exact erf form
@@ -84,9 +90,10 @@ class Norm(nn.Module):
     if c.norm_type == 'layer':
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps)
-    y = y * scale_D.astype(jnp.float32)
+    lead = (1,) * (y.ndim - 1)  # norms apply over the last axis of activations of any rank
+    y = y * scale_D.astype(jnp.float32).reshape(lead + (D,))
     if c.norm_type == 'layer' and c.use_bias:
-      y = y + _bias(self, 'bias', ('embed',), (D,), c).astype(jnp.float32)
+      y = y + _bias(self, 'bias', ('embed',), (D,), c).astype(jnp.float32).reshape(lead + (D,))
     return y.astype(compute_dtype(c.dtype))
 
 
@@ -95,7 +102,7 @@ def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
   Hugging Face checkpoints use, so their weights load without permutation)."""
   half = x_BTNH.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

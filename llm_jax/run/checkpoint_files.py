@@ -27,6 +27,8 @@ import sys
 
 import jax
 
+from llm_jax import atomic
+
 MANIFEST = 'llm_jax_files.json'
 TMP_MARK = '.orbax-checkpoint-tmp'  # orbax's suffix of a step still being written
 DAMAGED_MARK = '.damaged'  # a step moved aside because it cannot be read: `N.damaged`
@@ -61,12 +63,7 @@ def write_manifest(directory: str, step: int) -> None:
   pending = glob.glob(os.path.join(glob.escape(directory), f'{step}{TMP_MARK}*'))
   root = pending[0] if len(pending) == 1 else step_dir(directory, step)
   body = json.dumps({'step': step, 'files': _files(root)}, indent=0, sort_keys=True)
-  tmp = os.path.join(root, MANIFEST + '.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(body)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(root, MANIFEST))
+  atomic.write_text(os.path.join(root, MANIFEST), body, fsync=True)
 
 
 def check_step(directory: str, step: int) -> tuple[bool, str | None]:

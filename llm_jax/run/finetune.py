@@ -18,26 +18,34 @@ the frozen base params it never copies (lora.py).
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from llm_jax import config as config_lib
-from llm_jax.run import workdir as workdir_lib
-from llm_jax.run.checkpoint import open_for_reading
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.run import params as params_lib, workdir as workdir_lib
+from llm_jax.data import objectives, tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
-from llm_jax.models import build_model
-from llm_jax.train.state import abstract_params
 
 FREE_KEYS = ('vocab_size', 'dropout_rate', 'dtype', 'logits_dtype', 'remat', 'init_std', 'lora')
 
 
-def pretrained_config(path: str):
-  if not os.path.isdir(path):
-    raise UserError(f'config key init_from={path!r}: the workdir does not exist')
-  return workdir_lib.load_config(path)
+def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tuple[str, str]]):
+  """The config of a training run: the recipe (default configs/tiny.py) plus overrides, or, when resuming
+  a workdir without --config, its saved config plus overrides (e.g. more steps)."""
+  saved = workdir_lib.config_path(workdir)
+  if spec is None and os.path.isfile(saved):
+    return resolve(config_lib.load(None, overrides, base=config_lib.from_json_file(saved)))
+  if spec is None:
+    spec = workdir_lib.default_recipe()
+  cfg = resolve(config_lib.load(spec, overrides))
+  if os.path.isfile(saved):
+    changed = config_lib.model_differences(config_lib.from_json_file(saved), cfg)
+    if changed and workdir_lib.has_checkpoints(workdir):
+      raise UserError(f'workdir {workdir} holds checkpoints of a different model ({", ".join(changed)} '
+                      'changed); use a new --workdir')
+  return cfg
 
 
 def resolve(cfg):
@@ -45,14 +53,14 @@ def resolve(cfg):
   pretrained tokenizer (unless given). Unchanged when init_from is empty."""
   if not cfg.init_from:
     # Checked here rather than in validate(): recipes name no workdir, the command line does.
-    if cfg.data.objective == 'dpo':
-      raise UserError("config key init_from='' : data.objective='dpo' needs a pretrained workdir (its params "
-                      'are the frozen reference model): --config.init_from=WORKDIR')
+    if objectives.of(cfg.data).preference:
+      raise UserError(f"config key init_from='' : data.objective={cfg.data.objective!r} needs a pretrained "
+                      'workdir (its params are the frozen reference model): --config.init_from=WORKDIR')
     if cfg.model.lora.rank:
       raise UserError("config key init_from='' : model.lora.rank > 0 needs a pretrained workdir (adapters "
                       'train on top of its frozen params): --config.init_from=WORKDIR')
     return cfg
-  pre = pretrained_config(cfg.init_from)
+  pre = params_lib.pretrained_config(cfg.init_from)
   diffs = config_lib.model_differences(pre, cfg, ignore=FREE_KEYS)
   if diffs:
     key = diffs[0].split('.', 1)[1]
@@ -67,7 +75,7 @@ def resolve(cfg):
                       'with (--config.data.tokenizer=PATH)')
     overrides.append(('data.tokenizer', tok_path))
   tok = tokenizer_lib.load(tok_path)
-  need = tok.vocab_size + config_lib.reserved_ids(cfg.data)
+  need = tok.vocab_size + objectives.reserved_ids(cfg.data)
   vocab = max(pre.model.vocab_size, need)
   if vocab != cfg.model.vocab_size:
     overrides.append(('model.vocab_size', str(vocab)))
@@ -77,57 +85,13 @@ def resolve(cfg):
   return config_lib.load(None, overrides, base=base)
 
 
-def _grow(table, rows: int, axis: int, rng):
-  """`table` with rows (axis 0) or columns (axis 1) added up to `rows`, drawn from a normal with the existing
-  ones' mean and standard deviation per dimension."""
-  extra = rows - table.shape[axis]
-  if extra <= 0:
-    return table
-  mean = jnp.mean(table, axis=axis, keepdims=True)
-  std = jnp.std(table, axis=axis, keepdims=True)
-  shape = list(table.shape)
-  shape[axis] = extra
-  new = mean + std * jax.random.normal(rng, shape, jnp.float32).astype(table.dtype)
-  return jnp.concatenate([table, new.astype(table.dtype)], axis=axis)
-
-
-def load_params(cfg, mesh, rules, target_shardings):
-  """init_from's latest params in `cfg`'s layout, vocabulary grown to cfg.model.vocab_size, placed with
-  `target_shardings` (a tree like the pretrained params: adapters are added by the caller)."""
-  pre = pretrained_config(cfg.init_from)
-  if pre.model.lora.rank:
-    raise UserError(f'config key init_from={cfg.init_from!r} is a LoRA run (its checkpoints hold adapters only); '
-                    'merge it first: llm-jax export --merge-lora')
-  ckpt = open_for_reading(cfg.init_from)
-  try:
-    pre_model = build_model(pre.model)
-    # The newest step that reads: a damaged one is passed over with a warning, as when resuming.
-    step, params = ckpt.restore_latest_params(abstract_params(pre_model, mesh, rules))
-  finally:
-    ckpt.close()
-  vocab = cfg.model.vocab_size
-
-  def grow(p, rng):
-    p = dict(p)
-    rngs = jax.random.split(rng, 3)
-    if 'embedding' in p:
-      p['embedding'] = _grow(p['embedding'], vocab, 0, rngs[0])
-    if 'unembed' in p:
-      p['unembed'] = _grow(p['unembed'], vocab, 1, rngs[1])
-    if 'unembed_bias' in p:
-      p['unembed_bias'] = _grow(p['unembed_bias'], vocab, 0, rngs[2])
-    return p
-
-  return jax.jit(grow, out_shardings=target_shardings)(params, jax.random.PRNGKey(cfg.seed)), step
-
-
 def initial_state(cfg, factory, mesh, rules):
   """Step 0 of a fine-tuning run: init_from's params (plus freshly initialised adapters for LoRA) with a new
   optimizer state."""
   from llm_jax.run import lora
   from llm_jax.train.state import init_params
   base_shardings, adapter_shardings = lora.split(factory.param_shardings)
-  params, _ = load_params(cfg, mesh, rules, base_shardings)
+  params, _ = params_lib.from_init(cfg, mesh, rules, base_shardings)
   if adapter_shardings:
     fresh = jax.jit(lambda rng: lora.split(init_params(factory.model, rng))[1],
                     out_shardings=adapter_shardings)(jax.random.PRNGKey(cfg.seed))

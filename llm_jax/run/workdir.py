@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from llm_jax import config as config_lib
-from llm_jax.data import sources, tokenizer as tokenizer_lib
+from llm_jax.data import objectives, sources, tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 
 CONFIG = 'config.json'
@@ -41,24 +41,6 @@ def load_config(workdir: str):
   return config_lib.from_json_file(path)
 
 
-def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tuple[str, str]]):
-  """The config of a training run: the recipe (default configs/tiny.py) plus overrides, or, when resuming
-  a workdir without --config, its saved config plus overrides (e.g. more steps)."""
-  saved = config_path(workdir)
-  from llm_jax.run import finetune  # it reads workdirs: imported late
-  if spec is None and os.path.isfile(saved):
-    return finetune.resolve(config_lib.load(None, overrides, base=config_lib.from_json_file(saved)))
-  if spec is None:
-    spec = default_recipe()
-  cfg = finetune.resolve(config_lib.load(spec, overrides))
-  if os.path.isfile(saved):
-    changed = config_lib.model_differences(config_lib.from_json_file(saved), cfg)
-    if changed and _has_checkpoints(workdir):
-      raise UserError(f'workdir {workdir} holds checkpoints of a different model ({", ".join(changed)} '
-                      'changed); use a new --workdir')
-  return cfg
-
-
 def default_recipe() -> str:
   """configs/tiny.py of this checkout, wherever the command is run from."""
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +50,7 @@ def default_recipe() -> str:
   return path
 
 
-def _has_checkpoints(workdir: str) -> bool:
+def has_checkpoints(workdir: str) -> bool:
   d = os.path.join(workdir, 'checkpoints')
   return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
@@ -137,7 +119,7 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
       tok = tokenizer_lib.load(cfg.data.tokenizer)
     elif os.path.isfile(path):
       tok = tokenizer_lib.load(path)
-    elif _has_checkpoints(workdir):  # e.g. imported from Hugging Face without a sentencepiece model
+    elif has_checkpoints(workdir):  # e.g. imported from Hugging Face without a sentencepiece model
       raise UserError(f'workdir {workdir} holds checkpoints but no {TOKENIZER}; a new tokenizer would not match '
                       'their embeddings: give the one they were trained with (--config.data.tokenizer=PATH)')
     else:
@@ -152,7 +134,7 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
 def train_tokenizer(cfg) -> tokenizer_lib.Tokenizer:
   """Trained to model.vocab_size less the ids the objective reserves after the pieces (mask, sentinels)."""
   docs = sources.open_source(cfg.data, 'train')
-  pieces = cfg.model.vocab_size - config_lib.reserved_ids(cfg.data)
+  pieces = cfg.model.vocab_size - objectives.reserved_ids(cfg.data)
   return tokenizer_lib.train(sources.texts(docs), pieces, cfg.data.tokenizer_train_chars)
 
 
@@ -162,7 +144,7 @@ def prepared_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer | None:
   if not any(spec.startswith(sources.TFDS_PREFIX) for spec, _ in sources.source_specs(data_cfg)):
     return None
   from llm_jax.data import tfds_source
-  protos = tfds_source.prepared_tokenizers(data_cfg)
+  protos = sources.prepared_tokenizers(data_cfg)
   if len(set(protos.values())) > 1:
     raise UserError('the prepared sources of data.mixture were made with different tokenizers: '
                     + ', '.join(f'{spec} ({tfds_source.tokenizer_digest(p)})' for spec, p in protos.items()))
@@ -180,12 +162,12 @@ def load_tokenizer(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
 
 
 def check_vocab(tok, cfg) -> None:
-  reserved = config_lib.reserved_ids(cfg.data)
+  reserved = objectives.reserved_ids(cfg.data)
   if tok.vocab_size + reserved > cfg.model.vocab_size:
     extra = f' plus the {reserved} ids data.objective={cfg.data.objective!r} reserves' if reserved else ''
     raise UserError(f'config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer\'s '
                     f'{tok.vocab_size} pieces{extra}')
-  if cfg.data.add_bos and cfg.data.objective != 'span' and tok.bos_id < 0:
+  if cfg.data.add_bos and objectives.of(cfg.data).bos and tok.bos_id < 0:
     raise UserError('config key data.add_bos=True, but the tokenizer has no BOS piece')
 
 

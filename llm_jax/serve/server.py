@@ -97,8 +97,8 @@ class App:
     self.run, self.model_name = run, model_name
     self.batcher = Batcher(run, max_batch, batch_wait_s)
     self.template = None  # a fine-tuned run's chat template renders /v1/chat/completions
-    from llm_jax import config as config_lib
-    if run.cfg.data.objective in config_lib.CHAT_OBJECTIVES:
+    from llm_jax.data import objectives
+    if objectives.of(run.cfg.data).chat:
       from llm_jax.data import chat
       self.template = chat.Template(run.tokenizer, run.cfg.data.chat_roles, run.cfg.data.add_bos)
 

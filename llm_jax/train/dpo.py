@@ -25,7 +25,6 @@ from llm_jax import sharding
 from llm_jax.train import optim
 from llm_jax.train.state import TrainState
 from llm_jax.models.outputs import token_nll
-from llm_jax.train.step import global_norm
 
 Array = jax.Array
 DPO_METRICS = ('reward_accuracy', 'chosen_reward', 'rejected_reward', 'margin')
@@ -76,12 +75,12 @@ def make_dpo_step(model, tx: optax.GradientTransformation, lr_schedule: optax.Sc
       rng, _ = jax.random.split(state.rng)
       (loss, stats), grads = jax.value_and_grad(
           lambda p: dpo_loss(model, p, ref_params, batch, beta), has_aux=True)(state.params)
-      grad_norm = global_norm(grads)
+      grad_norm = optim.global_norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, opt_state = tx.update(grads, state.opt_state, state.params, finite=finite)
       params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, 'z_loss': jnp.zeros((), jnp.float32), 'grad_norm': grad_norm,
-               'param_norm': global_norm(params), 'learning_rate': lr_schedule(state.step),
+               'param_norm': optim.global_norm(params), 'learning_rate': lr_schedule(state.step),
                'tokens': batch['loss_mask'].sum() + batch['rejected_loss_mask'].sum(), 'finite': finite,
                **{k: stats[k] for k in DPO_METRICS}}
     skipped = optim.skipped_count(opt_state)

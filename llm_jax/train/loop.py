@@ -123,14 +123,12 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     stream.close()
     return {'step': start}
 
-  if cfg.data.objective == 'dpo':
+  if setup.reference:
     # The reference is the run's step-0 params (init_from's, plus untrained adapters), rebuilt at every
     # start so a resumed run compares against the same model. A copy: the state's own buffers are donated.
     ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=factory.param_shardings)(
         (init_state if init_state is not None else finetune.initial_state(cfg, factory, mesh, rules)).params)
-    dpo_step = dpo.make_dpo_step(setup.model, setup.tx, lr_schedule, mesh, rules, factory.shardings,
-                                 batch_sharding, cfg.data.dpo_beta)
-    train_step = lambda state, batch: dpo_step(state, batch, ref_params)  # noqa: E731
+    train_step = lambda state, batch: setup.step(state, batch, ref_params)  # noqa: E731
   eval_step = make_eval_step(eval_model, mesh, rules, factory.param_shardings, batch_sharding,
                              loss_chunk=cfg.train.loss_chunk)
   heldout = sources.open_source(cfg.data, 'heldout') if cfg.eval.every else None

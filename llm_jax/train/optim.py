@@ -19,6 +19,10 @@ import optax
 # number of updates already applied (0 for the first), as optax counts.
 
 
+SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt', 'wsd')  # schedule() below
+OPTIMIZERS = ('adamw', 'adafactor', 'lion')  # _base_optimizer() below
+
+
 def schedule(train_cfg) -> optax.Schedule:
   t = train_cfg
   peak, warmup, total = t.learning_rate, t.warmup_steps, max(t.steps, 1)
@@ -114,6 +118,10 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     return new_updates, SkipState(new_inner, state.skipped + (~ok).astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def global_norm(tree) -> Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def all_finite(tree) -> jax.Array:

@@ -22,7 +22,6 @@ from llm_jax import sharding
 from llm_jax.models import flops
 from llm_jax.data import objectives, packing
 from llm_jax.errors import UserError
-from llm_jax.train import dpo
 from llm_jax.train.step import setup_train_step
 
 GiB = 1024 ** 3
@@ -110,13 +109,8 @@ def make_plan(cfg, devices, capacity: Capacity | None, top: int = 8) -> dict:
   factory, batch_sh = setup.factory, setup.batch_sharding
   state = factory.abstract_sharded()
   batch = abstract_batch(cfg.data, batch_sh)
-  if cfg.data.objective == 'dpo':
-    # DPO's step also holds the frozen reference params (an argument, never donated): they count too.
-    step = dpo.make_dpo_step(setup.model, setup.tx, setup.lr_schedule, mesh, rules, factory.shardings, batch_sh,
-                             cfg.data.dpo_beta)
-    compiled = step.lower(state, batch, state.params).compile()
-  else:
-    compiled = setup.step.lower(state, batch).compile()
+  # A preference step (DPO) also holds the frozen reference params (an argument, never donated): they count.
+  compiled = setup.step.lower(state, batch, *([state.params] if setup.reference else [])).compile()
   mem = compiled.memory_analysis()
 
   arrays = []

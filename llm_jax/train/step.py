@@ -17,16 +17,13 @@ import optax
 
 from llm_jax import sharding
 from llm_jax.run import lora
+from llm_jax.data import objectives
 from llm_jax.models import build_model
-from llm_jax.train import optim
+from llm_jax.train import dpo, optim
 from llm_jax.train.loss import SUM_KEYS, LossConfig, model_sums, objective_sum, token_sums
 from llm_jax.train.state import StateFactory, TrainState
 
 Array = jax.Array
-
-
-def global_norm(tree) -> Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def loss_and_stats(model, params, batch, rngs=None, with_accuracy: bool = False,
@@ -89,7 +86,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
       else:
         grads, sums = grads_and_sums(state.params, batch, dropout_rng, tokens)
       loss = sums['nll_sum'] / tokens
-      grad_norm = global_norm(grads)
+      grad_norm = optim.global_norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, opt_state = tx.update(grads, state.opt_state, state.params, finite=finite)
       params = optax.apply_updates(state.params, updates)
@@ -97,7 +94,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
         'loss': loss,
         'z_loss': sums['z_sum'] / tokens,
         'grad_norm': grad_norm,
-        'param_norm': global_norm(params),
+        'param_norm': optim.global_norm(params),
         'learning_rate': lr_schedule(state.step),
         'tokens': sums['tokens'],
         'finite': finite,
@@ -114,12 +111,15 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
 
 
 class TrainSetup(NamedTuple):
+  """`step` is the objective's: (state, batch) -> (state, metrics), or with `reference` (a preference
+  objective, DPO) (state, batch, reference_params) -> (state, metrics)."""
   model: Any
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule
   factory: StateFactory
   batch_sharding: Any
   step: Callable
+  reference: bool = False
 
 
 def setup_train_step(cfg, mesh, rules) -> TrainSetup:
@@ -132,6 +132,10 @@ def setup_train_step(cfg, mesh, rules) -> TrainSetup:
   lr_schedule = optim.schedule(cfg.train)
   factory = StateFactory(model, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  if objectives.of(cfg.data).preference:
+    step = dpo.make_dpo_step(model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
+                             cfg.data.dpo_beta)
+    return TrainSetup(model, tx, lr_schedule, factory, batch_sharding, step, reference=True)
   step = make_train_step(model, tx, lr_schedule, mesh, rules, factory.shardings, batch_sharding,
                          loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
   return TrainSetup(model, tx, lr_schedule, factory, batch_sharding, step)
@@ -150,5 +154,5 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding, loss_chu
                  out_shardings=sharding.replicated(mesh))
 
 
-__all__ = ['TrainSetup', 'global_norm', 'loss_and_stats', 'make_eval_step', 'make_train_step',
+__all__ = ['TrainSetup', 'loss_and_stats', 'make_eval_step', 'make_train_step',
            'setup_train_step', 'token_sums']
