@@ -306,3 +306,14 @@ def _read_line(conn: socket.socket) -> str:
 
 def _ids(ids: list[int]) -> str:
   return ', '.join(map(str, ids[:10])) + (f' and {len(ids) - 10} more' if len(ids) > 10 else '')
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process: what every process must agree on to act at the same step (stop,
+  skip a checkpoint). A small all-gather in a multi-process run, so call it at the same point on all."""
+  import jax  # imported late here as everywhere in this module: jax.distributed must start first
+  if jax.process_count() == 1:
+    return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))

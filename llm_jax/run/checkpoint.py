@@ -30,6 +30,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from llm_jax import distributed
 from llm_jax.run import checkpoint_files as files
 from llm_jax.run import lora
 from llm_jax.errors import UserError
@@ -283,10 +284,7 @@ def _agree(problem: str | None) -> str | None:
   """Every process takes the same step: if any could not read it, none uses it."""
   if jax.process_count() == 1:
     return problem
-  import numpy as np
-  from jax.experimental import multihost_utils
-  bad = multihost_utils.process_allgather(np.int32(problem is not None))
-  return problem or ('another process could not read it' if np.max(bad) else None)
+  return problem or ('another process could not read it' if distributed.any_process(problem is not None) else None)
 
 
 def _sync(name: str) -> None:

@@ -11,7 +11,8 @@ import sys
 import threading
 
 import jax
-import numpy as np
+
+from llm_jax import distributed
 
 
 class StopRequests:
@@ -49,8 +50,4 @@ class StopRequests:
   def requested(self) -> bool:
     """Whether any process was asked to stop. Every process must stop at the same step (a checkpoint is a
     collective), so in a multi-process run this is a small all-gather: call it at the same steps on all."""
-    local = self.signal_name is not None
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+    return distributed.any_process(self.signal_name is not None)
