@@ -1,5 +1,5 @@
 """Blocks shared by the model families: norms, positions (rotary, T5's relative buckets), attention (self or
-cross, with a KV cache), MLPs. Which variant runs is read from the `model` config (see config.py).
+cross, with a KV cache), MLPs. Which variant runs is read from the `model` config (see config/schema.py).
 
 Einsum letters: B batch, T query length, S key length, D embed, N query heads, K kv heads, G query heads per
 kv head (N = K * G), H head dim, F mlp, V vocab, L layers, R relative-position buckets.

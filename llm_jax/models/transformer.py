@@ -145,7 +145,7 @@ def logits(parent: nn.Module, cfg, x_BTD: Array, embedding_VD: Array, output_bia
            return_hidden: bool = False):
   """logits_BTV in model.logits_dtype: the tied embedding (x @ E^T) or a separate `unembed`, plus BERT's output
   bias. With `return_hidden`, (x_BTD, unembed_DV) instead, so that a loss can project chunk by chunk and
-  never hold the logits of the whole batch (train/loss.py; not with an output bias: config.py refuses it)."""
+  never hold the logits of the whole batch (train/loss.py; not with an output bias: config/validate.py refuses it)."""
   c = cfg
   dtype = compute_dtype(c.dtype)
   if c.tie_embeddings:
