@@ -42,7 +42,7 @@ def load_config(workdir: str):
 
 
 def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tuple[str, str]]):
-  """The config of a training run: the recipe (default configs/tiny.py) plus overrides, or, when resuming
+  """The config of a training run: the recipe (default `tiny`) plus overrides, or, when resuming
   a workdir without --config, its saved config plus overrides (e.g. more steps)."""
   saved = config_path(workdir)
   from llm_jax.run import finetune  # it reads workdirs: imported late
@@ -60,12 +60,9 @@ def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tup
 
 
 def default_recipe() -> str:
-  """configs/tiny.py of this checkout, wherever the command is run from."""
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(here, 'configs', 'tiny.py')
-  if not os.path.isfile(path):
-    path = os.path.join('configs', 'tiny.py')
-  return path
+  """The recipe a command uses without --config: the shipped `tiny` (llm_jax/recipes/), wherever the
+  package is installed and whatever the current directory."""
+  return 'tiny'
 
 
 def _has_checkpoints(workdir: str) -> bool:
