@@ -50,7 +50,8 @@ def test_every_recipe_has_a_tiny_variant_that_validates():
 
 def test_a_recipe_is_named_the_new_way_or_the_old_way_or_by_its_file(tmp_path, monkeypatch):
   """`llama_1b:tiny`, the checkout's `configs/llama_1b.py:tiny` (no such file any more) and the shipped
-  file's own path give the same config; a file of the user's wins over a shipped name."""
+  file's own path give the same config; a file of the user's wins over the old spelling, never over a bare
+  shipped name."""
   monkeypatch.chdir(tmp_path)
   want = config_lib.load('llama_1b:tiny').to_dict()
   shipped_file = os.path.join(os.path.dirname(recipes.__file__), 'llama_1b.py')
@@ -63,6 +64,9 @@ def test_a_recipe_is_named_the_new_way_or_the_old_way_or_by_its_file(tmp_path, m
       '  c = load_recipe("llama_1b:tiny")\n  c.train.steps = 7\n  return c\n')
   assert config_lib.load('configs/llama_1b.py').train.steps == 7  # the user's file, which loads a shipped one
   assert config_lib.load('llama_1b:tiny').train.steps == 20
+  (tmp_path / 'tiny').write_text('not a recipe')  # a bare name is the shipped recipe whatever the directory holds
+  assert config_lib.load('tiny:tiny').to_dict() == config_lib.load(os.path.join(
+      os.path.dirname(recipes.__file__), 'tiny.py') + ':tiny').to_dict()
 
 
 def test_a_shipped_recipe_copied_out_of_the_package_still_loads(tmp_path, monkeypatch):

@@ -5,10 +5,12 @@ A recipe is a Python module with `get_config(arg=None)` returning a config that 
 They live in the package (not beside it) so that a wheel installed anywhere carries them. `resolve` is the
 one place a spec becomes a recipe, for every command (through `llm_jax.config.load_recipe`):
 
-  1. SPEC is an existing file: the user's own recipe (`--config=my_recipe.py:tiny`), as it always was.
-  2. SPEC names a shipped recipe: `tiny`, `llama_1b`, `bench/gpt2_124m`. The spelling of the checkout these
-     recipes came from, `configs/NAME.py`, means the same when no such file exists.
-  3. Anything else is one line that lists the shipped recipes.
+  1. SPEC is a shipped recipe's name: `tiny`, `llama_1b`, `bench/gpt2_124m` (whatever files the current
+     directory holds, so that the default, `tiny`, always means the same).
+  2. SPEC is an existing file: the user's own recipe (`--config=my_recipe.py:tiny`), as it always was.
+  3. SPEC is the spelling of the checkout these recipes came from, `configs/NAME.py` (or `NAME.py`), with
+     no such file: the shipped NAME.
+  4. Anything else is one line that lists the shipped recipes.
 
 This module imports nothing of llm_jax but the errors: llm_jax.config imports it, and the recipes import
 llm_jax.config.
@@ -73,9 +75,11 @@ def _shipped_name(path: str) -> str | None:
 def resolve(spec: str) -> tuple[Recipe, str]:
   """`SPEC[:variant]` -> (the recipe, the variant or '')."""
   path, _, arg = spec.partition(':')
+  name = _shipped_name(path)
+  if name is not None and name == path:
+    return Recipe(name, shipped=True), arg
   if os.path.isfile(path):
     return Recipe(path, shipped=False), arg
-  name = _shipped_name(path)
   if name is not None:
     return Recipe(name, shipped=True), arg
   if os.path.isdir(path):
