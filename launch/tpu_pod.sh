@@ -6,7 +6,7 @@
 #   launch/tpu_pod.sh --name=NAME --zone=ZONE [--project=P]
 #       [--create --accelerator=v5litepod-16 --version=v2-alpha-tpuv5-lite [--spot]]
 #       [--wheel=dist/llm_jax-*.whl] [--log_dir=logs/NAME] [--delete] [--dry-run]
-#       -- llm-jax train --config=configs/llama_1b.py --workdir=/mnt/shared/run
+#       -- llm-jax train --config=llama_1b --workdir=/mnt/shared/run
 #
 # Every worker runs the command; llm-jax finds the other workers by itself (jax.distributed from the TPU
 # metadata). The workdir must be a filesystem every worker sees (a Filestore/NFS or gcsfuse mount): orbax

@@ -1,7 +1,7 @@
 """The `llm-jax` command. Subcommands live in llm_jax/commands/, one module each.
 
-Config flags follow the JAX convention: `--config=configs/tiny.py[:variant]` picks a recipe and
-`--config.section.key=value` overrides one key. A user mistake ends with one line on stderr and exit code 2,
+Config flags follow the JAX convention: `--config=tiny[:variant]` picks a recipe (a shipped one by name,
+`llm-jax recipes` lists them, or a file of your own) and `--config.section.key=value` overrides one key. A user mistake ends with one line on stderr and exit code 2,
 never a traceback.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import platform
 import sys
 from typing import Sequence
 
@@ -46,8 +48,19 @@ def split_config_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
   return overrides
 
 
+def version() -> str:
+  """`llm-jax 0.1.0 (jax 0.10.2, Python 3.11.7)`: the installed distributions' metadata, nothing imported."""
+  def of(dist):
+    try:
+      return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, never installed
+      return 'unknown'
+  return f'llm-jax {of("llm-jax")} (jax {of("jax")}, Python {platform.python_version()})'
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog='llm-jax', description='Language models in JAX: train, evaluate, generate.')
+  parser.add_argument('--version', action='version', version=version())
   sub = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
   for name in commands.NAMES:
     module = importlib.import_module(f'llm_jax.commands.{name}')

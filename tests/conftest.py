@@ -13,11 +13,11 @@ import pytest  # noqa: E402
 from llm_jax import config as config_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, 'configs', 'tiny.py') + ':tiny'
+TINY = 'tiny:tiny'  # the shipped recipe (llm_jax/recipes/tiny.py), found by name from any directory
 
 
 def tiny_config(*overrides: tuple[str, str]):
-  """The tests' config: configs/tiny.py:tiny plus overrides, validated and locked like the CLI's."""
+  """The tests' config: the tiny recipe's tiny variant plus overrides, validated and locked like the CLI's."""
   return config_lib.load(TINY, list(overrides))
 
 
@@ -58,13 +58,14 @@ def corpus_config(glob, *overrides):
 
 
 def recipe_config(name: str, *overrides: tuple[str, str]):
-  """configs/NAME.py:tiny plus overrides (the families' recipes: gpt2_124m, bert_base, t5_small)."""
-  return config_lib.load(os.path.join(ROOT, 'configs', f'{name}.py') + ':tiny', list(overrides))
+  """The shipped recipe NAME's tiny variant plus overrides (the families' recipes: gpt2_124m, bert_base,
+  t5_small)."""
+  return config_lib.load(f'{name}:tiny', list(overrides))
 
 
 @pytest.fixture(scope='session')
 def pretrained_workdir(tmp_path_factory, tokenizer_path):
-  """A configs/tiny.py:tiny run of two steps: the pretrained workdir fine-tuning tests start from."""
+  """A tiny:tiny run of two steps: the pretrained workdir fine-tuning tests start from."""
   from llm_jax.train import loop
   workdir = str(tmp_path_factory.mktemp('pretrained') / 'run')
   loop.train(tiny_config(('data.tokenizer', tokenizer_path), ('train.steps', '2'), ('eval.every', '0')), workdir)

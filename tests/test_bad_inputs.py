@@ -219,10 +219,23 @@ CASES = {
         ('garbage', ['--workdir={empty}', '--output={new}', '--merge-lora']),
         ('garbage', ['--workdir={bad_config}', '--output={new}', '--merge-lora']),
     ],
+    'recipes': [
+        ('empty', ['']),
+        ('wrong_type', ['--nope']),
+        ('wrong_type', ['tiny', 'llama_1b']),
+        ('wrong_type', ['tiny', '--config.train.steps=3']),
+        ('nonexistent', ['nope']),
+        ('nonexistent', ['{missing}/recipe.py']),
+        ('garbage', ['{garbage_py}']),
+        ('garbage', ['{binary}']),
+        ('garbage', ['{empty}']),
+    ],
 }
 # Kinds a command has nothing to give, and why.
 NOT_APPLICABLE = {
     'plot': {'out_of_range': 'plot has no numeric flags'},
+    'recipes': {'missing': 'recipes needs no argument (without one it lists them all)',
+                'out_of_range': 'recipes has no numeric flags'},
 }
 TOP_LEVEL = [[], ['nope'], ['--nope']]
 

@@ -11,7 +11,7 @@ def test_bench_decode_smoke(capsys):
   spec = importlib.util.spec_from_file_location('bench_decode', os.path.join(ROOT, 'tools', 'bench_decode.py'))
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
-  assert bench.main(['--config=' + os.path.join(ROOT, 'configs', 'bench', 'llama_1b.py') + ':tiny',
+  assert bench.main(['--config=bench/llama_1b:tiny',
                      '--batch', '1', '3', '--prompt_len=16', '--new_tokens=8', '--repeats=1',
                      '--copy_mbytes=8']) == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

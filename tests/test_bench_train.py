@@ -23,7 +23,7 @@ def _bench():
 
 
 def _recipe(name: str, variant: str = ''):
-  return os.path.join(ROOT, 'configs', 'bench', f'{name}.py') + (f':{variant}' if variant else '')
+  return f'bench/{name}' + (f':{variant}' if variant else '')
 
 
 def test_smoke_tiny_step(capsys):

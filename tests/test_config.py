@@ -1,14 +1,14 @@
 """Configs: recipes, overrides with types, one-line errors that name the key, JSON round trips."""
 
-import glob
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, TINY, tiny_config
-from llm_jax import config as config_lib
+from llm_jax import cli, config as config_lib, recipes
 from llm_jax.errors import UserError
 
 
@@ -41,11 +41,76 @@ def test_bad_overrides_name_the_key(key, value, needle):
 
 
 def test_every_recipe_has_a_tiny_variant_that_validates():
-  recipes = sorted(glob.glob(os.path.join(ROOT, 'configs', '**', '*.py'), recursive=True))
-  assert recipes
-  for path in recipes:
-    cfg = config_lib.load(path + ':tiny')
-    assert cfg.model.num_layers <= 4 and cfg.model.embed_dim <= 256, path
+  names = recipes.names()
+  assert {'tiny', 'llama_1b', 'sft', 'dpo', 'bench/gpt2_124m', 'bench/llama_1b'} <= set(names)
+  for name in names:
+    cfg = config_lib.load(name + ':tiny')
+    assert cfg.model.num_layers <= 4 and cfg.model.embed_dim <= 256, name
+
+
+def test_a_recipe_is_named_the_new_way_or_the_old_way_or_by_its_file(tmp_path, monkeypatch):
+  """`llama_1b:tiny`, the checkout's `configs/llama_1b.py:tiny` (no such file any more) and the shipped
+  file's own path give the same config; a file of the user's wins over the old spelling, never over a bare
+  shipped name."""
+  monkeypatch.chdir(tmp_path)
+  want = config_lib.load('llama_1b:tiny').to_dict()
+  shipped_file = os.path.join(os.path.dirname(recipes.__file__), 'llama_1b.py')
+  for spec in ('configs/llama_1b.py:tiny', './configs/llama_1b.py:tiny', 'llama_1b.py:tiny', shipped_file + ':tiny'):
+    assert config_lib.load(spec).to_dict() == want, spec
+  assert config_lib.load('configs/bench/llama_1b.py').to_dict() == config_lib.load('bench/llama_1b').to_dict()
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'llama_1b.py').write_text(
+      'from llm_jax.config import load_recipe\n\n\ndef get_config(arg=None):\n'
+      '  c = load_recipe("llama_1b:tiny")\n  c.train.steps = 7\n  return c\n')
+  assert config_lib.load('configs/llama_1b.py').train.steps == 7  # the user's file, which loads a shipped one
+  assert config_lib.load('llama_1b:tiny').train.steps == 20
+  (tmp_path / 'tiny').write_text('not a recipe')  # a bare name is the shipped recipe whatever the directory holds
+  assert config_lib.load('tiny:tiny').to_dict() == config_lib.load(os.path.join(
+      os.path.dirname(recipes.__file__), 'tiny.py') + ':tiny').to_dict()
+
+
+def test_a_shipped_recipe_copied_out_of_the_package_still_loads(tmp_path, monkeypatch):
+  """sft.py takes its model from the `tiny` recipe by name, not by a path beside itself."""
+  copy = tmp_path / 'my_sft.py'
+  copy.write_text(open(os.path.join(os.path.dirname(recipes.__file__), 'sft.py')).read())
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.load(f'{copy}:tiny').to_dict() == config_lib.load('sft:tiny').to_dict()
+
+
+@pytest.mark.parametrize('spec,needle', [
+    ('nope', "unknown recipe 'nope': no such file and no shipped recipe of that name (shipped: bert_base,"),
+    ('configs/nope.py:tiny', 'config file not found: configs/nope.py (shipped recipes: bert_base,'),
+    ('bench/nope', 'config file not found: bench/nope (shipped recipes: '),
+])
+def test_an_unknown_recipe_lists_the_shipped_ones(spec, needle, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError) as e:
+    config_lib.load(spec)
+  assert needle in str(e.value) and 'bench/llama_1b' in str(e.value) and 'llm-jax recipes' in str(e.value)
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_docstring_line(capsys):
+  assert cli.main(['recipes']) == 0
+  listing = capsys.readouterr().out
+  for name in recipes.names():
+    module = recipes.load_module(recipes.Recipe(name, shipped=True))
+    first = module.__doc__.strip().splitlines()[0]
+    assert len(first) > 20 and first[-1] == '.', (name, first)  # a sentence, not a line cut mid-way
+    assert re.search(rf'^  {re.escape(name)} +{re.escape(first)}$', listing, flags=re.M), (name, listing)
+  with pytest.raises(SystemExit) as e:  # --config=list: the same, without the command's required flags
+    cli.main(['train', '--config=list'])
+  assert e.value.code == 0 and capsys.readouterr().out == listing
+  assert cli.main(['recipes', 'configs/llama_1b.py']) == 0
+  shown = capsys.readouterr().out
+  assert shown.startswith('llama_1b: ') and 'Variants: `llama_1b:tiny`' in shown
+
+
+def test_version_is_the_installed_distributions(capsys):
+  import importlib.metadata
+  with pytest.raises(SystemExit) as e:
+    cli.main(['--version'])
+  assert e.value.code == 0
+  assert capsys.readouterr().out.startswith(f'llm-jax {importlib.metadata.version("llm-jax")} (jax ')
 
 
 def test_json_round_trip_is_exact(tmp_path):

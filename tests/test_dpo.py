@@ -8,8 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
-
 from llm_jax import config as config_lib
 from llm_jax.run import finetune, params as params_lib
 from llm_jax.infer import inference
@@ -20,7 +18,7 @@ from llm_jax.train import loop
 from llm_jax.train.dpo import DPO_METRICS, pair_logps
 from llm_jax.train.state import param_shardings
 
-DPO = os.path.join(ROOT, 'configs', 'dpo.py')
+DPO = 'dpo'
 
 
 @pytest.fixture(scope='module')

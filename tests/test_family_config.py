@@ -43,11 +43,10 @@ def test_the_recipes_hold_their_published_shapes():
 
   from llm_jax.models import build_model
   from llm_jax.train.state import init_params
-  from conftest import ROOT
   from llm_jax import config as config_lib
 
   def count(name, **vocab):
-    cfg = config_lib.load(f'{ROOT}/configs/{name}.py')
+    cfg = config_lib.load(name)
     model = build_model(cfg.model)
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     return sum(a.size for a in jax.tree.leaves(shapes))

@@ -25,7 +25,7 @@ def _one_line_error(res, needle):
 @pytest.mark.parametrize('recipe', ['gpt2_124m', 'bert_base', 't5_small'])
 def test_tiny_recipe_trains_evaluates_and_generates(tmp_path, tokenizer_path, recipe):
   workdir = str(tmp_path / recipe)
-  res = _cli('train', f'--workdir={workdir}', f'--config=configs/{recipe}.py:tiny',
+  res = _cli('train', f'--workdir={workdir}', f'--config={recipe}:tiny',
              f'--config.data.tokenizer={tokenizer_path}', '--config.train.steps=8', '--config.train.log_every=1',
              '--config.eval.every=8', '--config.train.checkpoint_every=8')
   assert res.returncode == 0, res.stderr

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 
 from llm_jax import cli, config as config_lib, sharding
 from llm_jax.run import finetune, params as params_lib
@@ -23,7 +23,7 @@ from llm_jax.infer.sampling import SamplingParams
 from llm_jax.train import loop
 from llm_jax.train.step import loss_and_stats
 
-SFT = os.path.join(ROOT, 'configs', 'sft.py')
+SFT = 'sft'
 PAIRS = [('What is the capital of France?', 'Paris.'), ('Name a prime number.', 'Seven.'),
          ('def add(a, b):', 'return a + b'), ('Say hi', 'hello there')]
 
@@ -36,7 +36,7 @@ def write_jsonl(path, records):
 
 
 def sft_config(pretrained, source, *overrides):
-  """configs/sft.py:tiny starting from `pretrained` (loop.train resolves vocabulary and tokenizer)."""
+  """The sft recipe's tiny variant starting from `pretrained` (loop.train resolves vocabulary and tokenizer)."""
   return config_lib.load(SFT + ':tiny', [('init_from', pretrained), ('data.source', source), *overrides])
 
 

@@ -1,4 +1,4 @@
-"""Golden shardings: every parameter of configs/llama_1b.py under the fsdp_tp preset on 8 devices, compared
+"""Golden shardings: every parameter of the llama_1b recipe under the fsdp_tp preset on 8 devices, compared
 with tests/golden/llama_1b_fsdp_tp.json, so that any change to how weights are split shows up in review.
 
 After an intended change, refresh the file and commit it with the change:
@@ -17,7 +17,7 @@ from llm_jax.models import build_model
 from llm_jax.train.state import abstract_params, param_logical_specs
 
 GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'llama_1b_fsdp_tp.json')
-RECIPE = os.path.join(ROOT, 'configs', 'llama_1b.py')
+RECIPE = 'llama_1b'
 MESH = {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 2}
 
 
@@ -38,7 +38,7 @@ def current() -> dict:
     params[jax.tree_util.keystr(path, simple=True, separator='/')] = {
         'shape': list(a.shape), 'logical': list(names), 'spec': _spec_json(a.sharding.spec),
         'shard': list(a.sharding.shard_shape(a.shape))}
-  return {'recipe': 'configs/llama_1b.py', 'preset': 'fsdp_tp', 'mesh': MESH, 'params': params}
+  return {'recipe': RECIPE, 'preset': 'fsdp_tp', 'mesh': MESH, 'params': params}
 
 
 def _dumps(golden: dict) -> str:
@@ -61,7 +61,7 @@ def test_llama_1b_fsdp_tp_shardings_match_the_golden_file():
              for name in sorted(set(want['params']) | set(got['params']))
              if want['params'].get(name) != got['params'].get(name)]
   assert not changed and want == got, (
-      'parameter shardings of configs/llama_1b.py (fsdp_tp, 8 devices) changed:\n' + '\n'.join(changed)
+      'parameter shardings of the llama_1b recipe (fsdp_tp, 8 devices) changed:\n' + '\n'.join(changed)
       + '\nIf intended, refresh with: LLM_JAX_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q '
         'tests/test_golden_sharding.py')
   # The file itself says something: FSDP x tensor split the big matrices eight ways.

@@ -49,7 +49,7 @@ def test_local_bad_flags(args, needle):
 
 
 def test_tpu_pod_dry_run_creates_ships_sets_up_runs_fetches_and_deletes():
-  train = ['llm-jax', 'train', '--config=configs/llama_1b.py', '--workdir=/mnt/runs/a',
+  train = ['llm-jax', 'train', '--config=llama_1b', '--workdir=/mnt/runs/a',
            "--config.data.source=it's *.txt"]
   res = _run(os.path.join(LAUNCH, 'tpu_pod.sh'), '--dry-run', '--name=pod1', '--zone=us-west4-a',
              '--project=proj', '--create', '--accelerator=v5litepod-16', '--version=v2-alpha-tpuv5-lite', '--spot',

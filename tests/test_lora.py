@@ -8,8 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
-
 from llm_jax import cli, config as config_lib, sharding
 from llm_jax.run import finetune, lora, params as params_lib
 from llm_jax.infer import inference
@@ -22,7 +20,7 @@ from llm_jax.train.state import StateFactory
 from llm_jax.models.outputs import forward
 from llm_jax.train.step import make_train_step
 
-SFT = os.path.join(ROOT, 'configs', 'sft.py')
+SFT = 'sft'
 
 
 @pytest.fixture(scope='module')

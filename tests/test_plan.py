@@ -99,7 +99,7 @@ def test_llama_1b_on_8_fake_devices_from_the_command_line():
   # A fresh process: plan itself asks jax for the 8 CPU devices (none are set in its environment).
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   start = time.monotonic()
-  res = subprocess.run([sys.executable, '-m', 'llm_jax.cli', 'plan', '--config=configs/llama_1b.py',
+  res = subprocess.run([sys.executable, '-m', 'llm_jax.cli', 'plan', '--config=llama_1b',
                         '--devices=8', '--device_kind=v5e'], capture_output=True, text=True, cwd=ROOT, env=env,
                        timeout=300)
   took = time.monotonic() - start

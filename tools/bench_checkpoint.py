@@ -2,7 +2,7 @@
 time `save` blocks the training loop, the time until the step is committed, the manifest written inside the
 commit (checkpoint_files.write_manifest), checking a step against it, and restoring the newest readable step.
 
-    python tools/bench_checkpoint.py [--config=configs/tiny.py] [--saves=3] [--dir=/tmp/bench_ckpt]
+    python tools/bench_checkpoint.py [--config=tiny] [--saves=3] [--dir=/tmp/bench_ckpt]
         [--config.model.embed_dim=1024 ...]
 
 One JSON object per line: the state's size, then one per save, then the restore.
@@ -39,7 +39,7 @@ def _du(path: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/tiny.py')
+  parser.add_argument('--config', default='tiny')
   parser.add_argument('--saves', type=int, default=3)
   parser.add_argument('--dir', default=None, help='where to write (default: a new temporary directory)')
   args, extra = parser.parse_known_args(argv)

@@ -1,6 +1,6 @@
 """Decode speed: ms per step and tokens/s of llm-jax's compiled prefill + decode loop, beside the HBM floor.
 
-    python tools/bench_decode.py [--config=configs/bench/llama_1b.py] [--batch 1 32] [--prompt_len=128]
+    python tools/bench_decode.py [--config=bench/llama_1b] [--batch 1 32] [--prompt_len=128]
                                  [--new_tokens=256] [--repeats=3] [--hf_reference]
 
 A model of the config's shape with random parameters decodes greedily, EOS ignored, `new_tokens` tokens after
@@ -84,7 +84,7 @@ def bench(engine, vocab: int, batch: int, prompt_len: int, new_tokens: int, repe
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--config', default=os.path.join(ROOT, 'configs', 'bench', 'llama_1b.py'))
+  p.add_argument('--config', default='bench/llama_1b')
   p.add_argument('--batch', type=int, nargs='+', default=[1, 32])
   p.add_argument('--prompt_len', type=int, default=128)
   p.add_argument('--new_tokens', type=int, default=256)

@@ -5,7 +5,7 @@ These are compile-time figures from `Compiled.memory_analysis()`, not measuremen
 other work on the machine does not disturb them; they do depend on the backend (CPU here unless a GPU/TPU
 is present) and the XLA version.
 
-    python tools/bench_memory.py [--config=configs/tiny.py] [--config.KEY=VALUE ...] \
+    python tools/bench_memory.py [--config=tiny] [--config.KEY=VALUE ...] \
         [--remat=none,full,dots_no_batch,save_attention] [--loss_chunk=0,128]
 """
 
@@ -43,7 +43,7 @@ def temp_bytes(cfg) -> int:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/tiny.py')
+  parser.add_argument('--config', default='tiny')
   parser.add_argument('--remat', default='none,full,dots_no_batch,save_attention')
   parser.add_argument('--loss_chunk', default='0')
   parser.add_argument('--microbatches', default='1')

@@ -1,7 +1,7 @@
-"""How long `llm-jax plan` takes for configs/llama_1b.py on 8 fake CPU devices (target: well under a minute
+"""How long `llm-jax plan` takes for the llama_1b recipe on 8 fake CPU devices (target: well under a minute
 on the 2-core machine), and what it says per mesh: the table BENCHMARKS.md records.
 
-    .venv/bin/python tools/bench_plan.py [--recipe=configs/llama_1b.py] [--devices=8]
+    .venv/bin/python tools/bench_plan.py [--recipe=llama_1b] [--devices=8]
 
 First the command itself, timed end to end in a fresh process (start-up, tracing, compilation); then, in
 this process, one plan per mesh of the list below with its compile time and memory per device.
@@ -28,7 +28,7 @@ MESHES = [  # (label, --mesh, extra overrides)
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument('--recipe', default='configs/llama_1b.py')
+  p.add_argument('--recipe', default='llama_1b')
   p.add_argument('--devices', type=int, default=8)
   args = p.parse_args()
   load = os.getloadavg()[0]
@@ -55,7 +55,7 @@ def main() -> None:
   print('|---|---|---|---|---|---|---|')
   devices = jax.devices('cpu')[:args.devices]
   for label, mesh, extra in MESHES:
-    cfg = config_lib.load(os.path.join(ROOT, args.recipe), mesh_overrides(mesh) + extra)
+    cfg = config_lib.load(args.recipe, mesh_overrides(mesh) + extra)
     t = time.perf_counter()
     report = plan.make_plan(cfg, devices, None)
     secs = time.perf_counter() - t

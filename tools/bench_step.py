@@ -4,7 +4,7 @@ Prints XLA's compile-time cost analysis (FLOPs, bytes accessed: not disturbed by
 machine) and the wall and process-CPU time per step after warm-up. To compare two checkouts, run this file
 with each on the import path; it only uses the step API the walking skeleton already had:
 
-    PYTHONPATH=/path/to/checkout python tools/bench_step.py [--config=configs/tiny.py] [--steps=40]
+    PYTHONPATH=/path/to/checkout python tools/bench_step.py [--config=tiny] [--steps=40]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from llm_jax.train.step import make_train_step
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/tiny.py')
+  parser.add_argument('--config', default='tiny')
   parser.add_argument('--steps', type=int, default=40)
   args = parser.parse_args(argv)
   cfg = config_lib.load(args.config, [])

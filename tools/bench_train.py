@@ -1,6 +1,6 @@
 """Training-step speed: compile time, step time, tokens/s and MFU of the real train step, one JSON line per run.
 
-    python tools/bench_train.py --config=configs/bench/llama_1b.py [--steps=30] [--warmup=5] [--windows=3]
+    python tools/bench_train.py --config=bench/llama_1b [--steps=30] [--warmup=5] [--windows=3]
                                 [--xla_flags=NAME] [--name=LABEL] [--config.model.remat=full ...]
     python tools/bench_train.py --lower_only --config=...      # XLA's FLOPs and memory plan, nothing runs
     python tools/bench_train.py --ratio OURS.jsonl REFERENCE.jsonl   # ours / torch reference, per shape
@@ -59,7 +59,7 @@ def reference_flops_per_token(L: int, d: int, T: int, V: int, ffn: int, gated: b
 
 def _parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--config', default=os.path.join(ROOT, 'configs', 'bench', 'gpt2_124m.py'))
+  p.add_argument('--config', default='bench/gpt2_124m')
   p.add_argument('--steps', type=int, default=30, help='timed steps, over all windows')
   p.add_argument('--warmup', type=int, default=5)
   p.add_argument('--windows', type=int, default=3)

@@ -3,7 +3,7 @@
 #
 #   tools/bench_train_gpu.sh [main|sweep_gpt2|sweep_llama|all]
 #
-#   main         ours on configs/bench/gpt2_124m.py and configs/bench/llama_1b.py as shipped, then
+#   main         ours on the recipes bench/gpt2_124m and bench/llama_1b as shipped, then
 #                $BENCH_DIR/torch_reference.py all on the same GPU, then the ratio ours / reference per shape
 #                (about 5 minutes on an H100)
 #   sweep_gpt2   one run per lever on the gpt2 shape (about 6 minutes), sweep_llama the same for llama_1b
@@ -42,7 +42,7 @@ $PY -c 'import jax, flax, optax, ml_collections; print("jax", jax.__version__, "
 ours() {  # NAME RECIPE [bench_train.py flags...]
   local name=$1 recipe=$2
   shift 2
-  timeout "${RUN_TIMEOUT:-240}" $PY tools/bench_train.py --name="$name" --config="configs/bench/$recipe.py$VARIANT" \
+  timeout "${RUN_TIMEOUT:-240}" $PY tools/bench_train.py --name="$name" --config="bench/$recipe$VARIANT" \
     --steps="${STEPS:-30}" "$@" 2>"$OUT_DIR/stderr/$name.txt" | tee -a "$OUT_DIR/ours.jsonl"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" != 0 ]; then

@@ -3,7 +3,7 @@
 running the same llm-jax command, rendered from flags and applied with kubectl.
 
     python3 launch/gke/jobset.py --name=llama1b --image=IMAGE --tpu=v5e --topology=4x4 [--slices=2] \\
-        [--dry-run] -- llm-jax train --config=configs/llama_1b.py --workdir=/gcs/bucket/runs/a
+        [--dry-run] -- llm-jax train --config=llama_1b --workdir=/gcs/bucket/runs/a
 
 The image must hold this checkout installed with its [tpu] extra; the workdir must be storage every pod
 sees (a gcsfuse or Filestore mount). llm-jax finds its peers by itself: GKE's TPU webhook gives every pod

@@ -57,10 +57,10 @@ def run(args, overrides) -> int:
   from llm_jax.infer.sampling import SamplingParams
   cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before anything is read
   inference.require_family(cfg, 'chat', 'causal', why='chat needs a decoder-only model fine-tuned with a '
-                           'chat template (configs/sft.py)')
+                           'chat template (the sft recipe)')
   if not objectives.of(cfg.data).chat:
     raise UserError(f'chat: this run was trained with data.objective={cfg.data.objective!r} and has no chat '
-                    'template; fine-tune it first (configs/sft.py with --config.init_from)')
+                    'template; fine-tune it first (--config=sft with --config.init_from)')
   roles = cfg.data.chat_roles
   if args.max_new_tokens is None:
     args.max_new_tokens = min(128, cfg.data.seq_len // 2)

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
 from llm_jax import atomic
 from llm_jax.errors import UserError
+
+_RECIPE_HELP = ('NAME[:variant] of a shipped recipe (--config=list or `llm-jax recipes` lists them; default '
+                'tiny) or FILE.py[:variant] of your own')
+
+
+class _ConfigFlag(argparse.Action):
+  """--config=SPEC; --config=list prints the shipped recipes and exits 0 while the flags are parsed, like
+  --help, so that `llm-jax train --config=list` needs no --workdir."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    if values == 'list':
+      from llm_jax import recipes
+      print(recipes.listing())
+      parser.exit()
+    setattr(namespace, self.dest, values)
+
+
+def add_config_flag(p, also: str = '') -> None:
+  """--config of every command that takes a recipe (llm_jax.recipes resolves the value)."""
+  p.add_argument('--config', default=None, action=_ConfigFlag, help=_RECIPE_HELP + also)
 
 
 def no_overrides(command: str, overrides) -> None:

@@ -8,6 +8,7 @@ Exit status: 0 when it fits (or the capacity is unknown), 1 when it does not, 2 
 from __future__ import annotations
 
 from llm_jax import distributed
+from llm_jax.commands import common
 from llm_jax.sharding import MESH_AXES
 from llm_jax.errors import UserError
 
@@ -16,7 +17,7 @@ _DCN = ('dcn_data', 'dcn_fsdp')
 
 
 def add_arguments(p) -> None:
-  p.add_argument('--config', default=None, help='recipe file[:variant] (default configs/tiny.py)')
+  common.add_config_flag(p)
   p.add_argument('--devices', type=int, default=None,
                  help='plan for this many devices (fake CPU devices unless this machine has exactly that '
                       'many accelerators); default: the devices present, or the product of --mesh')

@@ -1,5 +1,6 @@
 """`llm-jax prepare`: tokenize a source once into a TFDS ArrayRecord dataset that training reads directly."""
 
+from llm_jax.commands import common
 from llm_jax.errors import UserError
 
 HELP = 'pre-tokenize data.source into a TFDS ArrayRecord dataset (train from it with data.source=tfds:DIR)'
@@ -7,7 +8,7 @@ HELP = 'pre-tokenize data.source into a TFDS ArrayRecord dataset (train from it 
 
 def add_arguments(p) -> None:
   p.add_argument('--output', required=True, help='a TFDS data_dir; the dataset goes to OUTPUT/NAME/1.0.0')
-  p.add_argument('--config', default=None, help='recipe file[:variant]; default configs/tiny.py')
+  common.add_config_flag(p)
   p.add_argument('--name', default='llm_jax_text', help='the dataset name (tfds:NAME with data.tfds_data_dir)')
 
 

@@ -1,14 +1,14 @@
 """`llm-jax train`: train a run in --workdir, or resume it from its latest checkpoint."""
 
 from llm_jax import distributed
+from llm_jax.commands import common
 
 HELP = 'train (or resume) a run in --workdir'
 
 
 def add_arguments(p) -> None:
   p.add_argument('--workdir', required=True)
-  p.add_argument('--config', default=None,
-                 help="recipe file[:variant]; default configs/tiny.py, or the workdir's saved config")
+  common.add_config_flag(p, also="; a run being resumed keeps its saved config")
   distributed.add_arguments(p)
 
 

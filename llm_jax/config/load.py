@@ -4,39 +4,31 @@ defaults filled in, validated once and locked."""
 from __future__ import annotations
 
 import ast
-import importlib.util
-import os
 from typing import Any, Sequence
 
 import ml_collections
 
+from llm_jax import recipes as recipes_lib
 from llm_jax.config.schema import default_config
 from llm_jax.config.validate import validate
 from llm_jax.errors import UserError
 
 
 def load_recipe(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/recipe.py[:arg]` -> the recipe's `get_config(arg)`."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise UserError(f'config file not found: {path}')
-  module_spec = importlib.util.spec_from_file_location(f'_llm_jax_recipe_{abs(hash(path))}', path)
-  if module_spec is None or module_spec.loader is None:  # not a .py file: importlib finds no loader for it
-    raise UserError(f'config file {path} is not a Python file (expected recipe.py[:variant])')
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except Exception as e:  # a broken recipe file is the user's file: name it and the problem
-    raise UserError(f'config file {path} failed to load: {type(e).__name__}: {e}') from e
+  """`RECIPE[:arg]` -> the recipe's `get_config(arg)`. RECIPE is a file (a user's own recipe) or the name of
+  one shipped in llm_jax/recipes/ (`tiny`, `llama_1b`, `bench/gpt2_124m`; `configs/NAME.py` too): see
+  `llm_jax.recipes.resolve`, the one resolver every command goes through."""
+  recipe, arg = recipes_lib.resolve(spec)
+  module = recipes_lib.load_module(recipe)
   if not hasattr(module, 'get_config'):
-    raise UserError(f'config file {path} has no get_config(arg=None) function')
+    raise UserError(f'{recipe.label} has no get_config(arg=None) function')
   try:
     cfg = module.get_config(arg or None)
   except UserError:
     raise
   except Exception as e:
-    raise UserError(f'config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}') from e
-  check_schema(cfg, default_config(), where=path)
+    raise UserError(f'{recipe.label}: get_config({arg!r}) failed: {type(e).__name__}: {e}') from e
+  check_schema(cfg, default_config(), where=recipe.name)
   return cfg
 
 

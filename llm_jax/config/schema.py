@@ -1,6 +1,6 @@
 """The schema: every key the project reads, with its default of the right type.
 
-Recipes start from `default_config()` and change values, never add keys, so an override or a saved
+Recipes (shipped in llm_jax/recipes/, or a user's own file) start from `default_config()` and change values, never add keys, so an override or a saved
 `config.json` can always be checked key by key against it. Which values a key allows is not listed here: the
 module that implements the key says (validate.py asks it).
 """
@@ -22,7 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   m = c.model
   # decoder (LLaMA, GPT-2) | encoder (BERT, masked LM) | encdec (T5, span corruption). The keys below
-  # describe any of them; models/ reads them, the recipes in configs/ set them per family.
+  # describe any of them; models/ reads them, the recipes in llm_jax/recipes/ set them per family.
   m.family = 'decoder'
   m.vocab_size = 4096  # the tokenizer is trained to this less the ids the objective reserves (mask, sentinels)
   m.num_layers = 4  # encdec: of the encoder

@@ -1,4 +1,4 @@
-"""BERT (BertForMaskedLM, or a bare BertModel such as all-MiniLM-L6-v2): the encoder of configs/bert_base.py.
+"""BERT (BertForMaskedLM, or a bare BertModel such as all-MiniLM-L6-v2): the encoder of the bert_base recipe.
 
 A bare BertModel has no masked-LM head: its head starts from an initialisation (dense layer drawn with the
 model's init_std and seed 0, norm at one, biases zero), and its next-sentence pooler, which llm-jax has no

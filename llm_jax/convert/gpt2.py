@@ -1,4 +1,4 @@
-"""GPT-2 (GPT2LMHeadModel, or a bare GPT2Model): the decoder of configs/gpt2_124m.py. Its Conv1D layers store
+"""GPT-2 (GPT2LMHeadModel, or a bare GPT2Model): the decoder of the gpt2_124m recipe. Its Conv1D layers store
 [in, out] matrices, and c_attn holds the query, key and value projections side by side."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LLaMA (LlamaForCausalLM): the decoder of configs/tiny.py. Rotary positions in Hugging Face's layout (the
+"""LLaMA (LlamaForCausalLM): the decoder of the tiny recipe. Rotary positions in Hugging Face's layout (the
 two halves of the head dimension), so weights load without permutation."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""T5 (T5ForConditionalGeneration): the encoder-decoder of configs/t5_small.py. T5 v1.0 ties its output layer
+"""T5 (T5ForConditionalGeneration): the encoder-decoder of the t5_small recipe. T5 v1.0 ties its output layer
 to the embedding and scales the decoder's output by d_model ** -0.5 first; v1.1 has a separate, unscaled
 output layer and a gated-GELU MLP. Both load; a tied but unscaled output (or the reverse) has no llm-jax
 equivalent and is refused."""

@@ -1,6 +1,6 @@
 """The decoder-only language model, in the layouts of LLaMA (pre-norm RMSNorm, rotary, grouped-query
 attention, SwiGLU, untied output) and GPT-2 (pre-norm LayerNorm with biases, learned positions, GELU MLP,
-tied embeddings), chosen by config keys (configs/tiny.py, configs/gpt2_124m.py).
+tied embeddings), chosen by config keys (the tiny and gpt2_124m recipes).
 
 Einsum letters as in layers.py. The API is pure: `model.init(rng, tokens, positions, segment_ids)` and
 `model.apply({'params': p}, tokens, positions, segment_ids, cache=None)` -> (logits_BTV, cache). The KV cache

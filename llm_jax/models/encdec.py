@@ -2,7 +2,7 @@
 a causal decoder that also attends to the encoder's output, sharing one token embedding; pre-norm RMSNorm,
 no biases, T5's relative-position buckets (one table per stack, shared by its layers), unscaled attention
 logits, a ReLU or gated-GELU MLP, and an output tied to the embedding (hidden states scaled by
-embed_dim ** -0.5 first, as T5 does) or separate. configs/t5_small.py.
+embed_dim ** -0.5 first, as T5 does) or separate. The t5_small recipe.
 
 Letters as in layers.py; S is the encoder's length, T the decoder's.
 

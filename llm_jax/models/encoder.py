@@ -1,6 +1,6 @@
 """The encoder-only masked language model (BERT, Devlin et al. 2019): bidirectional attention within each
 packed document, post-norm LayerNorm layers with biases, learned positions and a masked-LM head (a dense
-layer, the activation, a LayerNorm, then the tied embedding plus an output bias). configs/bert_base.py.
+layer, the activation, a LayerNorm, then the tied embedding plus an output bias). The bert_base recipe.
 
 Letters as in layers.py. `model.apply({'params': p}, tokens, positions, segment_ids)` -> (logits_BTV, None),
 the same call as the decoder's, so training, evaluation and sharding treat both alike; with

@@ -32,7 +32,7 @@ FREE_KEYS = ('vocab_size', 'dropout_rate', 'dtype', 'logits_dtype', 'remat', 'in
 
 
 def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tuple[str, str]]):
-  """The config of a training run: the recipe (default configs/tiny.py) plus overrides, or, when resuming
+  """The config of a training run: the recipe (default `tiny`) plus overrides, or, when resuming
   a workdir without --config, its saved config plus overrides (e.g. more steps)."""
   saved = workdir_lib.config_path(workdir)
   if spec is None and os.path.isfile(saved):

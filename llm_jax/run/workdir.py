@@ -42,12 +42,9 @@ def load_config(workdir: str):
 
 
 def default_recipe() -> str:
-  """configs/tiny.py of this checkout, wherever the command is run from."""
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(here, 'configs', 'tiny.py')
-  if not os.path.isfile(path):
-    path = os.path.join('configs', 'tiny.py')
-  return path
+  """The recipe a command uses without --config: the shipped `tiny` (llm_jax/recipes/), wherever the
+  package is installed and whatever the current directory."""
+  return 'tiny'
 
 
 def has_checkpoints(workdir: str) -> bool:

@@ -1,18 +1,15 @@
-"""Supervised fine-tuning of a configs/tiny.py run on chat data: JSONL of {"prompt", "response"} or
-{"messages": [{"role", "content"}, ...]}, loss on the assistant's replies only (data/chat.py).
+"""Supervised fine-tuning of a `tiny` run on chat data, the loss on the assistant's replies only.
 
-    llm-jax train --config=configs/sft.py --workdir=runs/sft --config.init_from=runs/tiny \\
+JSONL of {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} (data/chat.py).
+
+    llm-jax train --config=sft --workdir=runs/sft --config.init_from=runs/tiny \\
         --config.data.source='data/sft/*.jsonl'
 
-The model section is configs/tiny.py's: it must match the pretrained run (model.vocab_size is set from it).
-Variants: `tiny` pairs with configs/tiny.py:tiny and runs in seconds; `lora` trains rank-8 adapters instead.
+The model section is the `tiny` recipe's: it must match the pretrained run (model.vocab_size is set from it).
+Variants: `tiny` pairs with `tiny:tiny` and runs in seconds; `lora` trains rank-8 adapters instead.
 """
 
-import os
-
 from llm_jax.config import load_recipe
-
-_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
 
 
 def get_config(arg=None):
@@ -20,7 +17,7 @@ def get_config(arg=None):
   unknown = variants - {'tiny', 'lora'}
   if unknown:
     raise ValueError(f'unknown variant {sorted(unknown)[0]!r} (known: tiny, lora)')
-  c = load_recipe(_TINY + (':tiny' if 'tiny' in variants else ''))  # the model this fine-tunes
+  c = load_recipe('tiny' + (':tiny' if 'tiny' in variants else ''))  # the model this fine-tunes
   c.data.update(objective='sft', source='data/sft/*.jsonl', heldout_percent=5)
   # Fine-tuning moves far less than pretraining: a tenth of the learning rate, short warmup, no decay of
   # the pretrained weights toward zero.

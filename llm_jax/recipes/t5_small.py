@@ -1,13 +1,15 @@
-"""T5-small (60M; Raffel et al. 2020) as the encoder-decoder: 6 + 6 layers of d 512, 8 heads of 64, ReLU MLP
-of 2048, pre-norm RMSNorm (eps 1e-6) without biases, relative-position buckets (32, max distance 128),
-unscaled attention logits, output tied to the embedding; span corruption with 15% noise in spans of mean
-length 3 and 100 sentinels, inputs of 512 and targets of 114 tokens (T5's pair), 128 rows per step.
+"""T5-small (60M): the encoder-decoder of Raffel et al. 2020, trained on span corruption.
+
+6 + 6 layers of d 512, 8 heads of 64, ReLU MLP of 2048, pre-norm RMSNorm (eps 1e-6) without biases,
+relative-position buckets (32, max distance 128), unscaled attention logits, output tied to the embedding;
+span corruption with 15% noise in spans of mean length 3 and 100 sentinels, inputs of 512 and targets of 114
+tokens (T5's pair), 128 rows per step.
 
 Optimisation as T5's: Adafactor at 0.01 with inverse-square-root decay after 10k steps, no weight decay and
 no global-norm clipping (Adafactor clips each update to RMS 1). Its 32128 ids are the tokenizer's pieces,
 then the sentinels (<extra_id_0> the highest), then padding.
 
-Variants: `configs/t5_small.py:tiny` keeps the layout at CPU size (the tests train it end to end).
+Variants: `t5_small:tiny` keeps the layout at CPU size (the tests train it end to end).
 """
 
 from llm_jax.config import default_config

@@ -1,11 +1,13 @@
-"""GPT-2 small (124M; Radford et al. 2019) as a decoder-only variant: pre-norm LayerNorm with biases, learned
-positions, GELU (tanh form) MLP of 4 x d, tied embeddings, 12 layers of d 768 and 12 heads, 1024-token rows.
+"""GPT-2 small (124M): the decoder of Radford et al. 2019, trained as nanoGPT reproduces it.
+
+Pre-norm LayerNorm with biases, learned positions, GELU (tanh form) MLP of 4 x d, tied embeddings, 12 layers
+of d 768 and 12 heads, 1024-token rows.
 Optimisation as nanoGPT's reproduction: ~0.5M tokens per step, AdamW at 6e-4, cosine to 6e-5.
 
 The vocabulary is our own sentencepiece one, padded to a multiple of 64 as nanoGPT pads GPT-2's 50257; a
 checkpoint imported from Hugging Face (`llm-jax convert from-hf`) keeps 50257.
 
-Variants: `configs/gpt2_124m.py:tiny` keeps the layout at CPU size (the tests train it end to end).
+Variants: `gpt2_124m:tiny` keeps the layout at CPU size (the tests train it end to end).
 """
 
 from llm_jax.config import default_config

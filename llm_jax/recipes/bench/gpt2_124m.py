@@ -1,15 +1,17 @@
-"""GPT-2 small (124M) at the training benchmark's shape (tools/bench_train.py, issue 9): 12 layers, d 768,
-12 heads, GELU (tanh) MLP 3072, LayerNorm, vocabulary 50304, rows of 1024 tokens, batch 16: the shape of the
-torch.compile reference (../shared/bench/torch_reference.py gpt124m) on one GPU.
+"""GPT-2 small (124M) at the training benchmark's shape, against the torch.compile reference.
 
-The model keeps configs/gpt2_124m.py's layout (learned positions, biases, tied embeddings); the reference
+tools/bench_train.py, issue 9: 12 layers, d 768, 12 heads, GELU (tanh) MLP 3072, LayerNorm, vocabulary 50304,
+rows of 1024 tokens, batch 16: the shape of the torch.compile reference (../shared/bench/torch_reference.py
+gpt124m) on one GPU.
+
+The model keeps the `gpt2_124m` recipe's layout (learned positions, biases, tied embeddings); the reference
 has no position table, no biases and an untied head, which changes no matmul FLOPs (the tied table is the
 output projection, counted once either way; tests/test_bench_train.py checks the counts agree).
 Speed levers as the defaults choose them on an accelerator: bfloat16 compute over float32 master weights
 (model.dtype='auto'), cuDNN flash attention (model.attention_impl='auto'), no rematerialisation (a 124M
 model's activations at 16 x 1024 fit many times over), scanned layers, the optimizer update in the step.
 
-Variants: `configs/bench/gpt2_124m.py:tiny` keeps the layout at CPU size (the benchmark's smoke test).
+Variants: `bench/gpt2_124m:tiny` keeps the layout at CPU size (the benchmark's smoke test).
 """
 
 from llm_jax.config import default_config

@@ -1,5 +1,7 @@
-"""A LLaMA-shaped 1B model for the benchmarks: 16 layers, d 2048, 16 heads (no grouping, like the references
-in ../shared/bench/), SwiGLU 5632, RMSNorm, vocabulary 32000, rows of 2048 tokens, batch 8.
+"""A LLaMA-shaped 1B model for the training and decoding benchmarks.
+
+16 layers, d 2048, 16 heads (no grouping, like the references in ../shared/bench/), SwiGLU 5632, RMSNorm,
+vocabulary 32000, rows of 2048 tokens, batch 8.
 
 Training (tools/bench_train.py, issue 9) times it against the torch.compile reference's llama1b shape:
 bfloat16 compute over float32 master weights on an accelerator (model.dtype='auto'), cuDNN flash attention
@@ -8,7 +10,7 @@ it), scanned layers, the optimizer update inside the one jitted step.
 Decoding (tools/bench_decode.py, issue 8) loads the same shape with bfloat16 weights (its --param_dtype), as
 the Hugging Face reference serves them.
 
-Variants: `configs/bench/llama_1b.py:tiny` keeps the layout at CPU size (the benchmarks' smoke tests).
+Variants: `bench/llama_1b:tiny` keeps the layout at CPU size (the benchmarks' smoke tests).
 """
 
 from llm_jax.config import default_config

@@ -1,6 +1,6 @@
 """The default recipe: a small LLaMA-style model on the built-in corpus, sized for a CPU in minutes.
 
-Variants: `configs/tiny.py:tiny` shrinks it further to run in seconds (what the tests use).
+Variants: `tiny:tiny` shrinks it further to run in seconds (what the tests use).
 """
 
 from llm_jax.config import default_config

@@ -1,11 +1,13 @@
-"""BERT-base (110M; Devlin et al. 2019) as the encoder-only masked LM: post-norm LayerNorm (eps 1e-12) with
-biases, learned positions and the token-type table, exact GELU, 12 layers of d 768 and 12 heads, tied
-masked-LM output with its own bias; 15% of tokens predicted by the 80/10/10 rule, rows of 512 tokens.
+"""BERT-base (110M): the encoder-only masked LM of Devlin et al. 2019.
+
+Post-norm LayerNorm (eps 1e-12) with biases, learned positions and the token-type table, exact GELU,
+12 layers of d 768 and 12 heads, tied masked-LM output with its own bias; 15% of tokens predicted by the
+80/10/10 rule, rows of 512 tokens.
 Optimisation as BERT's: AdamW at 1e-4 (beta2 0.999, eps 1e-6, weight decay 0.01), 10k warmup steps.
 
 Our sentencepiece vocabulary takes BERT's 30522 ids less the one the mask token reserves.
 
-Variants: `configs/bert_base.py:tiny` keeps the layout at CPU size (the tests train it end to end).
+Variants: `bert_base:tiny` keeps the layout at CPU size (the tests train it end to end).
 """
 
 from llm_jax.config import default_config

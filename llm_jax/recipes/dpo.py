@@ -1,18 +1,16 @@
-"""Direct preference optimisation (DPO) of a fine-tuned run: JSONL of {"prompt", "chosen", "rejected"}; the
-frozen reference model is the init_from run itself (train/dpo.py).
+"""Direct preference optimisation (DPO) of a fine-tuned run against its frozen self.
 
-    llm-jax train --config=configs/dpo.py --workdir=runs/dpo --config.init_from=runs/sft \\
+JSONL of {"prompt", "chosen", "rejected"}; the frozen reference model is the init_from run itself
+(train/dpo.py).
+
+    llm-jax train --config=dpo --workdir=runs/dpo --config.init_from=runs/sft \\
         --config.data.source='data/prefs/*.jsonl'
 
-The model section is configs/tiny.py's, like configs/sft.py: it must match the run it starts from.
+The model section is the `tiny` recipe's, like `sft`'s: it must match the run it starts from.
 Variants: `tiny` runs in seconds; `lora` trains rank-8 adapters (the reference is then the base alone).
 """
 
-import os
-
 from llm_jax.config import load_recipe
-
-_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
 
 
 def get_config(arg=None):
@@ -20,7 +18,7 @@ def get_config(arg=None):
   unknown = variants - {'tiny', 'lora'}
   if unknown:
     raise ValueError(f'unknown variant {sorted(unknown)[0]!r} (known: tiny, lora)')
-  c = load_recipe(_TINY + (':tiny' if 'tiny' in variants else ''))  # the model this fine-tunes
+  c = load_recipe('tiny' + (':tiny' if 'tiny' in variants else ''))  # the model this fine-tunes
   c.data.update(objective='dpo', source='data/prefs/*.jsonl', dpo_beta=0.1, heldout_percent=0)
   # DPO's published recipes use a learning rate around 5e-7 for 7B models; small models take more. No
   # weight decay: the KL tie to the reference is the regulariser.

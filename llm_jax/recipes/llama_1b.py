@@ -1,9 +1,10 @@
-"""A LLaMA-style 1.1B model for pretraining on a TPU slice or a GPU node: TinyLlama's shape (22 layers,
-d 2048, 32 query heads sharing 4 key/value heads, SwiGLU 5632, vocabulary 32000, context 2048), bfloat16
-compute over float32 master weights, full rematerialisation, FSDP over every device.
+"""A LLaMA-style 1.1B model (TinyLlama's shape) for pretraining on a TPU slice or a GPU node.
 
-    llm-jax plan  --config=configs/llama_1b.py --devices=8 --device_kind=h100  # does it fit? (any machine)
-    llm-jax train --config=configs/llama_1b.py --workdir=...                   # on the slice / node
+22 layers, d 2048, 32 query heads sharing 4 key/value heads, SwiGLU 5632, vocabulary 32000, context 2048;
+bfloat16 compute over float32 master weights, full rematerialisation, FSDP over every device.
+
+    llm-jax plan  --config=llama_1b --devices=8 --device_kind=h100  # does it fit? (any machine)
+    llm-jax train --config=llama_1b --workdir=...                   # on the slice / node
 
 16 rows of 2048 per device need about 40 GiB (plan's CPU estimate): 8 x H100 yes, a v5e-8 (16 GiB per
 chip) only with --config.data.batch_size=32 or 32 chips.
@@ -11,7 +12,7 @@ chip) only with --config.data.batch_size=32 or 32 chips.
 Add tensor parallelism with --config.mesh.tensor=2 (the fsdp_tp preset splits heads, MLP and vocabulary over
 it), context parallelism with --config.mesh.sequence=N, and slices / nodes with --config.mesh.dcn_data=N.
 
-Variants: `configs/llama_1b.py:tiny` keeps the layout (grouped-query attention, untied embeddings, the mesh
+Variants: `llama_1b:tiny` keeps the layout (grouped-query attention, untied embeddings, the mesh
 preset) at CPU size.
 """
 
