@@ -43,6 +43,7 @@ def run(args, overrides) -> int:
   import ml_collections
   from llm_jax import config as config_lib, inference, lora
   from llm_jax.checkpoint import Checkpointer
+  from llm_jax.data import tokenizer as tokenizer_lib
   run_ = inference.load_run(args.workdir)
   merged = lora.merged(run_.params, cfg.model)
   plain = ml_collections.ConfigDict(cfg.to_dict())
@@ -54,7 +55,7 @@ def run(args, overrides) -> int:
   try:
     os.makedirs(tmp)
     config_lib.write_json_atomic(plain, workdir_lib.config_path(tmp))
-    shutil.copyfile(os.path.join(args.workdir, workdir_lib.TOKENIZER), os.path.join(tmp, workdir_lib.TOKENIZER))
+    tokenizer_lib.write_files(run_.tokenizer, tmp)  # tokenizer.model, or tokenizer.json and its config
     ckpt = Checkpointer(tmp, async_save=False)
     ckpt.save_params(run_.step, merged, plain.to_dict())
     ckpt.close()
