@@ -188,7 +188,8 @@ def check_vocab(tok, cfg) -> None:
     extra = f' plus the {reserved} ids data.objective={cfg.data.objective!r} reserves' if reserved else ''
     raise UserError(f'config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer\'s '
                     f'{tok.vocab_size} pieces{extra}')
-  if cfg.data.add_bos and cfg.data.objective != 'span' and tok.bos_id < 0:
+  own_template = cfg.data.objective in config_lib.CHAT_OBJECTIVES and tok.chat_template  # writes bos itself
+  if cfg.data.add_bos and cfg.data.objective != 'span' and tok.bos_id < 0 and not own_template:
     raise UserError('config key data.add_bos=True, but the tokenizer has no BOS piece')
 
 
