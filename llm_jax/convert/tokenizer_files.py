@@ -50,13 +50,30 @@ def _special_contents(tok) -> dict[str, str]:
   return out
 
 
+def _sentencepiece_kind(tok) -> tuple[bool, bool]:
+  """(a Unigram model, adds a space before the text) of a sentencepiece model."""
+  try:
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.serialized())
+    return (proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM,
+            proto.normalizer_spec.add_dummy_prefix)
+  except Exception:  # no protobuf (or one that cannot read the file): ask the model how it encodes
+    return False, tok.piece_bytes(tok.encode('x')[0]).startswith(b' ')
+
+
 def export_files(tok, model_type: str) -> dict[str, bytes]:
   """name -> bytes of the tokenizer files of a Hugging Face export."""
   if tok.kind == 'sentencepiece':
-    name, cls = _SENTENCEPIECE_CLASS.get(model_type, _DEFAULT_SENTENCEPIECE)
-    config = {'tokenizer_class': cls, **_special_contents(tok)}
-    if model_type != 't5':  # T5's default extra_ids=100 number the sentinels as the run does
-      config.update(add_bos_token=True, add_eos_token=False)
+    unigram, prefix_space = _sentencepiece_kind(tok)
+    # transformers builds T5Tokenizer as a Unigram model and LlamaTokenizer as BPE, whatever the file holds,
+    # and puts a space before the text unless told (sentencepiece's add_dummy_prefix).
+    cls = 'T5Tokenizer' if model_type == 't5' and unigram else 'LlamaTokenizer'
+    name = 'spiece.model' if cls == 'T5Tokenizer' else 'tokenizer.model'
+    config = {'tokenizer_class': cls, 'add_prefix_space': prefix_space, 'legacy': False,
+              **_special_contents(tok)}
+    if cls == 'LlamaTokenizer':  # a decoder's documents start with bos; T5's end with eos
+      config.update(add_bos_token=model_type != 't5' and tok.bos_id >= 0, add_eos_token=model_type == 't5')
     return {name: tok.serialized(), hf_tokenizer.CONFIG: _json(config)}
   files = dict(tok.files())
   config = dict(tok.config)
