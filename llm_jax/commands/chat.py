@@ -1,8 +1,9 @@
 """`llm-jax chat`: talk to a fine-tuned run in the terminal (or through a pipe).
 
 Each line read from standard input is one user turn; an empty line or end of input ends the conversation.
-The whole conversation is rendered with the run's chat template (data/chat.py) and the reply decoded with
-the KV-cache Engine until the template's <|end|> marker, EOS or --max_new_tokens. The conversation is kept
+The whole conversation is rendered with the run's chat template (data/chat.py: the checkpoint's own Jinja
+template when its tokenizer_config.json has one, else the built-in one of a fine-tuned run) and the reply
+decoded with the KV-cache Engine until the template's end marker, EOS or --max_new_tokens. The conversation is kept
 between turns; when it no longer fits the context (data.seq_len) with room for the reply, the oldest turns
 (after a --system message) are dropped, with a note on standard error.
 
@@ -58,7 +59,8 @@ def run(args, overrides) -> int:
   cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before anything is read
   inference.require_family(cfg, 'chat', 'causal', why='chat needs a decoder-only model fine-tuned with a '
                            'chat template (the sft recipe)')
-  if not objectives.of(cfg.data).chat:
+  has_own = bool(workdir_lib.load_tokenizer(args.workdir, cfg).chat_template)
+  if not objectives.of(cfg.data).chat and not has_own:
     raise UserError(f'chat: this run was trained with data.objective={cfg.data.objective!r} and has no chat '
                     'template; fine-tune it first (--config=sft with --config.init_from)')
   roles = cfg.data.chat_roles
@@ -76,8 +78,8 @@ def run(args, overrides) -> int:
   distributed.initialize_from_args(args)
   from llm_jax.data import chat
   run_ = inference.load_run(args.workdir)
-  template = chat.Template(run_.tokenizer, roles, cfg.data.add_bos)
-  params = dataclasses.replace(params, stop_tokens=(template.end_id,))
+  template = chat.template_for(cfg.data, run_.tokenizer, objectives.of(cfg.data).chat)
+  params = dataclasses.replace(params, stop_tokens=tuple(template.stop_ids))
   user, reply_role = roles[-2], roles[-1]
   system = [(roles[0], args.system)] if args.system else []
   turns: list[list[tuple[str, str]]] = []
@@ -89,7 +91,12 @@ def run(args, overrides) -> int:
     if not line or not line.strip():
       return 0
     turns.append([(user, line.rstrip('\n'))])
-    ids, dropped = fit(template, system, turns, room)
+    try:
+      ids, dropped = fit(template, system, turns, room)
+    except chat.TemplateError as e:  # the checkpoint's template refused the conversation
+      print(f'llm-jax: note: {e}', file=sys.stderr, flush=True)
+      turns.pop()
+      continue
     if dropped:
       print(f'llm-jax: note: the conversation outgrew the context of {cfg.data.seq_len} tokens; dropped the '
             f'oldest {dropped} turn(s)', file=sys.stderr, flush=True)
@@ -100,7 +107,7 @@ def run(args, overrides) -> int:
       turns.pop()
       continue
     result = run_.engine.generate_one(ids, params)
-    tokens = [t for t in result.tokens if t != template.end_id and t != run_.tokenizer.eos_id]
+    tokens = [t for t in result.tokens if t not in template.stop_ids and t != run_.tokenizer.eos_id]
     text = run_.tokenizer.decode(tokens)
     print(text, flush=True)
     turns[-1].append((reply_role, text))

@@ -49,8 +49,7 @@ def run(args, overrides) -> int:
   plain.model.lora.rank = 0
   plain.init_from = ''
   plain = config_lib.load(None, base=plain)
-  writer.write_run(args.output, plain, merged, step,
-                   {workdir_lib.TOKENIZER: os.path.join(args.workdir, workdir_lib.TOKENIZER)})
+  writer.write_run(args.output, plain, merged, step, workdir_lib.load_tokenizer(args.workdir, cfg))
   print(f'wrote {args.output}: step {step} of {args.workdir} with its adapters merged '
         f'(rank {cfg.model.lora.rank} on {", ".join(cfg.model.lora.targets)})')
   return 0

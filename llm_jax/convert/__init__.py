@@ -3,8 +3,8 @@ LLaMA, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf` writes a run's 
 that transformers' `from_pretrained` loads. No torch: tensors go through safetensors' numpy API.
 
 An imported work directory is a normal run: config.json (the model the HF config describes, data settings
-for its family, plus any --config overrides), tokenizer.model when the checkpoint has a sentencepiece model
-(LLaMA's tokenizer.model, T5's spiece.model), and a checkpoint at step 0 holding the params alone, which
+for its family, plus any --config overrides), the checkpoint's tokenizer (tokenizer_files.py: LLaMA's
+tokenizer.model, T5's spiece.model, or tokenizer.json with its tokenizer_config.json), and a checkpoint at step 0 holding the params alone, which
 `eval` and `generate` read and `train` starts from. Either direction writes into a temporary directory
 beside the output and renames it into place at the end: a failure leaves nothing behind.
 """
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 
 from llm_jax import atomic, config as config_lib
-from llm_jax.convert import bert, gpt2, hf_files, llama, t5
+from llm_jax.convert import bert, gpt2, hf_files, llama, t5, tokenizer_files
 from llm_jax.convert.mapping import HFConfig, flatten, read_params, write_tensors
 from llm_jax.errors import UserError
 
@@ -119,9 +118,7 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   cfg = config_lib.load(None, overrides, base=cfg)
 
   from llm_jax.run import workdir as workdir_lib
-  from llm_jax.data import tokenizer as tokenizer_lib
-  tok_path = hf_files.tokenizer_file(hf_dir)
-  tok = tokenizer_lib.load(tok_path) if tok_path else None
+  tok = tokenizer_files.from_checkpoint(hf_dir)
   if tok is not None:
     workdir_lib.check_vocab(tok, cfg)
 
@@ -140,14 +137,13 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   if [n for n in left_out if 'pooler' in n]:
     say("left out the next-sentence pooler (pooler.*): llm-jax's encoder has no use for it")
 
-  _write_workdir(output, cfg, params, tok_path)
-  return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': bool(tok_path),
+  _write_workdir(output, cfg, params, tok)
+  return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': tokenizer_files.describe(tok),
           'params': int(sum(np.size(a) for a in jax.tree.leaves(params)))}
 
 
-def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None:
+def _write_workdir(output: str, cfg, params: dict, tok) -> None:
   from llm_jax import sharding
-  from llm_jax.run import workdir as workdir_lib
   from llm_jax.run import writer
   from llm_jax.models import build_model
   from llm_jax.train.state import abstract_params
@@ -158,7 +154,7 @@ def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None
   dtype = jax.numpy.dtype(cfg.model.param_dtype)
   on_mesh = jax.tree.map(lambda a, t: jax.device_put(np.asarray(a, dtype), t.sharding), params, targets)
   check_output(output)
-  writer.write_run(output, cfg, on_mesh, 0, {workdir_lib.TOKENIZER: tok_path} if tok_path else {})
+  writer.write_run(output, cfg, on_mesh, 0, tok)
 
 
 def to_hf(workdir: str, output: str) -> dict:
@@ -173,8 +169,8 @@ def to_hf(workdir: str, output: str) -> dict:
     closest = min(reasons, key=lambda a: len(reasons[a]))
     raise UserError(f'{workdir}: this model has no Hugging Face architecture llm-jax writes; closest is {closest}, '
                     f'which differs in {", ".join(reasons[closest])}')
-  tok_path = os.path.join(workdir, workdir_lib.TOKENIZER)
-  tok = tokenizer_lib.load(tok_path) if os.path.isfile(tok_path) else None
+  tok_path = workdir_lib.tokenizer_path(workdir)
+  tok = tokenizer_lib.load(tok_path) if tok_path else None
 
   # Read on this machine's devices whatever mesh the run trained on.
   mesh_cfg = ml_collections.ConfigDict(cfg.mesh.to_dict())
@@ -194,7 +190,7 @@ def to_hf(workdir: str, output: str) -> dict:
     with atomic.new_directory(output) as tmp:
       hf_files.write(tmp, config, tensors)
       if tok is not None:
-        shutil.copyfile(tok_path, os.path.join(tmp, 'spiece.model' if arch is t5 else 'tokenizer.model'))
+        tokenizer_files.write(tmp, tokenizer_files.export_files(tok, arch.MODEL_TYPE))
   except OSError as e:
     raise UserError(f'cannot write --output={output}: {e.strerror or e}') from None
   return {'architecture': arch.ARCHITECTURE, 'output': output, 'step': step, 'tensors': len(tensors)}

@@ -18,12 +18,17 @@ loss (the model learns to stop), everything else is context. `{"prompt", "respon
 
 Bad records become `Skipped` (file:line and why), counted and reported by the pipeline; a conversation longer
 than a row is skipped too (cutting it would train on a reply without its question).
+
+A run whose tokenizer carries its own chat template (tokenizer_config.json's `chat_template`, as Llama 3,
+Qwen, Mistral and Gemma instruct checkpoints do) renders with that instead (chat_template.py): same roles, same
+trained tokens (the reply role's, through its end marker), no marker ids. `template_for` picks.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from llm_jax.data.chat_template import JinjaTemplate, TemplateError
 from llm_jax.data.files import Record, Skipped
 from llm_jax.data.streams import Stream, text_streams
 
@@ -31,10 +36,13 @@ from llm_jax.data.streams import Stream, text_streams
 class Template:
   """Rendering messages to ids, for training (with the trained-token flags) and for chat prompts."""
 
+  builtin = True
+
   def __init__(self, tokenizer, roles, add_bos: bool):
     self.tokenizer, self.roles, self.add_bos = tokenizer, tuple(roles), add_bos
     self.base = tokenizer.vocab_size
     self.end_id = self.base + len(self.roles)
+    self.stop_ids = (self.end_id,)  # what ends a reply
 
   def marker(self, role: str) -> int:
     return self.base + self.roles.index(role)
@@ -126,7 +134,10 @@ class SFT:
     messages = messages_of(record, self.template.roles)
     if isinstance(messages, Skipped):
       return messages
-    ids, trained = self.template.render(messages)
+    try:
+      ids, trained = self.template.render(messages)
+    except TemplateError as e:
+      return Skipped(record.where, 'template', str(e))
     if len(ids) - 1 > self.seq_len:
       return _too_long(record, len(ids), self.seq_len)
     return _shifted(ids, trained)
@@ -159,7 +170,10 @@ class DPO:
     roles = self.template.roles
     out = {}
     for prefix, reply in (('', chosen), ('rejected_', rejected)):
-      ids, trained = self.template.render([(roles[-2], prompt), (roles[-1], reply)])
+      try:
+        ids, trained = self.template.render([(roles[-2], prompt), (roles[-1], reply)])
+      except TemplateError as e:
+        return Skipped(record.where, 'template', str(e))
       if len(ids) - 1 > self.seq_len:
         return _too_long(record, len(ids), self.seq_len)
       out.update(_shifted(ids, trained, prefix))
@@ -175,12 +189,21 @@ def dpo_streams(seq_len: int) -> tuple[Stream, ...]:
       Stream(('rejected_inputs', 'rejected_targets', 'rejected_loss_mask'), seq_len, 'rejected_', split=False),)
 
 
-def template_for(data_cfg, tokenizer) -> Template:
-  return Template(tokenizer, data_cfg.chat_roles, data_cfg.add_bos)
+def template_for(data_cfg, tokenizer, fine_tuned: bool = True):
+  """The tokenizer's own chat template when it has one; else, for a run fine-tuned with the built-in template
+  (`fine_tuned`: its objective is a chat one, objectives.Objective.chat), that; else None."""
+  if tokenizer.chat_template:
+    return JinjaTemplate(tokenizer, data_cfg.chat_roles, tokenizer.chat_template)
+  if fine_tuned:
+    return Template(tokenizer, data_cfg.chat_roles, data_cfg.add_bos)
+  return None
 
 
-def reserved_ids(data_cfg) -> int:
-  return len(data_cfg.chat_roles) + 1  # a marker per role, then <|end|>
+def reserved_ids(data_cfg, tokenizer=None) -> int:
+  """A marker per role, then <|end|>; none when the tokenizer's own template renders the conversation."""
+  if tokenizer is not None and tokenizer.chat_template:
+    return 0
+  return len(data_cfg.chat_roles) + 1
 
 
 def check_config(cfg, require) -> None:

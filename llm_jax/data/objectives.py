@@ -264,7 +264,8 @@ def _masked_lm(d, tokenizer, model_cfg):
   pieces = tokenizer.vocab_size
   random_ids = np.array([i for i in range(pieces) if not tokenizer.is_special(i)], np.int32)
   table = whole_word_table(tokenizer, model_cfg.vocab_size) if d.whole_word_masking else None
-  return MaskedLM(tokenizer.bos_id, tokenizer.eos_id, d.add_bos, d.add_eos, mask_id=pieces,
+  mask_id = tokenizer.mask_id if tokenizer.mask_id >= 0 else pieces  # BERT's [MASK], or reserved
+  return MaskedLM(tokenizer.bos_id, tokenizer.eos_id, d.add_bos, d.add_eos, mask_id=mask_id,
                   random_ids=random_ids, rate=d.mask_rate, random_rate=d.mask_random_rate,
                   keep_rate=d.mask_keep_rate, word_table=table)
 
@@ -305,7 +306,8 @@ class Objective:
 
   families: the model families (models.FAMILIES) it trains; pretraining: a family's own objective (the
   others fine-tune a pretrained run); streams / build: its packed layout from the config alone, and the
-  per-document transform; reserved: ids it takes after the tokenizer's pieces; chat: reads conversations
+  per-document transform; reserved: ids it takes after the tokenizer's pieces (given the tokenizer, none
+  that it brings itself: BERT's [MASK], a checkpoint's own chat template); chat: reads conversations
   (data/chat.py) rendered with a chat template; preference: trains pairs with a frozen reference model
   (train/dpo.py); bos: data.add_bos puts BOS before documents; sentinels: T5's <extra_id_N> ids; scoring: what held-out evaluation reports, 'text'
   (perplexity and bits per byte), 'masked' (masked tokens only) or 'targets' (the decoder's targets);
@@ -316,7 +318,7 @@ class Objective:
   pretraining: bool
   streams: Callable[[Any], tuple[Stream, ...]]
   build: Callable[[Any, Any, Any], Any]
-  reserved: Callable[[Any], int] = lambda d: 0
+  reserved: Callable[[Any, Any], int] = lambda d, tok: 0
   chat: bool = False
   preference: bool = False
   bos: bool = True
@@ -329,9 +331,10 @@ OBJECTIVES = {o.name: o for o in (
     Objective('causal', ('decoder',), True, lambda d: text_streams(d.seq_len),
               lambda d, tok, m: CausalLM(tok.bos_id, tok.eos_id, d.add_bos, d.add_eos)),
     Objective('mlm', ('encoder',), True, lambda d: text_streams(d.seq_len), _masked_lm,
-              reserved=lambda d: 1, scoring='masked', check=_check_mlm),
+              reserved=lambda d, tok: 0 if tok is not None and tok.mask_id >= 0 else 1, scoring='masked',
+              check=_check_mlm),
     Objective('span', ('encdec',), True, lambda d: span_streams(d.seq_len, d.target_len), _span,
-              reserved=lambda d: d.num_sentinels, bos=False, sentinels=True, scoring='targets', check=_check_span),
+              reserved=lambda d, tok: d.num_sentinels, bos=False, sentinels=True, scoring='targets', check=_check_span),
     Objective('sft', ('decoder',), False, lambda d: chat.sft_streams(d.seq_len),
               lambda d, tok, m: chat.SFT(chat.template_for(d, tok), d.seq_len),
               reserved=chat.reserved_ids, chat=True, check=chat.check_config),
@@ -355,10 +358,11 @@ def streams(data_cfg) -> tuple[Stream, ...]:
   return of(data_cfg).streams(data_cfg)
 
 
-def reserved_ids(data_cfg) -> int:
+def reserved_ids(data_cfg, tokenizer=None) -> int:
   """Ids the objective takes after the tokenizer's pieces: the mask token, the span sentinels, the chat
-  template's role markers."""
-  return of(data_cfg).reserved(data_cfg)
+  template's role markers; given the tokenizer, none that it has of its own (BERT's [MASK], a checkpoint's
+  chat template renders with the tokenizer's own special tokens)."""
+  return of(data_cfg).reserved(data_cfg, tokenizer)
 
 
 def for_config(data_cfg, tokenizer, model_cfg=None):

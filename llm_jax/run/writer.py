@@ -8,25 +8,24 @@ with a fresh optimizer.
 
 from __future__ import annotations
 
-import os
-import shutil
-from typing import Any, Mapping
+from typing import Any
 
 from llm_jax import atomic, config as config_lib
+from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 from llm_jax.run import workdir as workdir_lib
 from llm_jax.run.checkpoint import Checkpointer
 
 
-def write_run(output: str, cfg, params: Any, step: int, tokenizer_files: Mapping[str, str] = (),
-              flag: str = '--output') -> None:
+def write_run(output: str, cfg, params: Any, step: int, tokenizer=None, flag: str = '--output') -> None:
   """Write the run `output`: `cfg` (validated), `params` (on the devices, laid out for cfg's mesh) and the
-  files of `tokenizer_files` ({name in the workdir: source path}). Failures are one line naming `flag`."""
+  tokenizer's files (sentencepiece's tokenizer.model, or tokenizer.json and its config). Failures are one
+  line naming `flag`."""
   try:
     with atomic.new_directory(output) as tmp:
       config_lib.write_json_atomic(cfg, workdir_lib.config_path(tmp))
-      for name, source in dict(tokenizer_files).items():
-        shutil.copyfile(source, os.path.join(tmp, name))
+      if tokenizer is not None:
+        tokenizer_lib.write_files(tokenizer, tmp)
       ckpt = Checkpointer(tmp, async_save=False)
       try:
         ckpt.save_params(step, params, cfg.to_dict())

@@ -96,11 +96,9 @@ class App:
   def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005):
     self.run, self.model_name = run, model_name
     self.batcher = Batcher(run, max_batch, batch_wait_s)
-    self.template = None  # a fine-tuned run's chat template renders /v1/chat/completions
-    from llm_jax.data import objectives
-    if objectives.of(run.cfg.data).chat:
-      from llm_jax.data import chat
-      self.template = chat.Template(run.tokenizer, run.cfg.data.chat_roles, run.cfg.data.add_bos)
+    # The checkpoint's own chat template, or a fine-tuned run's built-in one, renders /v1/chat/completions.
+    from llm_jax.data import chat, objectives
+    self.template = chat.template_for(run.cfg.data, run.tokenizer, objectives.of(run.cfg.data).chat)
 
   def models(self) -> dict:
     return {'object': 'list', 'data': [{'id': self.model_name, 'object': 'model', 'created': 0,
