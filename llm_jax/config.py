@@ -83,6 +83,25 @@ def default_config() -> ml_collections.ConfigDict:
   m.relative_buckets = 32  # relative: buckets of the per-head bias (half per direction when bidirectional)
   m.relative_max_distance = 128  # relative: distances from here on share the last bucket
   m.scale_attention = True  # logits / sqrt(head_dim); T5 folds that into its initialisation instead
+  # Layouts of the decoder beyond LLaMA's (convert/ sets them from a checkpoint's config.json):
+  # Rotary frequencies rescaled for long context: none | llama3 (Llama 3.1's smooth interpolation between
+  # the original and `factor`-times slower frequencies by wavelength) | linear (every frequency / factor).
+  m.rope_scaling = ml_collections.ConfigDict()
+  m.rope_scaling.type = 'none'
+  m.rope_scaling.factor = 1.0
+  m.rope_scaling.low_freq_factor = 1.0  # llama3: wavelengths above original_max_positions / this are scaled
+  m.rope_scaling.high_freq_factor = 4.0  # llama3: ... below original_max_positions / this are kept
+  m.rope_scaling.original_max_positions = 8192  # llama3: the context length the model was trained at
+  m.qkv_bias = False  # biases on the query, key and value projections alone (Qwen2)
+  m.qk_norm = False  # RMSNorm over each head's queries and keys before rotary (Qwen3)
+  m.sliding_window = 0  # a query sees only the keys less than this many positions back (Mistral; 0: all)
+  m.global_every = 0  # with sliding_window: every global_every-th layer sees all keys (Gemma 2: 2; 0: none)
+  m.query_scale = 0  # attention logits / sqrt(query_scale); 0: head_dim (Gemma 2's query_pre_attn_scalar)
+  m.attn_logit_softcap = 0.0  # attention logits -> cap * tanh(logits / cap) (Gemma 2; 0: off)
+  m.final_logit_softcap = 0.0  # output logits likewise (Gemma 2; 0: off)
+  m.norm_offset = False  # norm gains stored as w - 1: the norm multiplies by (1 + w) (Gemma)
+  m.embed_scale = False  # input embeddings times sqrt(embed_dim) (Gemma)
+  m.post_norms = False  # also norm each sublayer's output before its residual add (Gemma 2's four norms)
   m.type_vocab_size = 0  # encoder: BERT's token-type table (type 0 is used; kept for checkpoint round trips)
   m.decoder_start_id = 0  # encdec: the first decoder input of every target (T5 starts from pad, 0)
   m.tie_embeddings = False  # encdec: T5's rule, a tied output layer sees hidden states * embed_dim ** -0.5
@@ -351,6 +370,7 @@ _NORM_TYPES = ('rms', 'layer')
 _NORM_POSITIONS = ('pre', 'post')
 _ACTIVATIONS = ('silu', 'gelu', 'gelu_tanh', 'relu')
 _POSITION_TYPES = ('rope', 'learned', 'relative')
+ROPE_SCALINGS = ('none', 'llama3', 'linear')  # models/layers.py:rope_frequencies
 _TXT_MODES = ('file', 'blocks')
 
 
@@ -464,6 +484,7 @@ def _validate_family(cfg) -> None:
              m.relative_buckets, 'an even number, at least 4')
     _require(m.relative_max_distance > m.relative_buckets // 2, 'model.relative_max_distance',
              m.relative_max_distance, f'more than half of model.relative_buckets={m.relative_buckets}')
+  _validate_layout(cfg)
   _require(m.type_vocab_size >= 0, 'model.type_vocab_size', m.type_vocab_size, 'a non-negative integer')
   _require(0 <= m.decoder_start_id < m.vocab_size, 'model.decoder_start_id', m.decoder_start_id,
            f'an id below model.vocab_size={m.vocab_size}')
@@ -503,6 +524,37 @@ def _check_profile_steps(steps) -> None:
   ints = all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)
   ok = len(steps) <= 2 and ints and (len(steps) < 2 or steps[0] <= steps[1])
   _require(ok, 'train.profile_steps', tuple(steps), 'empty, one step, or first,last with 1 <= first <= last')
+
+
+def _validate_layout(cfg) -> None:
+  """The decoder layouts of Llama 3, Qwen, Mistral and Gemma (their keys are decoder-only)."""
+  m = cfg.model
+  rs = m.rope_scaling
+  _require(rs.type in ROPE_SCALINGS, 'model.rope_scaling.type', rs.type, f'one of {ROPE_SCALINGS}')
+  if rs.type != 'none':
+    _require(m.position_type == 'rope', 'model.rope_scaling.type', rs.type,
+             f"'none' for model.position_type={m.position_type!r}")
+    _require(rs.factor >= 1, 'model.rope_scaling.factor', rs.factor, 'at least 1')
+  if rs.type == 'llama3':
+    _require(rs.low_freq_factor > 0, 'model.rope_scaling.low_freq_factor', rs.low_freq_factor, 'positive')
+    _require(rs.high_freq_factor > rs.low_freq_factor, 'model.rope_scaling.high_freq_factor',
+             rs.high_freq_factor, f'more than model.rope_scaling.low_freq_factor={rs.low_freq_factor}')
+    _require(rs.original_max_positions > 0, 'model.rope_scaling.original_max_positions',
+             rs.original_max_positions, 'a positive integer')
+  for key in ('sliding_window', 'global_every', 'query_scale'):
+    _require(m[key] >= 0, f'model.{key}', m[key], 'a non-negative integer (0: off)')
+  for key in ('attn_logit_softcap', 'final_logit_softcap'):
+    _require(m[key] >= 0, f'model.{key}', m[key], 'non-negative (0: off)')
+  _require(m.global_every == 0 or m.sliding_window > 0, 'model.global_every', m.global_every,
+           '0 without model.sliding_window')
+  for key in ('qkv_bias', 'qk_norm', 'norm_offset', 'embed_scale', 'post_norms'):
+    _require(not m[key] or m.family == 'decoder', f'model.{key}', m[key], "False for model.family other than 'decoder'")
+  for key in ('sliding_window', 'query_scale', 'attn_logit_softcap', 'final_logit_softcap'):
+    _require(not m[key] or m.family == 'decoder', f'model.{key}', m[key], "0 for model.family other than 'decoder'")
+  _require(not m.post_norms or m.norm_position == 'pre', 'model.post_norms', m.post_norms,
+           "False with model.norm_position='post'")
+  _require(not (m.attn_logit_softcap and m.attention_impl == 'cudnn'), 'model.attention_impl', m.attention_impl,
+           "'auto' or 'xla' with model.attn_logit_softcap (cuDNN's kernel has no soft-capping)")
 
 
 def _check_types(cfg, defaults, prefix: str) -> None:

@@ -28,8 +28,8 @@ B = 2
 
 def _random_hf(cls_name: str, seed: int = 0, **config):
   torch.manual_seed(seed)
-  config_cls = {'LlamaForCausalLM': 'LlamaConfig', 'GPT2LMHeadModel': 'GPT2Config', 'BertForMaskedLM': 'BertConfig',
-                'BertModel': 'BertConfig', 'T5ForConditionalGeneration': 'T5Config'}[cls_name]
+  config_cls = cls_name.replace('ForCausalLM', 'Config').replace('ForMaskedLM', 'Config').replace(
+      'ForConditionalGeneration', 'Config').replace('LMHeadModel', 'Config').replace('BertModel', 'BertConfig')
   model = getattr(transformers, cls_name)(getattr(transformers, config_cls)(**config)).eval()
   with torch.no_grad():  # norms and biases start at 1 and 0: move them so a mix-up would show
     for name, p in model.named_parameters():
@@ -104,6 +104,39 @@ def test_llama_with_grouped_query_attention(tmp_path):
   workdir = _round_trip(tmp_path, hf, run)
   cfg = workdir_lib.load_config(workdir)
   assert (cfg.model.num_kv_heads, cfg.model.rope_theta, cfg.model.tie_embeddings) == (2, 500.0, False)
+
+
+def _causal_lm_round_trip(tmp_path, hf, ids):
+  def run(model, workdir):
+    if workdir:
+      return _ours(workdir, ids)
+    with torch.no_grad():
+      return model(torch.tensor(ids)).logits.numpy()
+
+  return workdir_lib.load_config(_round_trip(tmp_path, hf, run)).model
+
+
+# The decoder layouts of issue 17: tiny (2 layers, d 64), rows longer than their windows and than Llama 3's
+# original context, so that scaling, windows and caps all act.
+_TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def test_llama3_rotary_scaling(tmp_path):
+  hf = _random_hf('LlamaForCausalLM', **_TINY, head_dim=32, rope_theta=500.0, rms_norm_eps=1e-5, rope_scaling={
+      'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+      'original_max_position_embeddings': 16})
+  m = _causal_lm_round_trip(tmp_path, hf, _ids(5, (B, 24), 320))
+  assert (m.rope_scaling.type, m.rope_scaling.factor, m.rope_scaling.original_max_positions) == ('llama3', 8.0, 16)
+  # The scaling changes the model: without it the same weights give other logits.
+  cfg, model, params = _load(str(tmp_path / 'run'))
+  plain = cfg.model.to_dict()
+  plain['rope_scaling']['type'] = 'none'
+  ids = jnp.asarray(_ids(5, (B, 24), 320), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), ids.shape)
+  a = model.apply({'params': params}, ids, pos, jnp.ones_like(ids))[0]
+  b = build_model(plain).apply({'params': params}, ids, pos, jnp.ones_like(ids))[0]
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
 
 
 def test_gpt2(tmp_path):

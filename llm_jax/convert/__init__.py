@@ -141,14 +141,19 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   arch = architecture_of(hf)
   weights = hf_files.Weights(hf_dir, arch.OPTIONAL_PREFIX)
   sections = arch.config_from_hf(hf, weights)
+  hf.check_understood(arch.ARCHITECTURE, arch.HARMLESS)
   cfg = config_lib.default_config()
   for section, values in sections.items():
-    for key, value in values.items():
+    for key, value in _flat_items(values):
+      *parents, leaf = key.split('.')
+      node = cfg[section]
+      for p in parents:
+        node = node[p]
       try:
-        cfg[section][key] = value
+        node[leaf] = value
       except TypeError:  # ml_collections keeps each key's type
         raise UserError(f'{hf_dir}: config.json gives {section}.{key} the value {value!r}, '
-                        f'expected {type(cfg[section][key]).__name__}') from None
+                        f'expected {type(node[leaf]).__name__}') from None
   cfg = config_lib.load(None, overrides, base=cfg)
 
   from llm_jax import workdir as workdir_lib
@@ -176,6 +181,15 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   _write_workdir(output, cfg, params, tok_path)
   return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': bool(tok_path),
           'params': int(sum(np.size(a) for a in jax.tree.leaves(params)))}
+
+
+def _flat_items(values: dict, prefix: str = ''):
+  """('key', value) of a config section, nested dicts (model.rope_scaling) as 'key.sub'."""
+  for key, value in values.items():
+    if isinstance(value, dict):
+      yield from _flat_items(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
 
 
 def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None:
