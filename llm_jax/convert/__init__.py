@@ -1,5 +1,5 @@
 """Hugging Face <-> llm-jax: `from_hf` turns a transformers checkpoint directory (config.json + safetensors) of
-LLaMA, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf` writes a run's latest params as a directory
+LLaMA (1-3.x), Qwen2/2.5, Qwen3, Mistral, Gemma 2, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf` writes a run's latest params as a directory
 that transformers' `from_pretrained` loads. No torch: tensors go through safetensors' numpy API.
 
 An imported work directory is a normal run: config.json (the model the HF config describes, data settings
@@ -22,11 +22,12 @@ import ml_collections
 import numpy as np
 
 from llm_jax import config as config_lib
-from llm_jax.convert import bert, gpt2, hf_files, llama, t5
+from llm_jax.convert import bert, gemma2, gpt2, hf_files, llama, mistral, qwen2, qwen3, t5
 from llm_jax.convert.mapping import HFConfig, flatten, read_params, write_tensors
 from llm_jax.errors import UserError
 
-ARCHITECTURES = {a.MODEL_TYPE: a for a in (llama, gpt2, bert, t5)}
+# In the order `to_hf` tries them: a model that fits LLaMA is written as LLaMA.
+ARCHITECTURES = {a.MODEL_TYPE: a for a in (llama, gpt2, bert, t5, qwen2, qwen3, mistral, gemma2)}
 _BY_CLASS = {a.ARCHITECTURE: a for a in ARCHITECTURES.values()}
 _BY_CLASS.update(GPT2Model=gpt2, BertModel=bert, BertForPreTraining=bert, LlamaModel=llama)
 

@@ -77,7 +77,7 @@ def full_attention_only(hf: HFConfig) -> None:
 
 
 def decoder_from_hf(hf: HFConfig, weights, *, act_key: str = 'hidden_act', use_bias: bool = False,
-                    add_bos: bool = True, **layout) -> dict:
+                    add_bos: bool = True, tie_default: bool = False, **layout) -> dict:
   """The sections of a LLaMA-like checkpoint's config, with `layout` (this architecture's keys of PLAIN)."""
   D, N = hf.need('hidden_size'), hf.need('num_attention_heads')
   theta, scaling = rope_from_hf(hf)
@@ -88,7 +88,7 @@ def decoder_from_hf(hf: HFConfig, weights, *, act_key: str = 'hidden_act', use_b
                mlp_activation=hf.activation(act_key, 'silu'), mlp_gated=True, use_bias=use_bias,
                position_type='rope', rope_theta=theta, rope_scaling=scaling,
                tie_embeddings=tied(weights, hf, 'lm_head.weight', 'model.embed_tokens.weight',
-                                   default=layout.pop('tie_default', False)),
+                                   default=tie_default),
                **{**PLAIN, **layout})
   data = dict(objective='causal', seq_len=min(hf.get('max_position_embeddings', 2048), 2048), add_bos=add_bos,
               add_eos=True)
