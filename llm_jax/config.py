@@ -531,10 +531,10 @@ def _validate_layout(cfg) -> None:
   m = cfg.model
   rs = m.rope_scaling
   _require(rs.type in ROPE_SCALINGS, 'model.rope_scaling.type', rs.type, f'one of {ROPE_SCALINGS}')
+  _require(rs.factor >= 1, 'model.rope_scaling.factor', rs.factor, 'at least 1')
   if rs.type != 'none':
     _require(m.position_type == 'rope', 'model.rope_scaling.type', rs.type,
              f"'none' for model.position_type={m.position_type!r}")
-    _require(rs.factor >= 1, 'model.rope_scaling.factor', rs.factor, 'at least 1')
   if rs.type == 'llama3':
     _require(rs.low_freq_factor > 0, 'model.rope_scaling.low_freq_factor', rs.low_freq_factor, 'positive')
     _require(rs.high_freq_factor > rs.low_freq_factor, 'model.rope_scaling.high_freq_factor',
@@ -548,7 +548,8 @@ def _validate_layout(cfg) -> None:
   _require(m.global_every == 0 or m.sliding_window > 0, 'model.global_every', m.global_every,
            '0 without model.sliding_window')
   for key in ('qkv_bias', 'qk_norm', 'norm_offset', 'embed_scale', 'post_norms'):
-    _require(not m[key] or m.family == 'decoder', f'model.{key}', m[key], "False for model.family other than 'decoder'")
+    _require(not m[key] or m.family == 'decoder', f'model.{key}', m[key],
+             "False for model.family other than 'decoder'")
   for key in ('sliding_window', 'query_scale', 'attn_logit_softcap', 'final_logit_softcap'):
     _require(not m[key] or m.family == 'decoder', f'model.{key}', m[key], "0 for model.family other than 'decoder'")
   _require(not m.post_norms or m.norm_position == 'pre', 'model.post_norms', m.post_norms,

@@ -1,6 +1,6 @@
 """Hugging Face <-> llm-jax: `from_hf` turns a transformers checkpoint directory (config.json + safetensors) of
-LLaMA (1-3.x), Qwen2/2.5, Qwen3, Mistral, Gemma 2, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf` writes a run's latest params as a directory
-that transformers' `from_pretrained` loads. No torch: tensors go through safetensors' numpy API.
+LLaMA (1-3.x), Qwen2/2.5, Qwen3, Mistral, Gemma 2, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf`
+writes a run's latest params as a directory that transformers' `from_pretrained` loads. No torch: tensors go through safetensors' numpy API.
 
 An imported work directory is a normal run: config.json (the model the HF config describes, data settings
 for its family, plus any --config overrides), tokenizer.model when the checkpoint has a sentencepiece model
