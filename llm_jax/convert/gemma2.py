@@ -59,8 +59,10 @@ def mismatches(m) -> list[str]:
 def config_to_hf(cfg, tokenizer) -> dict:
   from llm_jax.models.transformer import layer_windows
   m = cfg.model
-  return {**llama.decoder_config_to_hf(cfg, tokenizer, ARCHITECTURE, MODEL_TYPE, act_key='hidden_activation'),
-          'attention_bias': False, 'query_pre_attn_scalar': m.query_scale or m.head_dim,
+  out = llama.decoder_config_to_hf(cfg, tokenizer, ARCHITECTURE, MODEL_TYPE, act_key='hidden_activation')
+  if m.mlp_activation == 'gelu_tanh':
+    out['hidden_activation'] = 'gelu_pytorch_tanh'  # Gemma's own name of the same function
+  return {**out, 'attention_bias': False, 'query_pre_attn_scalar': m.query_scale or m.head_dim,
           'attn_logit_softcapping': m.attn_logit_softcap or None,
           'final_logit_softcapping': m.final_logit_softcap or None, 'sliding_window': m.sliding_window or None,
           'layer_types': [_LOCAL if w else _GLOBAL for w in layer_windows(m, m.num_layers)]}
