@@ -167,13 +167,39 @@ def _refused(src, tmp_path, needle):
 
 
 def test_unsupported_architecture_is_named(tmp_path, gpt2_hf):
-  src = _variant(tmp_path, gpt2_hf, lambda c: c.update(model_type='mistral', architectures=['MistralForCausalLM']))
-  _refused(src, tmp_path, r'architecture MistralForCausalLM \(model_type .mistral.\) is not supported')
+  src = _variant(tmp_path, gpt2_hf, lambda c: c.update(model_type='falcon', architectures=['FalconForCausalLM']))
+  _refused(src, tmp_path, r'architecture FalconForCausalLM \(model_type .falcon.\) is not supported')
 
 
 def test_settings_llm_jax_cannot_reproduce_are_named(tmp_path, gpt2_hf):
   src = _variant(tmp_path, gpt2_hf, lambda c: c.update(scale_attn_by_inverse_layer_idx=True))
   _refused(src, tmp_path, 'scale_attn_by_inverse_layer_idx=True is not supported')
+
+
+def test_a_config_field_no_converter_understands_is_named(tmp_path, gpt2_hf):
+  src = _variant(tmp_path, gpt2_hf, lambda c: c.update(attn_temperature=0.5))
+  _refused(src, tmp_path, r"config.json attn_temperature=0.5 is not understood by the GPT2LMHeadModel converter")
+
+
+def _as_llama(rope: dict):
+  def change(c):
+    c.clear()
+    c.update(model_type='llama', architectures=['LlamaForCausalLM'], vocab_size=320, hidden_size=64,
+             num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, **rope)
+  return change
+
+
+@pytest.mark.parametrize('rope,needle', [
+    ({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}}, r"rotary scaling rope_type='yarn' is not supported"),
+    ({'rope_scaling': {'type': 'dynamic', 'factor': 2.0}}, r"rotary scaling rope_type='dynamic' is not supported"),
+    ({'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 1e4}}, r"rope_type='longrope' is not supported"),
+    ({'rope_parameters': {'rope_type': 'llama3', 'factor': 8.0, 'rope_theta': 1e4}},
+     r"rope_type='llama3' has no low_freq_factor"),
+    ({'rope_parameters': {'rope_type': 'linear', 'factor': 2.0, 'attention_factor': 0.5}},
+     r"rotary scaling attention_factor=0.5 is not supported for rope_type='linear'"),
+])
+def test_rotary_scalings_llm_jax_lacks_are_named(tmp_path, gpt2_hf, rope, needle):
+  _refused(_variant(tmp_path, gpt2_hf, _as_llama(rope)), tmp_path, needle)
 
 
 def test_config_and_weights_that_disagree_name_the_tensor(tmp_path, gpt2_hf):

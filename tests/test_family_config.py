@@ -30,6 +30,15 @@ from llm_jax.errors import UserError
     ('t5_small', 'data.target_len', '2', 'data.target_len=2: expected room for the targets'),
     ('bert_base', 'train.loss_chunk', '16', "train.loss_chunk=16: expected 0 for an encoder with biases"),
     ('t5_small', 'train.loss_chunk', '32', 'train.loss_chunk=32: expected a divisor of data.target_len=16'),
+    ('tiny', 'model.rope_scaling.type', 'yarn', "model.rope_scaling.type='yarn': expected one of"),
+    ('tiny', 'model.rope_scaling.factor', '0.5', 'model.rope_scaling.factor=0.5: expected at least 1'),
+    ('gpt2_124m', 'model.rope_scaling.type', 'linear', "expected 'none' for model.position_type='learned'"),
+    ('tiny', 'model.sliding_window', '-1', 'model.sliding_window=-1'),
+    ('tiny', 'model.global_every', '2', 'model.global_every=2: expected 0 without model.sliding_window'),
+    ('tiny', 'model.attn_logit_softcap', '-1.0', 'model.attn_logit_softcap=-1.0: expected non-negative'),
+    ('bert_base', 'model.sliding_window', '4', "model.sliding_window=4: expected 0 for model.family other than"),
+    ('t5_small', 'model.qk_norm', 'true', "model.qk_norm=True: expected False for model.family other than"),
+    ('bert_base', 'model.post_norms', 'true', 'model.post_norms'),
 ])
 def test_bad_family_keys_name_the_key(recipe, key, value, needle):
   load = tiny_config if recipe == 'tiny' else (lambda *o: recipe_config(recipe, *o))
@@ -54,3 +63,11 @@ def test_the_recipes_hold_their_published_shapes():
   assert abs(count('gpt2_124m') - 124.4e6) < 0.2e6  # 124M with GPT-2's 50257 ids; 50304 adds 36k
   assert abs(count('bert_base') - 109.5e6) < 0.6e6  # 110M (BERT-base's table; its pooler is not here)
   assert abs(count('t5_small') - 60.5e6) < 0.5e6  # 60M
+
+
+def test_llama3_scaling_needs_ordered_frequency_factors_and_cudnn_has_no_softcap():
+  with pytest.raises(UserError, match='model.rope_scaling.high_freq_factor=0.5: expected more than'):
+    tiny_config(('model.rope_scaling.type', 'llama3'), ('model.rope_scaling.high_freq_factor', '0.5'))
+  with pytest.raises(UserError, match="model.attention_impl='cudnn': expected 'auto' or 'xla' with "
+                                      'model.attn_logit_softcap'):
+    tiny_config(('model.attn_logit_softcap', '50.0'), ('model.attention_impl', 'cudnn'))

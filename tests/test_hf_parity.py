@@ -29,8 +29,8 @@ B = 2
 
 def _random_hf(cls_name: str, seed: int = 0, **config):
   torch.manual_seed(seed)
-  config_cls = {'LlamaForCausalLM': 'LlamaConfig', 'GPT2LMHeadModel': 'GPT2Config', 'BertForMaskedLM': 'BertConfig',
-                'BertModel': 'BertConfig', 'T5ForConditionalGeneration': 'T5Config'}[cls_name]
+  config_cls = cls_name.replace('ForCausalLM', 'Config').replace('ForMaskedLM', 'Config').replace(
+      'ForConditionalGeneration', 'Config').replace('LMHeadModel', 'Config').replace('BertModel', 'BertConfig')
   model = getattr(transformers, cls_name)(getattr(transformers, config_cls)(**config)).eval()
   with torch.no_grad():  # norms and biases start at 1 and 0: move them so a mix-up would show
     for name, p in model.named_parameters():
@@ -105,6 +105,99 @@ def test_llama_with_grouped_query_attention(tmp_path):
   workdir = _round_trip(tmp_path, hf, run)
   cfg = workdir_lib.load_config(workdir)
   assert (cfg.model.num_kv_heads, cfg.model.rope_theta, cfg.model.tie_embeddings) == (2, 500.0, False)
+
+
+def _causal_lm_round_trip(tmp_path, hf, ids):
+  def run(model, workdir):
+    if workdir:
+      return _ours(workdir, ids)
+    with torch.no_grad():
+      return model(torch.tensor(ids)).logits.numpy()
+
+  return workdir_lib.load_config(_round_trip(tmp_path, hf, run)).model
+
+
+# The decoder layouts of issue 17: tiny (2 layers, d 64), rows longer than their windows and than Llama 3's
+# original context, so that scaling, windows and caps all act.
+_TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def test_llama3_rotary_scaling(tmp_path):
+  hf = _random_hf('LlamaForCausalLM', **_TINY, head_dim=32, rope_theta=500.0, rms_norm_eps=1e-5, rope_scaling={
+      'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+      'original_max_position_embeddings': 16})
+  _sharpen(hf, 4.0, 'q_proj', 'k_proj')
+  m = _causal_lm_round_trip(tmp_path, hf, _ids(5, (B, 24), 320))
+  assert (m.rope_scaling.type, m.rope_scaling.factor, m.rope_scaling.original_max_positions) == ('llama3', 8.0, 16)
+  _each_matters(tmp_path, _ids(5, (B, 24), 320), {'rope_scaling.type': 'none'})
+
+
+def _each_matters(tmp_path, ids, changes: dict):
+  """Each layout key acts in the parity test: the converted weights with that key changed give logits beyond
+  the tolerance (a feature the test inputs never exercise would pass parity without being right)."""
+  cfg, model, params = _load(str(tmp_path / 'run'))
+  ids = jnp.asarray(ids, jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+  run = lambda model: jax.jit(lambda p: model.apply({'params': p}, ids, pos, jnp.ones_like(ids))[0])(params)  # noqa
+  want = run(model)
+  for key, value in changes.items():
+    other = cfg.model.to_dict()
+    *parents, leaf = key.split('.')
+    node = other
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    got = run(build_model(other))  # parameters the changed model has no use for are left unread
+    assert float(jnp.max(jnp.abs(got - want))) > 10 * TOL, key
+
+
+def _sharpen(model, factor: float, *names: str):
+  """Weights of the named tensors times `factor`: logits large enough that soft-capping bites."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if any(n in name for n in names):
+        p.mul_(factor)
+
+
+def test_qwen2_query_key_value_biases(tmp_path):
+  hf = _random_hf('Qwen2ForCausalLM', **_TINY, rope_theta=1000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+  with torch.no_grad():  # biases start at zero: make them count
+    for name, p in hf.named_parameters():
+      if name.endswith('bias'):
+        p.add_(torch.randn_like(p))
+  m = _causal_lm_round_trip(tmp_path, hf, _ids(6, (B, 12), 320))
+  assert m.qkv_bias and not m.use_bias and m.tie_embeddings
+  _each_matters(tmp_path, _ids(6, (B, 12), 320), {'qkv_bias': False})
+
+
+def test_qwen3_query_key_norms(tmp_path):
+  hf = _random_hf('Qwen3ForCausalLM', **_TINY, head_dim=24, rope_theta=1000.0, rms_norm_eps=1e-6)
+  m = _causal_lm_round_trip(tmp_path, hf, _ids(7, (B, 12), 320))
+  assert m.qk_norm and not m.qkv_bias and m.head_dim == 24
+  _each_matters(tmp_path, _ids(7, (B, 12), 320), {'qk_norm': False})
+
+
+def test_mistral_sliding_window_shorter_than_the_rows(tmp_path):
+  hf = _random_hf('MistralForCausalLM', **_TINY, sliding_window=5, rope_theta=1000.0)
+  m = _causal_lm_round_trip(tmp_path, hf, _ids(8, (B, 20), 320))
+  assert (m.sliding_window, m.global_every) == (5, 0)
+  _each_matters(tmp_path, _ids(8, (B, 20), 320), {'sliding_window': 0})
+
+
+def test_gemma2_local_global_softcaps_and_four_norms(tmp_path):
+  # attn_implementation='eager': transformers computes Gemma 2's attention soft-cap only there.
+  hf = _random_hf('Gemma2ForCausalLM', **_TINY, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                  attn_logit_softcapping=2.0, final_logit_softcapping=3.0, attn_implementation='eager')
+  _sharpen(hf, 8.0, 'q_proj', 'k_proj', 'embed_tokens')
+  ids = _ids(9, (B, 20), 320)
+  m = _causal_lm_round_trip(tmp_path, hf, ids)
+  assert (m.sliding_window, m.global_every, m.query_scale) == (5, 2, 24)
+  assert (m.attn_logit_softcap, m.final_logit_softcap) == (2.0, 3.0)
+  assert m.norm_offset and m.embed_scale and m.post_norms and m.tie_embeddings and m.mlp_activation == 'gelu_tanh'
+  _each_matters(tmp_path, ids, {'sliding_window': 0, 'global_every': 0, 'query_scale': 0, 'attn_logit_softcap': 0.0,
+                                'final_logit_softcap': 0.0, 'embed_scale': False, 'post_norms': False,
+                                'norm_offset': False})
 
 
 def test_gpt2(tmp_path):

@@ -44,6 +44,25 @@ def default_config() -> ml_collections.ConfigDict:
   m.relative_buckets = 32  # relative: buckets of the per-head bias (half per direction when bidirectional)
   m.relative_max_distance = 128  # relative: distances from here on share the last bucket
   m.scale_attention = True  # logits / sqrt(head_dim); T5 folds that into its initialisation instead
+  # Layouts of the decoder beyond LLaMA's (convert/ sets them from a checkpoint's config.json):
+  # Rotary frequencies rescaled for long context: none | llama3 (Llama 3.1's smooth interpolation between
+  # the original and `factor`-times slower frequencies by wavelength) | linear (every frequency / factor).
+  m.rope_scaling = ml_collections.ConfigDict()
+  m.rope_scaling.type = 'none'
+  m.rope_scaling.factor = 1.0
+  m.rope_scaling.low_freq_factor = 1.0  # llama3: wavelengths above original_max_positions / this are scaled
+  m.rope_scaling.high_freq_factor = 4.0  # llama3: ... below original_max_positions / this are kept
+  m.rope_scaling.original_max_positions = 8192  # llama3: the context length the model was trained at
+  m.qkv_bias = False  # biases on the query, key and value projections alone (Qwen2)
+  m.qk_norm = False  # RMSNorm over each head's queries and keys before rotary (Qwen3)
+  m.sliding_window = 0  # a query sees only the keys less than this many positions back (Mistral; 0: all)
+  m.global_every = 0  # with sliding_window: every global_every-th layer sees all keys (Gemma 2: 2; 0: none)
+  m.query_scale = 0  # attention logits / sqrt(query_scale); 0: head_dim (Gemma 2's query_pre_attn_scalar)
+  m.attn_logit_softcap = 0.0  # attention logits -> cap * tanh(logits / cap) (Gemma 2; 0: off)
+  m.final_logit_softcap = 0.0  # output logits likewise (Gemma 2; 0: off)
+  m.norm_offset = False  # norm gains stored as w - 1: the norm multiplies by (1 + w) (Gemma)
+  m.embed_scale = False  # input embeddings times sqrt(embed_dim) (Gemma)
+  m.post_norms = False  # also norm each sublayer's output before its residual add (Gemma 2's four norms)
   m.type_vocab_size = 0  # encoder: BERT's token-type table (type 0 is used; kept for checkpoint round trips)
   m.decoder_start_id = 0  # encdec: the first decoder input of every target (T5 starts from pad, 0)
   m.tie_embeddings = False  # encdec: T5's rule, a tied output layer sees hidden states * embed_dim ** -0.5

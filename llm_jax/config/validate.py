@@ -18,7 +18,8 @@ from llm_jax.data.files import TXT_MODES
 from llm_jax.data.mixture import check_weights
 from llm_jax.data.objectives import span_chunk_length
 from llm_jax.errors import UserError
-from llm_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLS, LORA_TARGETS, NORM_POSITIONS, NORM_TYPES, POSITION_TYPES
+from llm_jax.models.layers import (ACTIVATIONS, ATTENTION_IMPLS, LORA_TARGETS, NORM_POSITIONS, NORM_TYPES, POSITION_TYPES,
+                                   ROPE_SCALINGS)
 from llm_jax.models.transformer import REMAT_POLICIES
 from llm_jax.sharding import LOGICAL_AXES, MESH_AXES, RULE_PRESETS
 from llm_jax.train.optim import OPTIMIZERS, SCHEDULES
@@ -134,6 +135,7 @@ def _validate_family(cfg) -> None:
              m.relative_buckets, 'an even number, at least 4')
     _require(m.relative_max_distance > m.relative_buckets // 2, 'model.relative_max_distance',
              m.relative_max_distance, f'more than half of model.relative_buckets={m.relative_buckets}')
+  _validate_layout(cfg)
   _require(m.type_vocab_size >= 0, 'model.type_vocab_size', m.type_vocab_size, 'a non-negative integer')
   _require(0 <= m.decoder_start_id < m.vocab_size, 'model.decoder_start_id', m.decoder_start_id,
            f'an id below model.vocab_size={m.vocab_size}')
@@ -146,6 +148,39 @@ def _validate_family(cfg) -> None:
   _require(m.vocab_size >= 260 + reserved, 'model.vocab_size', m.vocab_size,
            f'at least {260 + reserved} (4 special tokens, 256 byte-fallback pieces'
            + (f' and the {reserved} ids data.objective={d.objective!r} reserves)' if reserved else ')'))
+
+
+def _validate_layout(cfg) -> None:
+  """The decoder layouts of Llama 3, Qwen, Mistral and Gemma (their keys are decoder-only)."""
+  m = cfg.model
+  rs = m.rope_scaling
+  _require(rs.type in ROPE_SCALINGS, 'model.rope_scaling.type', rs.type, f'one of {ROPE_SCALINGS}')
+  _require(rs.factor >= 1, 'model.rope_scaling.factor', rs.factor, 'at least 1')
+  if rs.type != 'none':
+    _require(m.position_type == 'rope', 'model.rope_scaling.type', rs.type,
+             f"'none' for model.position_type={m.position_type!r}")
+  if rs.type == 'llama3':
+    _require(rs.low_freq_factor > 0, 'model.rope_scaling.low_freq_factor', rs.low_freq_factor, 'positive')
+    _require(rs.high_freq_factor > rs.low_freq_factor, 'model.rope_scaling.high_freq_factor',
+             rs.high_freq_factor, f'more than model.rope_scaling.low_freq_factor={rs.low_freq_factor}')
+    _require(rs.original_max_positions > 0, 'model.rope_scaling.original_max_positions',
+             rs.original_max_positions, 'a positive integer')
+  for key in ('sliding_window', 'global_every', 'query_scale'):
+    _require(m[key] >= 0, f'model.{key}', m[key], 'a non-negative integer (0: off)')
+  for key in ('attn_logit_softcap', 'final_logit_softcap'):
+    _require(m[key] >= 0, f'model.{key}', m[key], 'non-negative (0: off)')
+  _require(m.global_every == 0 or m.sliding_window > 0, 'model.global_every', m.global_every,
+           '0 without model.sliding_window')
+  layouts = models.family_of(m).decoder_layouts
+  others = ' or '.join(repr(f.name) for f in models.FAMILIES.values() if f.decoder_layouts)
+  for key in ('qkv_bias', 'qk_norm', 'norm_offset', 'embed_scale', 'post_norms'):
+    _require(not m[key] or layouts, f'model.{key}', m[key], f'False for model.family other than {others}')
+  for key in ('sliding_window', 'query_scale', 'attn_logit_softcap', 'final_logit_softcap'):
+    _require(not m[key] or layouts, f'model.{key}', m[key], f'0 for model.family other than {others}')
+  _require(not m.post_norms or m.norm_position == 'pre', 'model.post_norms', m.post_norms,
+           "False with model.norm_position='post'")
+  _require(not (m.attn_logit_softcap and m.attention_impl == 'cudnn'), 'model.attention_impl', m.attention_impl,
+           "'auto' or 'xla' with model.attn_logit_softcap (cuDNN's kernel has no soft-capping)")
 
 
 def _check_profile_steps(steps) -> None:

@@ -1,6 +1,7 @@
 """Hugging Face <-> llm-jax: `from_hf` turns a transformers checkpoint directory (config.json + safetensors) of
-LLaMA, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf` writes a run's latest params as a directory
-that transformers' `from_pretrained` loads. No torch: tensors go through safetensors' numpy API.
+LLaMA (1-3.x), Qwen2/2.5, Qwen3, Mistral, Gemma 2, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf`
+writes a run's latest params as a directory that transformers' `from_pretrained` loads. No torch: tensors go
+through safetensors' numpy API.
 
 An imported work directory is a normal run: config.json (the model the HF config describes, data settings
 for its family, plus any --config overrides), the checkpoint's tokenizer (tokenizer_files.py: LLaMA's
@@ -19,11 +20,12 @@ import ml_collections
 import numpy as np
 
 from llm_jax import atomic, config as config_lib
-from llm_jax.convert import bert, gpt2, hf_files, llama, t5, tokenizer_files
+from llm_jax.convert import bert, gemma2, gpt2, hf_files, llama, mistral, qwen2, qwen3, t5, tokenizer_files
 from llm_jax.convert.mapping import HFConfig, flatten, read_params, write_tensors
 from llm_jax.errors import UserError
 
-ARCHITECTURES = {a.MODEL_TYPE: a for a in (llama, gpt2, bert, t5)}
+# In the order `to_hf` tries them: a model that fits LLaMA is written as LLaMA.
+ARCHITECTURES = {a.MODEL_TYPE: a for a in (llama, gpt2, bert, t5, qwen2, qwen3, mistral, gemma2)}
 _BY_CLASS = {a.ARCHITECTURE: a for a in ARCHITECTURES.values()}
 _BY_CLASS.update(GPT2Model=gpt2, BertModel=bert, BertForPreTraining=bert, LlamaModel=llama)
 
@@ -107,14 +109,19 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   arch = architecture_of(hf)
   weights = hf_files.Weights(hf_dir, arch.OPTIONAL_PREFIX)
   sections = arch.config_from_hf(hf, weights)
+  hf.check_understood(arch.ARCHITECTURE, arch.HARMLESS)
   cfg = config_lib.default_config()
   for section, values in sections.items():
-    for key, value in values.items():
+    for key, value in _flat_items(values):
+      *parents, leaf = key.split('.')
+      node = cfg[section]
+      for p in parents:
+        node = node[p]
       try:
-        cfg[section][key] = value
+        node[leaf] = value
       except TypeError:  # ml_collections keeps each key's type
         raise UserError(f'{hf_dir}: config.json gives {section}.{key} the value {value!r}, '
-                        f'expected {type(cfg[section][key]).__name__}') from None
+                        f'expected {type(node[leaf]).__name__}') from None
   cfg = config_lib.load(None, overrides, base=cfg)
 
   from llm_jax.run import workdir as workdir_lib
@@ -140,6 +147,15 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   _write_workdir(output, cfg, params, tok)
   return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': tokenizer_files.describe(tok),
           'params': int(sum(np.size(a) for a in jax.tree.leaves(params)))}
+
+
+def _flat_items(values: dict, prefix: str = ''):
+  """('key', value) of a config section, nested dicts (model.rope_scaling) as 'key.sub'."""
+  for key, value in values.items():
+    if isinstance(value, dict):
+      yield from _flat_items(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
 
 
 def _write_workdir(output: str, cfg, params: dict, tok) -> None:

@@ -15,6 +15,7 @@ ARCHITECTURE = 'BertForMaskedLM'
 OPTIONAL_PREFIX = 'bert.'
 IGNORE = (r'embeddings\.position_ids$', r'^(bert\.)?pooler\.', r'^cls\.seq_relationship\.',
           r'^cls\.predictions\.decoder\.bias$')  # the last is a second name of cls.predictions.bias
+HARMLESS = ()
 HEAD = ('head_dense', 'head_dense_bias', 'head_norm/scale', 'head_norm/bias', 'unembed_bias')
 
 

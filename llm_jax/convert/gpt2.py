@@ -9,6 +9,8 @@ MODEL_TYPE = 'gpt2'
 ARCHITECTURE = 'GPT2LMHeadModel'
 OPTIONAL_PREFIX = 'transformer.'  # GPT2Model checkpoints (the original gpt2 upload) name tensors without it
 IGNORE = (r'\.attn\.(masked_)?bias$',)  # causal-mask buffers of older checkpoints
+HARMLESS = ('n_ctx', 'reorder_and_upcast_attn', 'summary_type', 'summary_use_proj', 'summary_activation',
+            'summary_proj_to_labels')  # n_ctx: n_positions again; the rest: the double-heads model's extra head
 
 
 def config_from_hf(hf: HFConfig, weights) -> dict:

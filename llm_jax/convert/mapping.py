@@ -144,17 +144,49 @@ FROM_HF_ACTIVATION = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'gelu_new
 TO_HF_ACTIVATION = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu'}
 
 
+# config.json keys that never change what a checkpoint computes: bookkeeping, token ids (the tokenizer's
+# business), generation defaults, initialisation. Dropout settings (keys ending in _dropout, _pdrop,
+# _dropout_prob, dropout_rate) act only in training and are inert too (see `inert`).
+INERT = frozenset({
+    'architectures', 'model_type', 'transformers_version', 'torch_dtype', 'dtype', 'use_cache', '_name_or_path',
+    'name_or_path', 'initializer_range', 'initializer_factor', 'bos_token_id', 'eos_token_id', 'pad_token_id',
+    'sep_token_id', 'decoder_start_token_id', 'id2label', 'label2id', 'num_labels', 'problem_type',
+    'finetuning_task', 'tokenizer_class', 'prefix', 'task_specific_params', 'output_attentions',
+    'output_hidden_states', 'return_dict', 'torchscript', 'gradient_checkpointing', 'chunk_size_feed_forward',
+    'max_length', 'min_length', 'do_sample', 'early_stopping', 'num_beams', 'temperature', 'top_k', 'top_p',
+    'repetition_penalty', 'length_penalty', 'no_repeat_ngram_size', 'num_return_sequences', 'max_new_tokens',
+    'tie_encoder_decoder', 'is_encoder_decoder', 'pruned_heads', 'use_return_dict', 'attn_implementation',
+    '_attn_implementation_autoset', 'cache_implementation'})
+_DROPOUT = ('dropout', '_pdrop', 'dropout_prob', 'dropout_rate')
+
+
+def inert(key: str) -> bool:
+  return key in INERT or key.endswith(_DROPOUT)
+
+
 class HFConfig:
-  """config.json of one checkpoint: values by key, with errors that name the file, the key and the value."""
+  """config.json of one checkpoint: values by key, with errors that name the file, the key and the value.
+  Every key looked at is remembered, so that `check_understood` can stop on one that was not."""
 
   def __init__(self, values: dict, where: str):
     self.values, self.where = values, where
+    self.read: set[str] = set()
+
+  def check_understood(self, architecture: str, harmless=()) -> None:
+    """A config.json key that the converter never read and that is not known to leave the model alone may
+    change what the checkpoint computes: the conversion stops on it rather than differ silently."""
+    for key, value in self.values.items():
+      if key not in self.read and key not in harmless and not inert(key):
+        raise UserError(f'{self.where}: config.json {key}={value!r} is not understood by the {architecture} '
+                        'converter (it may change the model); nothing was converted')
 
   def get(self, key: str, default=None):
+    self.read.add(key)
     value = self.values.get(key)
     return default if value is None else value
 
   def need(self, key: str, kind=int):
+    self.read.add(key)
     value = self.values.get(key)
     if value is None:
       raise UserError(f'{self.where}: config.json has no {key}')
@@ -171,6 +203,7 @@ class HFConfig:
 
   def refuse(self, key: str, ok, what: str) -> None:
     """A setting llm-jax cannot reproduce: an error naming it rather than a model that computes otherwise."""
+    self.read.add(key)
     value = self.values.get(key)
     if not ok(value):
       raise UserError(f'{self.where}: config.json {key}={value!r} is not supported ({what})')

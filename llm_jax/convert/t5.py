@@ -12,6 +12,7 @@ MODEL_TYPE = 't5'
 ARCHITECTURE = 'T5ForConditionalGeneration'
 OPTIONAL_PREFIX = ''
 IGNORE = (r'^(encoder|decoder)\.embed_tokens\.weight$',)  # second names of `shared`
+HARMLESS = ('is_gated_act', 'dense_act_fn', 'n_positions', 'is_decoder')  # from feed_forward_proj; unused
 
 
 def _mlp(hf: HFConfig) -> tuple[str, bool]:

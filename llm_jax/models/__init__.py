@@ -30,7 +30,8 @@ class Family:
   two_stacks: an encoder and a decoder, each with its own rows (the batch's `decoder_*` arrays, data.target_len);
   generates: decodes text (infer/decode.py has an adapter for it), else `cannot_generate` says why not;
   causal: one causal stack whose next-token log-likelihoods score any continuation (tasks, the server);
-  lora: LoRA adapters are wired into its projections; output_bias: its output layer has a bias with
+  lora: LoRA adapters are wired into its projections; decoder_layouts: the layout keys of Llama 3, Qwen,
+  Mistral and Gemma (model.qkv_bias, qk_norm, sliding_window, soft-caps, norm_offset...) apply; output_bias: its output layer has a bias with
   model.use_bias (BERT's masked-LM head).
   """
   name: str
@@ -40,11 +41,12 @@ class Family:
   causal: bool = False
   cannot_generate: str = ''
   lora: bool = False
+  decoder_layouts: bool = False
   output_bias: bool = False
 
 
 FAMILIES = {f.name: f for f in (
-    Family('decoder', Decoder, causal=True, lora=True),
+    Family('decoder', Decoder, causal=True, lora=True, decoder_layouts=True),
     Family('encoder', Encoder, generates=False, output_bias=True,
            cannot_generate='a masked-LM encoder does not generate text; `llm-jax eval` reports its masked-token '
                            'loss and accuracy'),

@@ -7,7 +7,8 @@ the model FLOPs of one trained token are
 
 N the parameters that take part in a matmul (every weight matrix, the output projection included; not the
 input embedding, a gather, unless it is tied to the output; not norm gains or biases), L layers, T the
-sequence length. The first term is the forward (2 FLOPs per multiply-add) plus backward (twice the forward)
+sequence length (a layer with a sliding window of W keys counts min(T, W): Mistral, Gemma 2's local
+layers). The first term is the forward (2 FLOPs per multiply-add) plus backward (twice the forward)
 of the weight matmuls, the second the same for the attention scores and their weighted sum. Recomputation
 under remat is not counted: it is a cost of the implementation, not work the model needs, which is what
 makes MFU comparable across remat policies and with published numbers.
@@ -72,8 +73,10 @@ def matmul_params(model_cfg) -> int:
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
   """Training FLOPs (forward + backward) per token of a row of `seq_len` tokens."""
+  from llm_jax.models.transformer import layer_windows
   m = model_cfg
-  attention = 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
+  keys = sum(min(seq_len, w or seq_len) for w in layer_windows(m, m.num_layers))  # per query, over the layers
+  attention = 12 * m.num_heads * m.head_dim * keys
   return 6 * matmul_params(m) + attention
 
 

@@ -31,6 +31,7 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 NORM_TYPES = ('rms', 'layer')
 NORM_POSITIONS = ('pre', 'post')
 POSITION_TYPES = ('rope', 'learned', 'relative')
+ROPE_SCALINGS = ('none', 'llama3', 'linear')  # rope_frequencies() below
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # attend() below
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections lora_delta adapts
 
@@ -77,31 +78,52 @@ def lora_delta(module: nn.Module, name: str, x: Array, in_names: tuple, in_shape
 
 
 class Norm(nn.Module):
-  """RMSNorm (LLaMA, T5) or LayerNorm (GPT-2, BERT; with a bias under `use_bias`), by `norm_type`."""
+  """RMSNorm (LLaMA, T5) or LayerNorm (GPT-2, BERT; with a bias under `use_bias`), by `norm_type`, over the
+  last axis, whose logical name is `axis` (Qwen3 norms each head's queries and keys: 'head_dim'). With
+  `norm_offset` the gain is 1 + w, w starting at 0 (Gemma stores its gains that way)."""
   cfg: Any
+  axis: str = 'embed'
 
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
     c = self.cfg
     D = x_BTD.shape[-1]
-    scale_D = _param(self, 'scale', nn.initializers.ones, ('embed',), (D,), c)
+    init = nn.initializers.zeros if c.norm_offset else nn.initializers.ones
+    scale_D = _param(self, 'scale', init, (self.axis,), (D,), c)
     x32 = x_BTD.astype(jnp.float32)
     # Statistics in float32 whatever the compute dtype: bf16 sums of squares lose the small components.
     if c.norm_type == 'layer':
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps)
     lead = (1,) * (y.ndim - 1)  # norms apply over the last axis of activations of any rank
-    y = y * scale_D.astype(jnp.float32).reshape(lead + (D,))
+    y = y * (scale_D.astype(jnp.float32) + (1.0 if c.norm_offset else 0.0)).reshape(lead + (D,))
     if c.norm_type == 'layer' and c.use_bias:
-      y = y + _bias(self, 'bias', ('embed',), (D,), c).astype(jnp.float32).reshape(lead + (D,))
+      y = y + _bias(self, 'bias', (self.axis,), (D,), c).astype(jnp.float32).reshape(lead + (D,))
     return y.astype(compute_dtype(c.dtype))
 
 
-def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
+def rope_frequencies(half: int, theta: float, scaling=None) -> Array:
+  """The `half` rotary frequencies theta^(-i / half), rescaled by `model.rope_scaling`: 'linear' divides
+  them all by `factor`; 'llama3' (Llama 3.1) divides those whose wavelength is longer than the original
+  context / low_freq_factor, keeps those shorter than original / high_freq_factor, and blends in between."""
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  kind = 'none' if scaling is None else scaling.type
+  if kind == 'linear':
+    return inv_freq / scaling.factor
+  if kind == 'llama3':
+    s = scaling
+    wavelen = 2 * math.pi / inv_freq
+    ratio = s.original_max_positions / wavelen
+    smooth = jnp.clip((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor), 0.0, 1.0)
+    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+  return inv_freq
+
+
+def rope(x_BTNH: Array, positions_BT: Array, theta: float, scaling=None) -> Array:
   """Rotary positions (Su et al. 2021), rotating the two halves of the head dim (the LLaMA layout that
   Hugging Face checkpoints use, so their weights load without permutation)."""
   half = x_BTNH.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  inv_freq = rope_frequencies(half, theta, scaling)
   angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
@@ -141,8 +163,9 @@ def relative_bias(module: nn.Module, cfg, name: str, q_positions_BT: Array, k_po
 
 
 def attention_mask(q_pos_BT: Array, q_seg_BT: Array, k_pos_BS: Array, k_seg_BS: Array,
-                   causal: bool = True) -> Array:
-  """A query sees keys of its own segment (document), and with `causal` only those not after it.
+                   causal: bool = True, window: Array | None = None) -> Array:
+  """A query sees keys of its own segment (document), and with `causal` only those not after it; with a
+  `window` (sliding-window attention) only those less than `window` positions back.
 
   Packed rows restart positions at each document, so comparing positions is causal only together with
   the segment check; padding (segment 0) only ever sees padding.
@@ -150,18 +173,40 @@ def attention_mask(q_pos_BT: Array, q_seg_BT: Array, k_pos_BS: Array, k_seg_BS: 
   same_doc = k_seg_BS[:, None, :] == q_seg_BT[:, :, None]
   if not causal:
     return same_doc
-  return same_doc & (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None])
+  return same_doc & (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]) & in_window(q_pos_BT, k_pos_BS, window)
+
+
+def in_window(q_pos_BT: Array, k_pos_BS: Array, window: Array | None) -> Array:
+  """Whether each key is less than `window` positions before each query (Mistral's and Gemma's sliding
+  window, as transformers counts it: the query itself and window - 1 keys before it); all True without."""
+  if window is None:
+    return jnp.ones((), bool)
+  return q_pos_BT[:, :, None] - k_pos_BS[:, None, :] < window
+
+
+def logit_scale(scale: bool | float, head_dim: int) -> float:
+  """What attention logits are multiplied by: True is 1 / sqrt(head_dim), False 1, a number itself."""
+  if isinstance(scale, bool):
+    return 1 / math.sqrt(head_dim) if scale else 1.0
+  return float(scale)
+
+
+def softcap(x: Array, cap: float) -> Array:
+  """cap * tanh(x / cap) (Gemma 2): logits bounded to (-cap, cap), near x where |x| << cap; 0 is off."""
+  return cap * jnp.tanh(x / cap) if cap else x
 
 
 def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None = None,
-                  scale: bool = True) -> Array:
-  """Grouped-query attention: G = N // K query heads share each kv head; softmax in float32."""
+                  scale: bool | float = True, cap: float = 0.0) -> Array:
+  """Grouped-query attention: G = N // K query heads share each kv head; softmax in float32. Logits are
+  scaled by `logit_scale(scale)`, then soft-capped at `cap` (0: not)."""
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  if scale:
-    logits_BKGTS = logits_BKGTS / math.sqrt(H)
+  if scale is not False:
+    logits_BKGTS = logits_BKGTS * logit_scale(scale, H)
+  logits_BKGTS = softcap(logits_BKGTS, cap)
   if bias_BNTS is not None:
     b, S = bias_BNTS.shape[0], bias_BNTS.shape[-1]
     logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(b, K, N // K, T, S).astype(jnp.float32)
@@ -171,13 +216,13 @@ def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, 
   return out_BTKGH.reshape(B, T, N, H)
 
 
-def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None) -> bool:
+def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None, cap: float = 0.0) -> bool:
   """Whether cuDNN's flash attention takes these inputs: a CUDA device, half-precision inputs, a head dim that
   is a multiple of 8 up to 128 (256 on Hopper; 128 keeps the check free of device queries), an even length
   (a masked backward pass needs one), no additive bias (T5's relative positions would go in as a dense
   B N T S tensor, no faster than XLA), sequence and head dims whole on every device and query and key heads
   split alike (its partitioner refuses anything else: context parallelism stays on XLA)."""
-  if jax.default_backend() != 'gpu' or bias_BNTS is not None:
+  if jax.default_backend() != 'gpu' or bias_BNTS is not None or cap:  # no soft-capping in its kernel
     return False
   T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
   if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 128 or T % 2:  # odd T: no masked training
@@ -186,8 +231,8 @@ def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None) -> b
           and split_count('heads') == split_count('kv_heads'))  # q, k and v must be split alike
 
 
-def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None, scale: bool,
-           impl: str, in_order: bool) -> Array:
+def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None,
+           scale: bool | float, impl: str, in_order: bool, cap: float = 0.0) -> Array:
   """Attention by `model.attention_impl`: 'xla' is dot_attention; 'cudnn' is cuDNN's fused flash attention
   through `jax.nn.dot_product_attention` (the B T S mask, segments and causality, broadcast over heads);
   'auto' takes cuDNN where `_cudnn_supported`, else XLA (CPU, TPU, float32, T5's bias).
@@ -197,9 +242,9 @@ def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BN
   the diagonal (is_causal), which halves its work. The mask itself still carries the segments.
   """
   if impl == 'auto':
-    impl = 'cudnn' if _cudnn_supported(q_BTNH, k_BSKH, bias_BNTS) else 'xla'
+    impl = 'cudnn' if _cudnn_supported(q_BTNH, k_BSKH, bias_BNTS, cap) else 'xla'
   if impl == 'xla':
-    return dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale)
+    return dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, cap)
   if impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise UserError(f"model.attention_impl='cudnn' needs a CUDA GPU (this backend is {jax.default_backend()}); "
                     "use 'auto' (cuDNN where it applies) or 'xla'")
@@ -207,12 +252,12 @@ def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BN
 
 
 def fused_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None,
-                    scale: bool, implementation: str | None, in_order: bool) -> Array:
+                    scale: bool | float, implementation: str | None, in_order: bool) -> Array:
   """`jax.nn.dot_product_attention` with our mask: the call cuDNN runs, and with implementation='xla' the
   same call on any backend (tests/test_attention_impl.py checks that equals dot_attention)."""
   H = q_BTNH.shape[-1]
   return jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BTS[:, None], scale=1 / math.sqrt(H) if scale else 1.0,
+      q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BTS[:, None], scale=logit_scale(scale, H),
       is_causal=in_order, implementation=implementation)
 
 
@@ -246,17 +291,19 @@ class Attention(nn.Module):
     delta = lora_delta(self, name, x_BxD, ('embed',), (c.embed_dim,), (axis, 'head_dim'), (heads, c.head_dim), c)
     if delta is not None:
       y = y + delta
-    if c.use_bias:
+    if c.use_bias or (c.qkv_bias and name in ('q', 'k', 'v')):
       y = y + _bias(self, f'{name}_bias', (axis, 'head_dim'), (heads, c.head_dim), c).astype(dtype)
     return y
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, bias_BNTS: Array | None = None,
                cache: dict[str, Array] | None = None, kv_BSD: Array | None = None,
-               kv_segment_ids_BS: Array | None = None) -> tuple[Array, dict | None]:
+               kv_segment_ids_BS: Array | None = None, window: Array | None = None) -> tuple[Array, dict | None]:
+    """`window`: this layer's sliding window (a scalar; None: every earlier key)."""
     c = self.cfg
     N, K = c.num_heads, c.num_kv_heads
     dtype = compute_dtype(c.dtype)
+    scale = (1 / math.sqrt(c.query_scale) if c.query_scale else True) if c.scale_attention else False
     q_BTNH = self._project(x_BTD, 'q', N, 'heads')
     if self.cross:
       if kv_BSD is not None:
@@ -269,13 +316,16 @@ class Attention(nn.Module):
       k_BSKH = constrain(k_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))  # the whole encoder row, as above
       v_BSKH = constrain(v_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
       mask_BTS = kv_segment_ids_BS[:, None, :] == segment_ids_BT[:, :, None]
-      out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, None, c.scale_attention)
+      out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, None, scale)
     else:
       k_BTKH = self._project(x_BTD, 'k', K, 'kv_heads')
       v_BTKH = self._project(x_BTD, 'v', K, 'kv_heads')
+      if c.qk_norm:
+        q_BTNH = Norm(c, axis='head_dim', name='q_norm')(q_BTNH)
+        k_BTKH = Norm(c, axis='head_dim', name='k_norm')(k_BTKH)
       if c.position_type == 'rope':
-        q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta)
-        k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta)
+        q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta, c.rope_scaling)
+        k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta, c.rope_scaling)
       # Named for remat policies (transformer.REMAT_POLICIES): 'save_attention' keeps these for the backward pass.
       q_BTNH = checkpoint_name(constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim')), 'attn_qkv')
       k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
@@ -285,18 +335,18 @@ class Attention(nn.Module):
         # whole (`kv_seq` is never split), so each device attends its block of queries to the entire row.
         k_BSKH = constrain(k_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
         v_BSKH = constrain(v_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
-        mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, self.causal)
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, c.scale_attention, c.attention_impl,
-                          in_order=self.causal)
+        mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, self.causal, window)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, c.attention_impl,
+                          in_order=self.causal, cap=c.attn_logit_softcap)
       else:
         # Cache slot s holds position s of its row. Every slot at or before a query's position has been
         # written by then (prompt or generated token), so position order alone is the mask.
         cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
         B, S = cache['k'].shape[:2]
         slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
-        mask_BTS = slots_BS[:, None, :] <= positions_BT[:, :, None]
+        mask_BTS = (slots_BS[:, None, :] <= positions_BT[:, :, None]) & in_window(positions_BT, slots_BS, window)
         out_BTNH = dot_attention(q_BTNH, cache['k'].astype(dtype), cache['v'].astype(dtype), mask_BTS, bias_BNTS,
-                                 c.scale_attention)
+                                 scale, c.attn_logit_softcap)
     out_BTNH = checkpoint_name(out_BTNH, 'attn_out')
     # GPT-2's scaled init of residual outputs keeps the residual stream's variance flat in depth.
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))

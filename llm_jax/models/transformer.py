@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, relative_bias
+from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, relative_bias, softcap
 from llm_jax.sharding import constrain
 
 Array = jax.Array
@@ -35,7 +35,7 @@ REMAT_POLICIES = {
 class Block(nn.Module):
   """One layer: self-attention, cross-attention (`cross`, T5's decoder), MLP; each a residual branch with
   dropout. Pre-norm normalises each branch's input (LLaMA, GPT-2, T5); post-norm normalises after each
-  residual add (BERT).
+  residual add (BERT). With `post_norms` each branch's output is normed too before the add (Gemma 2).
 
   The cache holds this layer's self-attention `k`, `v` and, with `cross`, the encoder's `ck`, `cv`.
   """
@@ -46,20 +46,22 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, bias_BNTS: Array | None,
-               encoded_BSD: Array | None, encoded_segment_ids_BS: Array | None,
+               encoded_BSD: Array | None, encoded_segment_ids_BS: Array | None, window: Array | None,
                cache: dict[str, Array] | None) -> tuple[Array, dict | None]:
     c = self.cfg
     pre = c.norm_position == 'pre'
 
     def residual(name: str, x_BTD: Array, sublayer):
       y_BTD, aux = sublayer(Norm(c, name=f'{name}_norm')(x_BTD) if pre else x_BTD)
+      if c.post_norms:
+        y_BTD = Norm(c, name=f'{name}_post_norm')(y_BTD)
       x_BTD = x_BTD + nn.Dropout(c.dropout_rate)(y_BTD, deterministic=self.deterministic)
       return (x_BTD if pre else Norm(c, name=f'{name}_norm')(x_BTD)), aux
 
     self_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
     attn = Attention(c, causal=self.causal, name='attn')
     x_BTD, self_cache = residual('attn', x_BTD, lambda h: attn(h, positions_BT, segment_ids_BT, bias_BNTS,
-                                                               self_cache))
+                                                               self_cache, window=window))
     new_cache = self_cache
     if self.cross:
       cross_cache = None if cache is None else {'k': cache['ck'], 'v': cache['cv']}
@@ -78,6 +80,20 @@ def _block_class(cfg):
     return Block
   # Under scan, XLA cannot CSE across iterations anyway; outside it, prevent_cse keeps remat honest.
   return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def layer_windows(cfg, num_layers: int) -> list[int]:
+  """Each layer's sliding window (0: it sees every earlier key): `sliding_window` on every layer, or with
+  `global_every` on all but every global_every-th (Gemma 2 alternates local and global, local first)."""
+  w, every = cfg.sliding_window, cfg.global_every
+  return [0 if not w or (every and (i + 1) % every == 0) else w for i in range(num_layers)]
+
+
+def _windows(cfg, num_layers: int) -> Array | None:
+  """`layer_windows` as an int32 array the layer stack scans over (a global layer's window is past any row)."""
+  if not cfg.sliding_window:
+    return None
+  return jnp.asarray([w or jnp.iinfo(jnp.int32).max for w in layer_windows(cfg, num_layers)], jnp.int32)
 
 
 def run_layers(parent: nn.Module, cfg, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, *,
@@ -99,16 +115,18 @@ def run_layers(parent: nn.Module, cfg, x_BTD: Array, positions_BT: Array, segmen
 
   block = _block_class(cfg)
   args = (positions_BT, segment_ids_BT, bias_BNTS, encoded_BSD, encoded_segment_ids_BS)
+  windows_L = _windows(cfg, num_layers)
   if cfg.scan_layers:
     stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                    in_axes=(nn.broadcast,) * len(args) + (0,), length=num_layers,
+                    in_axes=(nn.broadcast,) * len(args) + (0, 0), length=num_layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
-    return stack(cfg, causal, cross, deterministic, name=name, parent=parent)(x_BTD, *args, cache)
+    return stack(cfg, causal, cross, deterministic, name=name, parent=parent)(x_BTD, *args, windows_L, cache)
   new_cache = []
   for i in range(num_layers):
     layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+    window = None if windows_L is None else windows_L[i]
     x_BTD, layer_cache = block(cfg, causal, cross, deterministic, name=f'{name}_{i}', parent=parent)(
-        x_BTD, *args, layer_cache)
+        x_BTD, *args, window, layer_cache)
     new_cache.append(layer_cache)
   if cache is not None:
     cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
@@ -117,8 +135,9 @@ def run_layers(parent: nn.Module, cfg, x_BTD: Array, positions_BT: Array, segmen
 
 def embed(parent: nn.Module, cfg, tokens_BT: Array, positions_BT: Array, embedding_VD: Array | None = None,
           prefix: str = '') -> tuple[Array, Array]:
-  """(x_BTD, embedding_VD): token embeddings, plus learned positions (GPT-2, BERT) and BERT's token type 0,
-  normalised when the model is post-norm (BERT's embedding LayerNorm). A second stack sharing the token
+  """(x_BTD, embedding_VD): token embeddings (times sqrt(embed_dim) with `embed_scale`, Gemma), plus learned
+  positions (GPT-2, BERT) and BERT's token type 0, normalised when the model is post-norm (BERT's embedding
+  LayerNorm). A second stack sharing the token
   table (T5's decoder) passes it in and a `prefix` for its own position table and norm."""
   c = cfg
   dtype = compute_dtype(c.dtype)
@@ -128,6 +147,8 @@ def embed(parent: nn.Module, cfg, tokens_BT: Array, positions_BT: Array, embeddi
   # Gathered over the FSDP axes first, as FSDP does for every weight before use: the lookup is then local
   # to each vocabulary shard, where GSPMD would otherwise replicate the looked-up rows to reshard them.
   x_BTD = jnp.take(constrain(embedding_VD, ('vocab', None)), tokens_BT, axis=0).astype(dtype)
+  if c.embed_scale:  # the factor rounded to the compute dtype first, as Gemma's reference does
+    x_BTD = x_BTD * jnp.asarray(c.embed_dim ** 0.5, dtype)
   if c.position_type == 'learned':
     table_PD = _param(parent, f'{prefix}pos_embedding', init, ('table', 'embed'), (c.max_positions, c.embed_dim),
                       c)
@@ -157,14 +178,14 @@ def logits(parent: nn.Module, cfg, x_BTD: Array, embedding_VD: Array, output_bia
   bias_V = _bias(parent, 'unembed_bias', ('vocab',), (c.vocab_size,), c) if output_bias else None
   if return_hidden:
     return x_BTD, unembed_DV
-  logits_BTV = project(x_BTD, unembed_DV, jnp.dtype(c.logits_dtype))
+  logits_BTV = project(x_BTD, unembed_DV, jnp.dtype(c.logits_dtype), c.final_logit_softcap)
   if bias_V is not None:
     logits_BTV = logits_BTV + bias_V.astype(logits_BTV.dtype)
   return logits_BTV
 
 
-def project(x_BTD: Array, unembed_DV: Array, logits_dtype) -> Array:
+def project(x_BTD: Array, unembed_DV: Array, logits_dtype, cap: float = 0.0) -> Array:
   """Logits in `logits_dtype`, accumulated in it too (a float32 result of bfloat16 inputs is exact where a
-  bfloat16 result cast up is not)."""
-  logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, unembed_DV, preferred_element_type=logits_dtype)
+  bfloat16 result cast up is not); soft-capped at `cap` (model.final_logit_softcap, Gemma 2; 0: not)."""
+  logits_BTV = softcap(jnp.einsum('BTD,DV->BTV', x_BTD, unembed_DV, preferred_element_type=logits_dtype), cap)
   return constrain(logits_BTV, ('batch', 'seq', 'vocab'))

@@ -63,8 +63,8 @@ def token_sums(logits_BTV: Array, targets_BT: Array, mask_BT: Array, label_smoot
 
 
 def chunked_token_sums(x_BTD: Array, unembed_DV: Array, targets_BT: Array, mask_BT: Array, chunk: int,
-                       logits_dtype, label_smoothing: float = 0.0, with_accuracy: bool = False):
-  """`token_sums` of `project(x_BTD, unembed_DV)` computed C positions at a time.
+                       logits_dtype, label_smoothing: float = 0.0, with_accuracy: bool = False, cap: float = 0.0):
+  """`token_sums` of `project(x_BTD, unembed_DV, logits_dtype, cap)` computed C positions at a time.
 
   Only one chunk's logits ([B, C, V]) exist at any moment, forward and backward: the chunk body is
   rematerialised, so the backward pass recomputes a chunk's logits from its hidden states instead of the
@@ -79,7 +79,7 @@ def chunked_token_sums(x_BTD: Array, unembed_DV: Array, targets_BT: Array, mask_
 
   @jax.checkpoint
   def chunk_sums(x_BCD, targets_BC, mask_BC):
-    logits_BCV = project(x_BCD, unembed_DV, logits_dtype)
+    logits_BCV = project(x_BCD, unembed_DV, logits_dtype, cap)
     return token_sums(logits_BCV, targets_BC, mask_BC, label_smoothing, with_accuracy)
 
   def body(totals, xs):
@@ -99,7 +99,8 @@ def model_sums(model, params, batch: dict[str, Array], loss_cfg: LossConfig, rng
   if loss_cfg.chunk and loss_cfg.chunk < batch['targets'].shape[1]:
     (x_BTD, unembed_DV), _ = model.apply({'params': params}, *args, return_hidden=True, rngs=rngs)
     return chunked_token_sums(x_BTD, unembed_DV, batch['targets'], batch['loss_mask'], loss_cfg.chunk,
-                              jnp.dtype(model.cfg.logits_dtype), loss_cfg.label_smoothing, with_accuracy)
+                              jnp.dtype(model.cfg.logits_dtype), loss_cfg.label_smoothing, with_accuracy,
+                              model.cfg.final_logit_softcap)
   logits_BTV, _ = model.apply({'params': params}, *args, rngs=rngs)
   return token_sums(logits_BTV, batch['targets'], batch['loss_mask'], loss_cfg.label_smoothing,
                     with_accuracy)
