@@ -93,9 +93,14 @@ def default_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'  # master weights (what the optimizer updates and checkpoints hold)
   m.logits_dtype = 'float32'  # dtype of the output logits; the loss upcasts to float32 either way
   m.scan_layers = True
-  # Attention kernel (models/layers.py:attend): auto takes cuDNN's flash attention on CUDA GPUs where it applies
-  # (bfloat16/float16, head_dim a multiple of 8 up to 128, no T5 bias, no context parallelism), else XLA.
-  m.attention_impl = 'auto'  # auto | xla | cudnn
+  # Attention kernel of training, evaluation and prefill (models/attention_kernels.py); decode steps use XLA.
+  # auto: splash on TPU; on GPU (bfloat16/float16) the Pallas flash kernel, else cuDNN; XLA elsewhere and
+  # wherever the kernel cannot run (T5's relative bias, context parallelism). Named kernels never fall back.
+  m.attention_impl = 'auto'  # auto | xla | cudnn | splash (TPU) | pallas_gpu (GPU)
+  # Tile sizes of the Pallas kernels (splash, pallas_gpu), multiples of 128; 0: the kernel's default (splash
+  # 512 x 512 for v4/v5e/v5p/v6e, pallas_gpu JAX's 128 x 128). Rows are padded to whole tiles.
+  m.attention_block_q = 0
+  m.attention_block_kv = 0
   m.remat = 'none'  # none | full | dots_no_batch | save_attention (see models/decoder.py)
   # LoRA (Hu et al. 2021): low-rank adapters x A B * alpha / rank on the named projections; with rank > 0
   # only the adapters train (needs init_from) and checkpoints hold only them (see lora.py).
@@ -338,7 +343,7 @@ def _to_tuples(value):
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _REMAT = ('none', 'full', 'dots_no_batch', 'save_attention')
-_ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # models/layers.py:attend
+_ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash', 'pallas_gpu')  # models/attention_kernels.py:IMPLS
 _OPTIMIZERS = ('adamw', 'adafactor', 'lion')
 _SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt', 'wsd')
 _FAMILIES = ('decoder', 'encoder', 'encdec')
@@ -375,6 +380,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(m.remat in _REMAT, 'model.remat', m.remat, f'one of {_REMAT}')
   _require(m.attention_impl in _ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
            f'one of {_ATTENTION_IMPLS}')
+  _require(m.attention_impl not in ('splash', 'pallas_gpu') or m.position_type != 'relative',
+           'model.attention_impl', m.attention_impl, "'xla' or 'auto' with model.position_type='relative' (the "
+           "flash kernels cannot add T5's relative-position bias)")
+  for key in ('attention_block_q', 'attention_block_kv'):
+    _require(m[key] >= 0 and m[key] % 128 == 0, f'model.{key}', m[key], "0 (the kernel's default) or a positive "
+             'multiple of 128')
   _require(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'in [0, 1)')
   _require(m.norm_eps > 0, 'model.norm_eps', m.norm_eps, 'positive')
   _require(d.seq_len >= 2, 'data.seq_len', d.seq_len, 'at least 2')

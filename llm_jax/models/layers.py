@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.errors import UserError
-from llm_jax.sharding import constrain, split_count
+from llm_jax.models import attention_kernels as kernels
+from llm_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -170,33 +170,31 @@ def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None) -> b
   (a masked backward pass needs one), no additive bias (T5's relative positions would go in as a dense
   B N T S tensor, no faster than XLA), sequence and head dims whole on every device and query and key heads
   split alike (its partitioner refuses anything else: context parallelism stays on XLA)."""
-  if jax.default_backend() != 'gpu' or bias_BNTS is not None:
-    return False
-  T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
-  if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 128 or T % 2:  # odd T: no masked training
-    return False
-  return (split_count('seq') == split_count('kv_seq') == split_count('head_dim') == 1
-          and split_count('heads') == split_count('kv_heads'))  # q, k and v must be split alike
+  return (jax.default_backend() == 'gpu'
+          and kernels.unsupported('cudnn', kernels.shape_of(q_BTNH, k_BSKH, bias_BNTS is not None), None,
+                                  'gpu') is None)
 
 
-def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None, scale: bool,
-           impl: str, in_order: bool) -> Array:
-  """Attention by `model.attention_impl`: 'xla' is dot_attention; 'cudnn' is cuDNN's fused flash attention
-  through `jax.nn.dot_product_attention` (the B T S mask, segments and causality, broadcast over heads);
-  'auto' takes cuDNN where `_cudnn_supported`, else XLA (CPU, TPU, float32, T5's bias).
+def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, positions_BT: Array, segment_ids_BT: Array,
+           bias_BNTS: Array | None, cfg, causal: bool) -> Array:
+  """Self-attention over a whole row (training, evaluation, prefill) by `model.attention_impl`, chosen in
+  attention_kernels.choose: 'xla' is dot_attention; 'cudnn' is cuDNN's fused attention through
+  `jax.nn.dot_product_attention` with the B T S document mask; 'splash' (TPU) and 'pallas_gpu' (GPU) are
+  flash kernels that take the segment ids themselves; 'auto' is the platform's kernel where it applies.
 
-  `in_order` promises that the mask never lets a query see a later key (causal self-attention over packed
-  rows: positions rise within a document and documents are contiguous), so cuDNN may skip the tiles above
-  the diagonal (is_causal), which halves its work. The mask itself still carries the segments.
+  With `causal` the mask never lets a query see a later key (positions rise within a document and documents
+  are contiguous), so cuDNN may skip the tiles above the diagonal (is_causal), which halves its work, and the
+  Pallas kernels may compare token indices. The segments always go in.
   """
-  if impl == 'auto':
-    impl = 'cudnn' if _cudnn_supported(q_BTNH, k_BSKH, bias_BNTS) else 'xla'
+  shape = kernels.shape_of(q_BTNH, k_BSKH, bias_BNTS is not None)
+  impl = kernels.choose(cfg.attention_impl, shape, cfg, jax.default_backend())
+  if kernels.IMPLS[impl].kernel:
+    return kernels.run_kernel(impl, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
+                              scale=cfg.scale_attention, model_cfg=cfg)
+  mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, causal)
   if impl == 'xla':
-    return dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale)
-  if impl == 'cudnn' and jax.default_backend() != 'gpu':
-    raise UserError(f"model.attention_impl='cudnn' needs a CUDA GPU (this backend is {jax.default_backend()}); "
-                    "use 'auto' (cuDNN where it applies) or 'xla'")
-  return fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, impl, in_order)
+    return dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, cfg.scale_attention)
+  return fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, cfg.scale_attention, impl, causal)
 
 
 def fused_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None,
@@ -229,6 +227,7 @@ class Attention(nn.Module):
   cfg: Any
   causal: bool = True
   cross: bool = False
+  prefill: bool = False  # the cache is empty and this call holds each row from position 0 (decode's prefill)
 
   def _project(self, x_BxD: Array, name: str, heads: int, axis: str) -> Array:
     c = self.cfg
@@ -273,18 +272,19 @@ class Attention(nn.Module):
       q_BTNH = checkpoint_name(constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim')), 'attn_qkv')
       k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
       v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
-      if cache is None:
+      if cache is not None:
+        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
+      if cache is None or (self.prefill and bias_BNTS is None):
         # Context parallelism: queries stay split over the sequence axis while keys and values are gathered
         # whole (`kv_seq` is never split), so each device attends its block of queries to the entire row.
+        # A prefill attends to its own keys, which are all the cache holds: the whole-row kernels apply.
         k_BSKH = constrain(k_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
         v_BSKH = constrain(v_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
-        mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, self.causal)
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, c.scale_attention, c.attention_impl,
-                          in_order=self.causal)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT, bias_BNTS, c, self.causal)
       else:
-        # Cache slot s holds position s of its row. Every slot at or before a query's position has been
-        # written by then (prompt or generated token), so position order alone is the mask.
-        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
+        # A decode step's few queries against the cache: XLA's einsums (a flash kernel's tiles would be
+        # almost empty). Cache slot s holds position s of its row. Every slot at or before a query's
+        # position has been written by then (prompt or generated token), so position order alone is the mask.
         B, S = cache['k'].shape[:2]
         slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
         mask_BTS = slots_BS[:, None, :] <= positions_BT[:, :, None]
