@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from llm_jax.errors import UserError
 from llm_jax.models import attention_kernels as kernels
 from llm_jax.sharding import constrain
 
@@ -176,7 +177,7 @@ def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None) -> b
 
 
 def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, positions_BT: Array, segment_ids_BT: Array,
-           bias_BNTS: Array | None, cfg, causal: bool) -> Array:
+           bias_BNTS: Array | None, cfg, causal: bool, prefill: bool = False) -> Array:
   """Self-attention over a whole row (training, evaluation, prefill) by `model.attention_impl`, chosen in
   attention_kernels.choose: 'xla' is dot_attention; 'cudnn' is cuDNN's fused attention through
   `jax.nn.dot_product_attention` with the B T S document mask; 'splash' (TPU) and 'pallas_gpu' (GPU) are
@@ -185,9 +186,18 @@ def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, positions_BT: Array, seg
   With `causal` the mask never lets a query see a later key (positions rise within a document and documents
   are contiguous), so cuDNN may skip the tiles above the diagonal (is_causal), which halves its work, and the
   Pallas kernels may compare token indices. The segments always go in.
+
+  A `prefill` the named kernel cannot take (cuDNN and a prompt of odd length) runs on XLA: a prompt's length
+  is the user's, not the config's, and XLA honours the same mask.
   """
   shape = kernels.shape_of(q_BTNH, k_BSKH, bias_BNTS is not None)
-  impl = kernels.choose(cfg.attention_impl, shape, cfg, jax.default_backend())
+  try:
+    impl = kernels.choose(cfg.attention_impl, shape, cfg, jax.default_backend())
+  except UserError:
+    if not prefill:
+      raise
+    impl = 'xla'
+
   if kernels.IMPLS[impl].kernel:
     return kernels.run_kernel(impl, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
                               scale=cfg.scale_attention, model_cfg=cfg)
@@ -280,7 +290,8 @@ class Attention(nn.Module):
         # A prefill attends to its own keys, which are all the cache holds: the whole-row kernels apply.
         k_BSKH = constrain(k_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
         v_BSKH = constrain(v_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT, bias_BNTS, c, self.causal)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT, bias_BNTS, c, self.causal,
+                          prefill=cache is not None)
       else:
         # A decode step's few queries against the cache: XLA's einsums (a flash kernel's tiles would be
         # almost empty). Cache slot s holds position s of its row. Every slot at or before a query's
