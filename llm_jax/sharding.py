@@ -269,6 +269,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
+def active() -> tuple[Mesh, Rules] | None:
+  """The mesh and rules a step installed while it is traced (None outside one): for kernels that place
+  themselves on the mesh with shard_map."""
+  current = _ACTIVE.get()
+  return None if current is None or current[0] is None else current
+
+
 def split_count(name: str) -> int:
   """How many ways the active rules split logical axis `name` (1 outside `activation_sharding`): lets a
   kernel with its own partitioning rules (cuDNN attention) step aside where they would refuse the layout."""

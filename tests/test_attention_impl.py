@@ -80,7 +80,7 @@ def test_auto_on_cpu_is_xla():
   q, k, v, pos, segs = _packed_row_inputs(jnp.bfloat16)
   assert not layers._cudnn_supported(q, k, None)
   mask = layers.attention_mask(pos, segs, pos, segs, True)
-  np.testing.assert_array_equal(layers.attend(q, k, v, mask, None, True, 'auto', True),
+  np.testing.assert_array_equal(layers.attend(q, k, v, pos, segs, None, tiny_config().model, True),
                                 layers.dot_attention(q, k, v, mask))
 
 

@@ -37,7 +37,7 @@ def test_smoke_tiny_step(capsys):
   assert r['compile_s'] > 0 and r['first_step_s'] > 0 and len(r['window_ms']) == 2 and r['timed_steps'] == 4
   assert min(r['window_ms']) <= r['step_ms'] <= max(r['window_ms'])
   assert r['tokens_per_sec'] == pytest.approx(r['tokens_per_step'] / (r['step_ms'] / 1e3), rel=1e-3)
-  assert r['cudnn_attention'] is False  # 'auto' on a CPU: XLA's attention
+  assert r['cudnn_attention'] is False and r['attention_impl'] == 'xla'  # 'auto' on a CPU: XLA's attention
   assert r['mfu'] is None and r['peak_flops'] is None  # no peak is known for a CPU: no made-up MFU
   assert 5.0 < r['loss'] < 7.5  # random tokens over 512 ids: about ln 512 = 6.2, and finite
   assert r['flops_per_token'] == flops.flops_per_token(config_lib.load(_recipe('gpt2_124m', 'tiny')).model, 64)

@@ -133,3 +133,23 @@ def test_dpo_plans_its_own_step_with_the_reference_and_lora_shrinks_the_optimize
   full = plan.make_plan(recipe_config('sft', ('mesh.data', '1')), one, None)
   # AdamW keeps two moments per trained parameter: the base's are gone.
   assert full['state_bytes'] - lora['state_bytes'] >= full['param_bytes']
+
+
+def test_plan_names_the_attention_kernel_and_what_splash_saves_on_a_tpu():
+  cfg = tiny_config(('mesh.data', '4'), ('mesh.tensor', '2'))
+  report = plan.make_plan(cfg, jax.devices(), None, target=plan.target_platform(jax.devices(), 'TPU v5 lite'))
+  a = report['attention']
+  assert (a['compiled'], a['target'], a['target_impl']) == ('xla', 'tpu', 'splash')
+  m, T = cfg.model, cfg.data.seq_len
+  # Two rows and two of the four heads per device, float32 T x T scores, in each of the layers.
+  per_layer = 2 * 2 * T * T * 4
+  assert a['scores'] == {'per_layer': per_layer, 'all_layers': per_layer * m.num_layers}
+  text = plan.render(report, 'tiny', fake=True)
+  assert 'attention: xla compiled here' in text and 'attention on TPU: splash' in text
+  assert 'score matrices splash never builds: 0.1 MiB per layer per device' in text
+  # Planned for a GPU: its kernel, and no TPU figure; a named TPU kernel is planned as the XLA path it replaces.
+  gpu = plan.make_plan(cfg, jax.devices(), None, target='gpu')['attention']
+  assert gpu['target_impl'] == 'pallas_gpu' and gpu['scores'] is None
+  splash = plan.make_plan(tiny_config(('mesh.data', '8'), ('model.attention_impl', 'splash')), jax.devices(), None,
+                          target='tpu')['attention']
+  assert (splash['compiled'], splash['target_impl']) == ('xla', 'splash')

@@ -164,9 +164,12 @@ def _measure(cfg, args) -> dict:
   B, T = cfg.data.batch_size, cfg.data.seq_len
   devices = jax.devices()
   fpt = flops.flops_per_token(cfg.model, T)
+  from llm_jax.train.plan import attention_on
   out = {'device': devices[0].device_kind, 'devices': len(devices), 'jax': jax.__version__,
          'batch': B, 'seq_len': T, 'tokens_per_step': B * T, 'matmul_params': flops.matmul_params(cfg.model),
-         'flops_per_token': fpt}
+         'flops_per_token': fpt,
+         # The kernel model.attention_impl runs here (models/attention_kernels.py: 'auto' is pallas_gpu on GPU).
+         'attention_impl': attention_on(cfg, mesh, rules, devices[0].platform)[0]}
 
   start = time.perf_counter()
   if args.lower_only:

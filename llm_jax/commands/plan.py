@@ -107,7 +107,8 @@ def run(args, overrides) -> int:
     jax.config.update('jax_num_cpu_devices', count)
   devices = _devices(count)
   capacity = plan.device_capacity(devices, args.device_kind, args.device_memory)
-  report = plan.make_plan(cfg, devices, capacity, top=args.top)
+  report = plan.make_plan(cfg, devices, capacity, top=args.top,
+                          target=plan.target_platform(devices, args.device_kind))
   if jax.process_index() == 0:
     print(plan.render(report, recipe, fake=devices[0].platform == 'cpu'))
   fits, _ = plan.verdict(report)

@@ -73,9 +73,14 @@ def default_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'  # master weights (what the optimizer updates and checkpoints hold)
   m.logits_dtype = 'float32'  # dtype of the output logits; the loss upcasts to float32 either way
   m.scan_layers = True
-  # Attention kernel (models/layers.py:attend): auto takes cuDNN's flash attention on CUDA GPUs where it applies
-  # (bfloat16/float16, head_dim a multiple of 8 up to 128, no T5 bias, no context parallelism), else XLA.
-  m.attention_impl = 'auto'  # auto | xla | cudnn
+  # Attention kernel of training, evaluation and prefill (models/attention_kernels.py); decode steps use XLA.
+  # auto: splash on TPU; on GPU (bfloat16/float16) the Pallas flash kernel, else cuDNN; XLA elsewhere and
+  # wherever the kernel cannot run (T5's relative bias, context parallelism). Named kernels never fall back.
+  m.attention_impl = 'auto'  # auto | xla | cudnn | splash (TPU) | pallas_gpu (GPU)
+  # Tile sizes of the Pallas kernels (splash, pallas_gpu), multiples of 128; 0: the kernel's default (splash
+  # 512 x 512 for v4/v5e/v5p/v6e, pallas_gpu JAX's 128 x 128). Rows are padded to whole tiles.
+  m.attention_block_q = 0
+  m.attention_block_kv = 0
   m.remat = 'none'  # none | full | dots_no_batch | save_attention (see models/decoder.py)
   # LoRA (Hu et al. 2021): low-rank adapters x A B * alpha / rank on the named projections; with rank > 0
   # only the adapters train (needs init_from) and checkpoints hold only them (see run/lora.py).

@@ -20,6 +20,7 @@ from llm_jax.data.objectives import span_chunk_length
 from llm_jax.errors import UserError
 from llm_jax.models.layers import (ACTIVATIONS, ATTENTION_IMPLS, LORA_TARGETS, NORM_POSITIONS, NORM_TYPES, POSITION_TYPES,
                                    ROPE_SCALINGS)
+from llm_jax.models import attention_kernels as kernels
 from llm_jax.models.transformer import REMAT_POLICIES
 from llm_jax.sharding import LOGICAL_AXES, MESH_AXES, RULE_PRESETS
 from llm_jax.train.optim import OPTIMIZERS, SCHEDULES
@@ -50,6 +51,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            f'one of {("none",) + tuple(REMAT_POLICIES)}')
   _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
            f'one of {ATTENTION_IMPLS}')
+  _require(m.attention_impl == 'auto' or not kernels.IMPLS[m.attention_impl].kernel or m.position_type != 'relative',
+           'model.attention_impl', m.attention_impl, "'xla' or 'auto' with model.position_type='relative' (the "
+           "flash kernels cannot add T5's relative-position bias)")
+  for key in ('attention_block_q', 'attention_block_kv'):
+    _require(m[key] >= 0 and m[key] % 128 == 0, f'model.{key}', m[key], "0 (the kernel's default) or a positive "
+             'multiple of 128')
   _require(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'in [0, 1)')
   _require(m.norm_eps > 0, 'model.norm_eps', m.norm_eps, 'positive')
   _require(d.seq_len >= 2, 'data.seq_len', d.seq_len, 'at least 2')

@@ -70,7 +70,7 @@ class DecoderOnly:
     B, P = prompt_BP.shape
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     logits_BPV, cache = self.model.apply({'params': params}, prompt_BP, positions_BP,
-                                         jnp.ones_like(prompt_BP), cache=cache)
+                                         jnp.ones_like(prompt_BP), cache=cache, prefill=True)
     last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     return last_BV, cache, lengths_B
 

@@ -29,13 +29,15 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array, segment_ids_BT: Array,
-               cache: dict[str, Array] | None = None, return_hidden: bool = False):
+               cache: dict[str, Array] | None = None, return_hidden: bool = False, prefill: bool = False):
     """-> (logits_BTV, cache); with `return_hidden`, ((final hidden states x_BTD, unembedding w_DV), cache)
-    for a loss computed chunk by chunk (train/loss.py)."""
+    for a loss computed chunk by chunk (train/loss.py). `prefill`: the cache is empty and the rows start at
+    position 0 (decode.py's prefill), so attention runs over the rows with the training kernel."""
     c = self.cfg
     x_BTD, embedding_VD = embed(self, c, tokens_BT, positions_BT)
     x_BTD, cache = run_layers(self, c, x_BTD, positions_BT, segment_ids_BT, name='layers',
-                              num_layers=c.num_layers, causal=True, deterministic=self.deterministic, cache=cache)
+                              num_layers=c.num_layers, causal=True, deterministic=self.deterministic, cache=cache,
+                              prefill=prefill)
     if c.norm_position == 'pre':
       x_BTD = Norm(c, name='final_norm')(x_BTD)
     return logits(self, c, x_BTD, embedding_VD, return_hidden=return_hidden), cache

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.errors import UserError
-from llm_jax.sharding import constrain, split_count
+from llm_jax.models import attention_kernels as kernels
+from llm_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -31,8 +32,8 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 NORM_TYPES = ('rms', 'layer')
 NORM_POSITIONS = ('pre', 'post')
 POSITION_TYPES = ('rope', 'learned', 'relative')
-ROPE_SCALINGS = ('none', 'llama3', 'linear')  # rope_frequencies() below
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # attend() below
+ROPE_SCALINGS = ('none', 'llama3', 'linear')  # positions.rope_frequencies
+ATTENTION_IMPLS = ('auto',) + tuple(kernels.IMPLS)  # attend() below
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections lora_delta adapts
 
 ACTIVATIONS = {
@@ -100,54 +101,6 @@ class Norm(nn.Module):
     if c.norm_type == 'layer' and c.use_bias:
       y = y + _bias(self, 'bias', (self.axis,), (D,), c).astype(jnp.float32).reshape(lead + (D,))
     return y.astype(compute_dtype(c.dtype))
-
-
-def rope_frequencies(half: int, theta: float, scaling=None) -> Array:
-  """The `half` rotary frequencies theta^(-i / half), rescaled by `model.rope_scaling`: 'linear' divides
-  them all by `factor`; 'llama3' (Llama 3.1) divides those whose wavelength is longer than the original
-  context / low_freq_factor, keeps those shorter than original / high_freq_factor, and blends in between."""
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  kind = 'none' if scaling is None else scaling.type
-  if kind == 'linear':
-    return inv_freq / scaling.factor
-  if kind == 'llama3':
-    s = scaling
-    wavelen = 2 * math.pi / inv_freq
-    ratio = s.original_max_positions / wavelen
-    smooth = jnp.clip((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor), 0.0, 1.0)
-    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-  return inv_freq
-
-
-def rope(x_BTNH: Array, positions_BT: Array, theta: float, scaling=None) -> Array:
-  """Rotary positions (Su et al. 2021), rotating the two halves of the head dim (the LLaMA layout that
-  Hugging Face checkpoints use, so their weights load without permutation)."""
-  half = x_BTNH.shape[-1] // 2
-  inv_freq = rope_frequencies(half, theta, scaling)
-  angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
-  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNH.dtype)
-
-
-def relative_bucket(relative_BTS: Array, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
-  """T5's bucket of each (key position - query position): one bucket per distance below half the buckets
-  (per direction when bidirectional), then logarithmically wider ones up to `max_distance`, beyond which
-  all distances share the last. Computed in float32 in the same order as the reference implementations
-  (Mesh TensorFlow, Hugging Face), so distances on a bucket boundary land in the same bucket."""
-  bucket = jnp.zeros_like(relative_BTS)
-  if bidirectional:
-    num_buckets //= 2
-    bucket = (relative_BTS > 0).astype(relative_BTS.dtype) * num_buckets
-    distance = jnp.abs(relative_BTS)
-  else:
-    distance = -jnp.minimum(relative_BTS, 0)
-  exact = num_buckets // 2
-  ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / jnp.float32(math.log(max_distance / exact))
-  large = exact + (ratio * (num_buckets - exact)).astype(relative_BTS.dtype)
-  large = jnp.minimum(large, num_buckets - 1)
-  return bucket + jnp.where(distance < exact, distance, large)
 
 
 def relative_bias(module: nn.Module, cfg, name: str, q_positions_BT: Array, k_positions_BS: Array,
@@ -222,33 +175,44 @@ def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None, cap:
   (a masked backward pass needs one), no additive bias (T5's relative positions would go in as a dense
   B N T S tensor, no faster than XLA), sequence and head dims whole on every device and query and key heads
   split alike (its partitioner refuses anything else: context parallelism stays on XLA)."""
-  if jax.default_backend() != 'gpu' or bias_BNTS is not None or cap:  # no soft-capping in its kernel
-    return False
-  T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
-  if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 128 or T % 2:  # odd T: no masked training
-    return False
-  return (split_count('seq') == split_count('kv_seq') == split_count('head_dim') == 1
-          and split_count('heads') == split_count('kv_heads'))  # q, k and v must be split alike
+  return (jax.default_backend() == 'gpu'
+          and kernels.unsupported('cudnn', kernels.shape_of(q_BTNH, k_BSKH, bias_BNTS is not None, softcap=cap > 0), None,
+                                  'gpu') is None)
 
 
-def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None,
-           scale: bool | float, impl: str, in_order: bool, cap: float = 0.0) -> Array:
-  """Attention by `model.attention_impl`: 'xla' is dot_attention; 'cudnn' is cuDNN's fused flash attention
-  through `jax.nn.dot_product_attention` (the B T S mask, segments and causality, broadcast over heads);
-  'auto' takes cuDNN where `_cudnn_supported`, else XLA (CPU, TPU, float32, T5's bias).
+def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, positions_BT: Array, segment_ids_BT: Array,
+           bias_BNTS: Array | None, cfg, causal: bool, prefill: bool = False, scale: bool | float = True,
+           window: Array | None = None) -> Array:
+  """Self-attention over a whole row (training, evaluation, prefill) by `model.attention_impl`, chosen in
+  attention_kernels.choose: 'xla' is dot_attention; 'cudnn' is cuDNN's fused attention through
+  `jax.nn.dot_product_attention` with the B T S document mask; 'splash' (TPU) and 'pallas_gpu' (GPU) are
+  flash kernels that take the segment ids themselves; 'auto' is the platform's kernel where it applies.
 
-  `in_order` promises that the mask never lets a query see a later key (causal self-attention over packed
-  rows: positions rise within a document and documents are contiguous), so cuDNN may skip the tiles above
-  the diagonal (is_causal), which halves its work. The mask itself still carries the segments.
+  With `causal` the mask never lets a query see a later key (positions rise within a document and documents
+  are contiguous), so cuDNN may skip the tiles above the diagonal (is_causal), which halves its work, and the
+  Pallas kernels may compare token indices. The segments always go in.
+
+  A `prefill` the named kernel cannot take (cuDNN and a prompt of odd length) runs on XLA: a prompt's length
+  is the user's, not the config's, and XLA honours the same mask.
   """
-  if impl == 'auto':
-    impl = 'cudnn' if _cudnn_supported(q_BTNH, k_BSKH, bias_BNTS, cap) else 'xla'
+  cap = cfg.attn_logit_softcap
+  shape = kernels.shape_of(q_BTNH, k_BSKH, bias_BNTS is not None, windowed=cfg.sliding_window > 0,
+                           softcap=cap > 0)
+  try:
+    impl = kernels.choose(cfg.attention_impl, shape, cfg, jax.default_backend())
+  except UserError:
+    if not prefill:
+      raise
+    impl = 'xla'
+
+  if kernels.IMPLS[impl].kernel:
+    factor = logit_scale(scale, q_BTNH.shape[-1]) if scale is not False else 1.0
+    return kernels.run_kernel(impl, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal, scale=factor,
+                              model_cfg=cfg)
+  mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, causal, window)
   if impl == 'xla':
     return dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, cap)
-  if impl == 'cudnn' and jax.default_backend() != 'gpu':
-    raise UserError(f"model.attention_impl='cudnn' needs a CUDA GPU (this backend is {jax.default_backend()}); "
-                    "use 'auto' (cuDNN where it applies) or 'xla'")
-  return fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, impl, in_order)
+  return fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, impl, causal)
 
 
 def fused_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None,
@@ -281,6 +245,7 @@ class Attention(nn.Module):
   cfg: Any
   causal: bool = True
   cross: bool = False
+  prefill: bool = False  # the cache is empty and this call holds each row from position 0 (decode's prefill)
 
   def _project(self, x_BxD: Array, name: str, heads: int, axis: str) -> Array:
     c = self.cfg
@@ -330,18 +295,20 @@ class Attention(nn.Module):
       q_BTNH = checkpoint_name(constrain(q_BTNH, ('batch', 'seq', 'heads', 'head_dim')), 'attn_qkv')
       k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
       v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
-      if cache is None:
+      if cache is not None:
+        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
+      if cache is None or (self.prefill and bias_BNTS is None):
         # Context parallelism: queries stay split over the sequence axis while keys and values are gathered
         # whole (`kv_seq` is never split), so each device attends its block of queries to the entire row.
+        # A prefill attends to its own keys, which are all the cache holds: the whole-row kernels apply.
         k_BSKH = constrain(k_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
         v_BSKH = constrain(v_BTKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
-        mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, self.causal, window)
-        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, c.attention_impl,
-                          in_order=self.causal, cap=c.attn_logit_softcap)
+        out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT, bias_BNTS, c, self.causal,
+                          prefill=cache is not None, scale=scale, window=window)
       else:
-        # Cache slot s holds position s of its row. Every slot at or before a query's position has been
-        # written by then (prompt or generated token), so position order alone is the mask.
-        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
+        # A decode step's few queries against the cache: XLA's einsums (a flash kernel's tiles would be
+        # almost empty). Cache slot s holds position s of its row. Every slot at or before a query's
+        # position has been written by then (prompt or generated token), so position order alone is the mask.
         B, S = cache['k'].shape[:2]
         slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
         mask_BTS = (slots_BS[:, None, :] <= positions_BT[:, :, None]) & in_window(positions_BT, slots_BS, window)

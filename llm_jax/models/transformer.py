@@ -43,6 +43,7 @@ class Block(nn.Module):
   causal: bool = True
   cross: bool = False
   deterministic: bool = True
+  prefill: bool = False  # decode's prefill: self-attention over the row itself (layers.Attention)
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, bias_BNTS: Array | None,
@@ -59,7 +60,7 @@ class Block(nn.Module):
       return (x_BTD if pre else Norm(c, name=f'{name}_norm')(x_BTD)), aux
 
     self_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
-    attn = Attention(c, causal=self.causal, name='attn')
+    attn = Attention(c, causal=self.causal, prefill=self.prefill, name='attn')
     x_BTD, self_cache = residual('attn', x_BTD, lambda h: attn(h, positions_BT, segment_ids_BT, bias_BNTS,
                                                                self_cache, window=window))
     new_cache = self_cache
@@ -99,10 +100,11 @@ def _windows(cfg, num_layers: int) -> Array | None:
 def run_layers(parent: nn.Module, cfg, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, *,
                name: str, num_layers: int, causal: bool, deterministic: bool, cross: bool = False,
                encoded_BSD: Array | None = None, encoded_segment_ids_BS: Array | None = None,
-               cache: dict[str, Array] | None = None) -> tuple[Array, dict | None]:
+               cache: dict[str, Array] | None = None, prefill: bool = False) -> tuple[Array, dict | None]:
   """`num_layers` blocks under `parent.<name>`: scanned (one compiled layer, parameters stacked on a
   leading 'layers' axis) or unrolled (`<name>_0`, `<name>_1`, ...). With relative positions, the bias is
-  computed once here from `<name>_rel_bias` and shared by every layer, as in T5."""
+  computed once here from `<name>_rel_bias` and shared by every layer, as in T5. `prefill`: the cache is
+empty and every row starts at position 0, so self-attention may run over the rows alone."""
   bias_BNTS = None
   if cfg.position_type == 'relative':
     if cache is None:  # packed rows: within a segment, key - query position is the index difference
@@ -120,12 +122,13 @@ def run_layers(parent: nn.Module, cfg, x_BTD: Array, positions_BT: Array, segmen
     stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                     in_axes=(nn.broadcast,) * len(args) + (0, 0), length=num_layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
-    return stack(cfg, causal, cross, deterministic, name=name, parent=parent)(x_BTD, *args, windows_L, cache)
+    return stack(cfg, causal, cross, deterministic, prefill, name=name, parent=parent)(x_BTD, *args, windows_L,
+                                                                                        cache)
   new_cache = []
   for i in range(num_layers):
     layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
     window = None if windows_L is None else windows_L[i]
-    x_BTD, layer_cache = block(cfg, causal, cross, deterministic, name=f'{name}_{i}', parent=parent)(
+    x_BTD, layer_cache = block(cfg, causal, cross, deterministic, prefill, name=f'{name}_{i}', parent=parent)(
         x_BTD, *args, window, layer_cache)
     new_cache.append(layer_cache)
   if cache is not None:

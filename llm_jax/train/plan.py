@@ -10,18 +10,21 @@ fusion differ from a TPU's or GPU's, so it is an estimate to leave a margin on, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import sharding
 from llm_jax.models import flops
 from llm_jax.data import objectives, packing
 from llm_jax.errors import UserError
+from llm_jax.models import attention_kernels as kernels
 from llm_jax.train.step import setup_train_step
 
 GiB = 1024 ** 3
@@ -92,6 +95,45 @@ def device_capacity(devices, device_kind: str | None, device_memory: str | None)
   return capacity_of_kind(d.device_kind)
 
 
+def target_platform(devices, device_kind: str | None) -> str | None:
+  """'tpu' / 'gpu' / 'cpu': the platform the plan is for (--device_kind's family, else the devices'), None
+  for a device kind this table does not know."""
+  if device_kind:
+    low = device_kind.lower()
+    family = next((f for f, names, _ in DEVICE_MEMORY if any(n in low for n in names)), None)
+    return family or ('tpu' if 'tpu' in low else 'gpu' if re.search(r'\d+\s*gb', low) else None)
+  return devices[0].platform
+
+
+def _split(mesh, rules, name: str) -> int:
+  entry = sharding.logical_to_spec((name,), rules)[0]
+  axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def attention_on(cfg, mesh, rules, platform: str) -> tuple[str | None, str | None]:
+  """(the kernel model.attention_impl runs on `platform` for this config and mesh as layers.attend chooses it
+  for the training rows, or None where the named kernel refuses; the refusal, or why the platform's own
+  kernel does not apply, or None)."""
+  m = cfg.model
+  # compute_dtype's 'auto' for that platform, not for the one planning here.
+  dtype = jnp.dtype(m.dtype if m.dtype != 'auto' else jnp.float32 if platform == 'cpu' else jnp.bfloat16)
+  heads, kv_heads = _split(mesh, rules, 'heads'), _split(mesh, rules, 'kv_heads')
+  shape = kernels.Shape(seq_len=cfg.data.seq_len, head_dim=m.head_dim, dtype=dtype,
+                        has_bias=m.position_type == 'relative',
+                        seq_split=max(_split(mesh, rules, a) for a in ('seq', 'kv_seq', 'head_dim')),
+                        heads_alike=heads == kv_heads,
+                        heads_divide=not m.num_heads % heads and not m.num_kv_heads % kv_heads,
+                        windowed=m.sliding_window > 0, softcap=m.attn_logit_softcap > 0)
+  try:
+    impl = kernels.choose(m.attention_impl, shape, m, platform)
+  except UserError as e:
+    return None, str(e)
+  own = {'tpu': 'splash', 'gpu': 'pallas_gpu'}.get(platform)
+  return impl, (f'{own} {kernels.unsupported(own, shape, m, platform)}' if own and impl not in (own, 'cudnn')
+                else None)
+
+
 def abstract_batch(data_cfg, batch_sharding) -> dict:
   """The train step's batch as shapes: the objective's packed keys, [batch_size, stream length] each."""
   streams = objectives.streams(data_cfg)  # the layout does not depend on the tokenizer
@@ -99,10 +141,19 @@ def abstract_batch(data_cfg, batch_sharding) -> dict:
           for k, v in packing.empty_batch(streams, data_cfg.batch_size).items()}
 
 
-def make_plan(cfg, devices, capacity: Capacity | None, top: int = 8) -> dict:
-  """Compile the train step of `cfg` on `devices` and measure it; the report's data."""
+def make_plan(cfg, devices, capacity: Capacity | None, top: int = 8, target: str | None = None) -> dict:
+  """Compile the train step of `cfg` on `devices` and measure it; the report's data. `target`: the platform
+  the plan is for when the devices here stand in for it (target_platform)."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   rules = sharding.rules_from_config(cfg.mesh)
+  here = devices[0].platform
+  asked = cfg
+  compiled_attention, _ = attention_on(cfg, mesh, rules, here)
+  if compiled_attention is None:
+    # A kernel of another platform (splash planned on fake CPU devices): compile the XLA path it replaces,
+    # whose score matrices are then in the temporaries; the report says what the kernel saves there.
+    cfg = copy.deepcopy(cfg)
+    cfg.model.attention_impl = compiled_attention = 'xla'
   sharding.check_batch(cfg.data.batch_size, cfg.data.seq_len, mesh, rules, cfg.train.microbatches)
   # The step exactly as train/loop.py builds it (loss options, microbatches and LoRA change its memory).
   setup = setup_train_step(cfg, mesh, rules)
@@ -138,7 +189,25 @@ def make_plan(cfg, devices, capacity: Capacity | None, top: int = 8) -> dict:
       'capacity': None if capacity is None else {'bytes': capacity.bytes, 'where': capacity.where},
       'largest': sorted(arrays, key=lambda a: -a['bytes'])[:top],
       'remat': cfg.model.remat, 'rows_per_device': _rows_per_device(cfg, mesh, rules),
+      'attention': _attention_report(asked, mesh, rules, compiled_attention, target or here),
   }
+
+
+def _attention_report(cfg, mesh, rules, compiled: str, target: str | None) -> dict:
+  """The kernel compiled here and, for another target, the one that runs there; for a TPU target, the score
+  matrices (float32 rows x heads x T x T per layer) that splash never builds, at the config's row length."""
+  report = {'compiled': compiled, 'target': target, 'target_impl': None, 'why_not': None, 'scores': None,
+            'seq_len': cfg.data.seq_len}
+  if target in ('tpu', 'gpu'):
+    # The model config as given (a kernel another platform needs was swapped for XLA only to compile here).
+    report['target_impl'], report['why_not'] = attention_on(cfg, mesh, rules, target)
+  if target == 'tpu':
+    rows = _rows_per_device(cfg, mesh, rules) / cfg.train.microbatches
+    heads = cfg.model.num_heads / _split(mesh, rules, 'heads')
+    layers = cfg.model.num_layers + (cfg.model.num_decoder_layers or cfg.model.num_layers
+                                     if cfg.model.family == 'encdec' else 0)
+    report['scores'] = kernels.score_bytes(rows, heads, cfg.data.seq_len, layers)
+  return report
 
 
 def _rows_per_device(cfg, mesh, rules) -> float:
@@ -207,5 +276,24 @@ def render(report: dict, recipe: str, fake: bool) -> str:
   for a in report['largest']:
     shape = f'{a["dtype"]}[{",".join(map(str, a["shape"]))}]'
     lines.append(f'  {a["name"]:<{width}}  {shape:<26} {a["spec"]:<44} {a["device_bytes"] / 2**20:>10,.1f} MiB')
+  lines.extend(_attention_lines(report['attention'], report))
   lines.append('verdict: ' + verdict(report)[1])
   return '\n'.join(lines)
+
+
+def _attention_lines(a: dict, report: dict) -> list[str]:
+  lines = [f'attention: {a["compiled"]} compiled here ({kernels.IMPLS[a["compiled"]].why})']
+  target = (a['target'] or '').upper()
+  if a['target'] in ('tpu', 'gpu') and a['target_impl'] is None:
+    lines.append(f'attention on {target}: REFUSED there: {a["why_not"]}')
+  elif a['target'] in ('tpu', 'gpu') and (a['target'] != report['platform'] or a['why_not']):
+    lines.append(f'attention on {target}: {a["target_impl"]} ({kernels.IMPLS[a["target_impl"]].why})'
+                 + (f'; {a["why_not"]}' if a['why_not'] else ''))
+  if a['scores']:
+    s = a['scores']
+    verb = 'splash never builds' if a['target_impl'] == 'splash' else 'splash would avoid'
+    size = lambda n: _gib(n) if n >= GiB else f'{n / 2 ** 20:.1f} MiB'
+    lines.append(f'  score matrices {verb}: {size(s["per_layer"])} per layer per device (float32 rows x heads '
+                 f'x T x T, T = data.seq_len = {a["seq_len"]}), up to {size(s["all_layers"])} over all layers '
+                 'in a backward pass without remat')
+  return lines

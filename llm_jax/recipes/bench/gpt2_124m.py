@@ -8,7 +8,7 @@ The model keeps the `gpt2_124m` recipe's layout (learned positions, biases, tied
 has no position table, no biases and an untied head, which changes no matmul FLOPs (the tied table is the
 output projection, counted once either way; tests/test_bench_train.py checks the counts agree).
 Speed levers as the defaults choose them on an accelerator: bfloat16 compute over float32 master weights
-(model.dtype='auto'), cuDNN flash attention (model.attention_impl='auto'), no rematerialisation (a 124M
+(model.dtype='auto'), flash attention (model.attention_impl='auto': Pallas on GPU), no rematerialisation (a 124M
 model's activations at 16 x 1024 fit many times over), scanned layers, the optimizer update in the step.
 
 Variants: `bench/gpt2_124m:tiny` keeps the layout at CPU size (the benchmark's smoke test).

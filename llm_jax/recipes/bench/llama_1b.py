@@ -4,8 +4,8 @@
 vocabulary 32000, rows of 2048 tokens, batch 8.
 
 Training (tools/bench_train.py, issue 9) times it against the torch.compile reference's llama1b shape:
-bfloat16 compute over float32 master weights on an accelerator (model.dtype='auto'), cuDNN flash attention
-(model.attention_impl='auto'), no rematerialisation (8 x 2048 tokens of a 1B model fit in 80 GB without
+bfloat16 compute over float32 master weights on an accelerator (model.dtype='auto'), flash attention
+(model.attention_impl='auto': Pallas on GPU), no rematerialisation (8 x 2048 tokens of a 1B model fit in 80 GB without
 it), scanned layers, the optimizer update inside the one jitted step.
 Decoding (tools/bench_decode.py, issue 8) loads the same shape with bfloat16 weights (its --param_dtype), as
 the Hugging Face reference serves them.
