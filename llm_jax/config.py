@@ -117,7 +117,13 @@ def default_config() -> ml_collections.ConfigDict:
   d.shards = 8  # logical data shards: fixed for a run, a multiple of the process count, divides batch_size
   d.workers = 0  # worker processes that read and tokenize (0: in the training process)
   d.prefetch = 64  # documents read ahead per shard
-  d.heldout_percent = 5  # share of documents held out, chosen by a hash of their name
+  d.heldout_percent = 5  # share held out: documents chosen by a hash of their name, or with too few
+  # documents for that the last heldout_percent% of each by position (data/splitting.py)
+  d.heldout_source = ''  # a source of its own for the held-out split ('' splits data.source); when set,
+  # every document of data.source trains
+  d.encoding = 'utf-8'  # of .txt and .jsonl files (e.g. latin-1)
+  d.decode_errors = 'strict'  # strict: a file that is not valid in data.encoding is skipped and reported;
+  # replace: bad bytes become U+FFFD and the file is kept; ignore: they are dropped
   d.tokenizer = ''  # path to a sentencepiece .model; '' trains one into WORKDIR/tokenizer.model
   d.tokenizer_train_chars = 20_000_000  # text the tokenizer is trained on, at most
   d.seq_len = 256
@@ -381,8 +387,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(d.batch_size >= 1, 'data.batch_size', d.batch_size, 'a positive integer')
   _require(0 <= d.heldout_percent < 100, 'data.heldout_percent', d.heldout_percent,
            'between 0 (no held-out documents) and 99')
-  _require(d.heldout_percent > 0 or cfg.eval.every == 0, 'data.heldout_percent', d.heldout_percent,
-           'above 0 while eval.every > 0 (held-out loss needs held-out documents)')
+  _require(d.heldout_percent > 0 or cfg.eval.every == 0 or bool(d.heldout_source), 'data.heldout_percent',
+           d.heldout_percent, 'above 0 while eval.every > 0 (held-out loss needs held-out documents; or set '
+           'data.heldout_source)')
+  _require(_known_encoding(d.encoding), 'data.encoding', d.encoding, 'a Python codec name such as utf-8 or latin-1')
+  _require(d.decode_errors in _DECODE_ERRORS, 'data.decode_errors', d.decode_errors, f'one of {_DECODE_ERRORS}')
   _require(d.tokenizer_train_chars > 0, 'data.tokenizer_train_chars', d.tokenizer_train_chars, 'positive')
   _require(bool(d.source), 'data.source', d.source, "'builtin', a glob of .txt/.jsonl files, or tfds:NAME")
   _check_mixture(d.mixture)
@@ -490,6 +499,17 @@ def _validate_family(cfg) -> None:
     _require(span_chunk_length(d.seq_len, d.target_len, d.noise_density, d.mean_span_length) >= 2,
              'data.target_len', d.target_len, f'room for the targets of at least two tokens of input '
              f'(data.seq_len={d.seq_len}, data.noise_density={d.noise_density})')
+
+
+_DECODE_ERRORS = ('strict', 'replace', 'ignore')
+
+
+def _known_encoding(name: str) -> bool:
+  import codecs
+  try:
+    return codecs.lookup(name) is not None
+  except LookupError:
+    return False
 
 
 def reserved_ids(data_cfg) -> int:
