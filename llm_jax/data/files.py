@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 
+from llm_jax.data import remote
 from llm_jax.errors import UserError
 
 SUFFIXES = ('.txt', '.jsonl', '.txt.gz', '.jsonl.gz')
@@ -80,9 +81,13 @@ def kind_of(path: str) -> str:
   raise UserError(f'{path}: unsupported file type (expected one of {", ".join(SUFFIXES)})')
 
 
+def _open_binary(path: str):
+  return remote.open_binary(path) if remote.is_url(path) else open(path, 'rb')
+
+
 def _read_all(path: str) -> bytes:
   try:
-    with open(path, 'rb') as f:
+    with _open_binary(path) as f:
       data = f.read()
     return gzip.decompress(data) if path.endswith('.gz') else data
   except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile is an OSError: catch it first
@@ -142,8 +147,8 @@ def index_file(path: str, txt_mode: str, kind: str | None = None) -> _File:
       size = len(_read_all(path))
     else:
       try:
-        size = os.path.getsize(path)
-        with open(path, 'rb'):  # unreadable files are found now, not hours into the run
+        size = remote.size(path) if remote.is_url(path) else os.path.getsize(path)
+        with _open_binary(path):  # unreadable files are found now, not hours into the run
           pass
       except OSError as e:
         raise UserError(f'cannot read {path}: {e.strerror or e}') from None
@@ -229,7 +234,7 @@ class FileDocuments:
       if data is None:
         data = self._gz_cache[file.path] = _read_all(file.path)
       return data[start:end]
-    with open(file.path, 'rb') as fh:
+    with _open_binary(file.path) as fh:
       fh.seek(start)
       return fh.read(end - start)
 

@@ -27,7 +27,7 @@ import sysconfig
 from typing import Iterator
 
 from llm_jax import config as config_lib
-from llm_jax.data import files, splitting, tables
+from llm_jax.data import files, remote, splitting, tables
 from llm_jax.data.files import Record, Skipped
 from llm_jax.data.splitting import in_heldout
 from llm_jax.errors import UserError
@@ -71,7 +71,10 @@ def source_specs(data_cfg) -> list[tuple[str, float]]:
 
 
 def glob_paths(pattern: str, key: str = 'data.source') -> list[str]:
-  paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  if remote.is_url(pattern):
+    paths = remote.glob(pattern)
+  else:
+    paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
   if not paths:
     where = 'the path does not exist' if not globlib.has_magic(pattern) else 'the glob matches no files'
     raise UserError(f'config key {key}={pattern!r}: {where}')

@@ -36,6 +36,11 @@ def _pq():
   return pq
 
 
+def _parquet_file(path: str):
+  from llm_jax.data import remote
+  return _pq().ParquetFile(remote.open_binary(path) if remote.is_url(path) else path)
+
+
 def _text(raw, field: str, where: str):
   if raw is None:
     return Skipped(where, 'missing_field', f'field {field!r} is empty (null)')
@@ -53,12 +58,11 @@ class ParquetDocuments:
   """Every row of `paths`, in file order. Picklable: a worker process opens its own readers."""
 
   def __init__(self, paths: list[str], field: str, key: str):
-    pq = _pq()
     self._paths, self._field = paths, field
     counts, groups = [], []
     for f, path in enumerate(paths):
       try:
-        meta = pq.ParquetFile(path).metadata
+        meta = _parquet_file(path).metadata
       except OSError as e:
         raise UserError(f'cannot read {path}: {e}') from None
       except Exception as e:  # pyarrow.ArrowInvalid: not a Parquet file
@@ -97,7 +101,7 @@ class ParquetDocuments:
       f, fg = self._groups[g]
       reader = self._readers.get(f)
       if reader is None:
-        reader = self._readers[f] = _pq().ParquetFile(self._paths[f])
+        reader = self._readers[f] = _parquet_file(self._paths[f])
       column = reader.read_row_group(fg, columns=[self._field]).column(0).to_pylist()
       self._cache[g] = column
       while len(self._cache) > CACHED_GROUPS:
@@ -199,7 +203,7 @@ def select(base, split: str, percent: int):
 def open_hf(directory: str, data_cfg, split: str, key: str, whole: bool):
   """`split` of hf:DIR: a DatasetDict's own split, or a single dataset split like a file source."""
   from llm_jax.data import tfds_source
-  if not os.path.isdir(directory):
+  if '://' not in directory and not os.path.isdir(directory):
     raise UserError(f'{key}: hf:{directory}: the directory does not exist')
   ds = _load(directory)
   splits = list(ds.keys()) if hasattr(ds, 'keys') else None
