@@ -1,5 +1,6 @@
 """Your own text as it comes (issue 16): one big file, a handful of files, a held-out source of its own."""
 
+import json
 import subprocess
 import sys
 
@@ -165,4 +166,39 @@ def test_a_source_without_usable_text_is_one_line_before_anything_is_written(tmp
   assert line.startswith(f"llm-jax: error: data.source='{bad}/*.txt' has no usable text: 3 files tried"), line
   for name, why in (('empty.txt', 'empty document'), ('latin1.txt', 'invalid UTF-8'), ('random.txt', 'binary')):
     assert f'{bad / name}' in line and why in line, line
+  assert not workdir.exists()
+
+
+def test_a_messy_folder_trains_evaluates_and_resumes_from_the_command_line(tmp_path, tokenizer_path):
+  """The issue's case end to end: only data.source changed (and a short run), held-out loss evaluated."""
+  _messy_folder(tmp_path / 'messy')
+  workdir = tmp_path / 'run'
+
+  def train(steps):
+    return subprocess.run([sys.executable, '-m', 'llm_jax.cli', 'train', f'--workdir={workdir}', f'--config={TINY}',
+                           f'--config.data.source={tmp_path / "messy"}/*', f'--config.data.tokenizer={tokenizer_path}',
+                           f'--config.train.steps={steps}', '--config.eval.every=2', '--config.train.log_every=1',
+                           '--config.train.checkpoint_every=2'],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+  first = train(2)
+  assert first.returncode == 0, first.stderr
+  assert 'too few to hold out whole ones' in first.stderr and 'llm-jax: warning:' in first.stderr
+  second = train(4)
+  assert second.returncode == 0 and 'resumed from step 2' in second.stdout, second.stderr
+  with open(workdir / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  evals = [r for r in records if r['split'] == 'eval']
+  assert [r['step'] for r in evals] == [2, 4] and all(np.isfinite(r['loss']) and r['loss'] > 0 for r in evals)
+
+
+def test_a_missing_held_out_source_is_one_line_and_writes_nothing(tmp_path, tokenizer_path, capsys):
+  from llm_jax import cli
+  (tmp_path / 'train.txt').write_text(_stdlib_text(5000), encoding='utf-8')
+  workdir = tmp_path / 'run'
+  rc = cli.main(['train', f'--workdir={workdir}', f'--config={TINY}', f'--config.data.source={tmp_path}/train.txt',
+                 f'--config.data.tokenizer={tokenizer_path}', f'--config.data.heldout_source={tmp_path}/nope.txt'])
+  err = capsys.readouterr().err
+  assert rc == 2 and err == (f"llm-jax: error: config key data.heldout_source='{tmp_path}/nope.txt': the path "
+                             'does not exist\n'), err
   assert not workdir.exists()

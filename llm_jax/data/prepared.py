@@ -111,6 +111,7 @@ def prepare(data_cfg, tokenizer, output: str, name: str, on_progress=None) -> di
   if os.path.exists(target):
     raise UserError(f'{target} already exists; choose another --output or --name, or remove it')
   docs_by_split = {split: sources.open_source(data_cfg, split) for split in sources.SPLITS}
+  sources.require_texts(data_cfg, [(docs_by_split['train'], 1.0)])  # nothing written for a source without text
   stats = {'documents': 0, 'tokens': 0, 'skipped': 0, 'bytes': 0, 'read': 0,
            'total': sum(len(d) for d in docs_by_split.values())}
   builder_cls = _builder_class(tfds, name, docs_by_split, tokenizer, data_cfg.workers, stats, on_progress)
