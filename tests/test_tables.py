@@ -46,6 +46,12 @@ def test_parquet_rows_split_by_name_read_by_row_group(tmp_path):
   assert train.name(0) == f'{tmp_path / "pq" / "part-0.parquet"}:row group 0:row 0'
   got = sorted((t for t in _all(train) + _all(heldout) if isinstance(t, str)))
   assert got == sorted(t for t in texts if t)
+  moved = tmp_path / 'elsewhere'  # the split is the same wherever the files lie
+  moved.mkdir()
+  for p in (tmp_path / 'pq').iterdir():
+    (moved / p.name).write_bytes(p.read_bytes())
+  cfg_moved = tiny_config(('data.source', str(moved / '*.parquet')), ('data.text_field', 'content'))
+  assert _all(sources.open_source(cfg_moved.data, 'heldout')) == _all(heldout)
   skipped = [t for t in _all(train) + _all(heldout) if isinstance(t, Skipped)]
   assert sorted(s.kind for s in skipped) == ['empty', 'empty', 'missing_field', 'missing_field']
   # One document read decodes one row group (of its one column), never the file.

@@ -9,14 +9,16 @@ epoch, so a row group is decoded about once per epoch and shard rather than once
 HF dataset is memory-mapped Arrow: rows are read where they lie.
 
 Splits: an HF DatasetDict's own (data.tfds_train_split, and for held-out data.tfds_heldout_split or the
-first of heldout / validation / test); otherwise, like text files, by a hash of each row's name, or with too
-few rows for that the last heldout_percent% of each row's text (splitting.py).
+first of heldout / validation / test); otherwise by a hash of each row's file (or dataset) base name and
+number, the same wherever the data lies, or with too few rows for that the last heldout_percent% of each
+row's text (as splitting.py does for text files).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import zlib
 
 import numpy as np
 
@@ -86,6 +88,17 @@ class ParquetDocuments:
   def __len__(self) -> int:
     return int(self._starts[-1])
 
+  def parts(self):
+    """(file base name, first row, end row) of each file."""
+    ends = {}
+    for g, (f, _) in enumerate(self._groups):
+      ends[f] = int(self._starts[g + 1])
+    start = 0
+    for f, path in enumerate(self._paths):
+      stop = ends.get(f, start)
+      yield os.path.basename(path), start, stop
+      start = stop
+
   def _locate(self, i: int) -> tuple[int, int]:
     g = int(np.searchsorted(self._starts, i, side='right')) - 1
     return g, i - int(self._starts[g])
@@ -145,6 +158,9 @@ class HFDocuments:
   def __len__(self) -> int:
     return self._len
 
+  def parts(self):
+    yield os.path.basename(os.path.normpath(self._dir)), 0, self._len
+
   def name(self, i: int) -> str:
     return f'hf:{self._dir}' + (f'[{self._split}]' if self._split else '') + f'[{i}]'
 
@@ -191,13 +207,32 @@ class Selected:
     return text if text.strip() else Skipped(self.name(i), 'empty', 'empty document')
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """SplitMix64's finalizer: a well-spread 64-bit hash of each integer, vectorized."""
+  x = x.astype(np.uint64)
+  with np.errstate(over='ignore'):
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def heldout_mask(base, percent: int) -> np.ndarray:
+  """Which rows are held out: a hash of (the file's or dataset's base name, the row's number in it), so
+  the split is the same wherever the data lies; computed for all rows at once (millions in a second)."""
+  keys = np.empty(len(base), np.uint64)
+  for label, start, stop in base.parts():
+    salt = zlib.crc32(label.encode('utf-8'))
+    keys[start:stop] = _mix64(np.arange(stop - start, dtype=np.uint64) + (np.uint64(salt) << np.uint64(32)))
+  return _mix64(keys) % np.uint64(100) < np.uint64(percent)
+
+
 def select(base, split: str, percent: int):
   """(the rows of `split`, whether they were chosen by document), as splitting.plan chooses for files."""
-  names = [base.name(i) for i in range(len(base))]
-  if percent == 0 or splitting.by_document(names, percent):
-    held = np.fromiter((splitting.in_heldout(n, percent) for n in names), bool, len(names))
+  held = heldout_mask(base, percent)
+  n = len(base)
+  if percent == 0 or (n * percent >= splitting.EXPECTED_HELDOUT * 100 and 0 < held.sum() < n):
     return Selected(base, np.flatnonzero(held == (split == 'heldout')), None), True
-  return Selected(base, np.arange(len(base)), Part('tail' if split == 'heldout' else 'head', percent)), False
+  return Selected(base, np.arange(n), Part('tail' if split == 'heldout' else 'head', percent)), False
 
 
 def open_hf(directory: str, data_cfg, split: str, key: str, whole: bool):
