@@ -167,6 +167,11 @@ def open_sources(data_cfg, split: str) -> list[tuple[object, float]]:
   return [(_open_one(spec, data_cfg, split, key, whole), w) for spec, w in specs]
 
 
+def open_whole(data_cfg, spec: str, key: str = 'data.source'):
+  """Every document of `spec`, none cut by a split (`llm-jax eval --data`); a TFDS source's held-out split."""
+  return _open_one(spec, data_cfg, 'heldout', key, whole=True)
+
+
 class Interleaved:
   """Finite documents of several sources interleaved in proportion to their weights, every document once:
   a mixture's held-out set, read in order by evaluation."""
