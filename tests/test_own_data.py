@@ -68,7 +68,7 @@ def test_one_big_file_fills_every_shard_holds_out_its_tail_and_resumes_exactly(t
   uninterrupted, _, _ = _batches(cfg, tokenizer, 1, 5)
   assert all(b['loss_mask'].all() for b in uninterrupted)  # every row of every shard is full of text
   err = capfd.readouterr().err  # said once, by the training stream
-  assert err.count('llm-jax: note: ') == 1 and 'has 1 documents, too few to hold out whole ones' in err
+  assert err.count('llm-jax: note: ') == 1 and 'has 1 document, too few to hold out whole ones' in err
   assert 'the last 5% of each is held out, by position' in err
   _, state, _ = _batches(cfg, tokenizer, 2, 2)
   resumed, _, _ = _batches(cfg, tokenizer, 4, 3, state)

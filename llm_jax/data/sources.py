@@ -120,8 +120,9 @@ def _open_one(spec: str, data_cfg, split: str, key: str, whole: bool = False):
                              data_cfg.encoding, data_cfg.decode_errors)
   if not by_document:  # said by require_texts, once the source is known to hold text
     how = 'its last documents are' if chat else f'the last {percent}% of each is'
-    docs.note = (f'{key}={spec!r} has {sum(len(f.starts) for f in found)} documents, too few to hold out whole '
-                 f'ones (data.heldout_percent={percent}): {how} held out, by position')
+    n = sum(len(f.starts) for f in found)
+    docs.note = (f'{key}={spec!r} has {n} document{"s" if n != 1 else ""}, too few to hold out whole ones '
+                 f'(data.heldout_percent={percent}): {how} held out, by position')
   if not len(docs):
     raise UserError(f'{key}={spec!r} has no {split} documents (data.heldout_percent={percent})')
   return docs
@@ -138,8 +139,9 @@ def _open_table(spec: str, data_cfg, split: str, key: str, whole: bool, chat: bo
     base = tables.ParquetDocuments(glob_paths(spec, key), data_cfg.text_field, key)
     docs, by_document = tables.select(base, 'train' if whole else split, 0 if whole else data_cfg.heldout_percent)
   if not by_document:
-    docs.note = (f'{key}={spec!r} has {len(docs)} rows, too few to hold out whole ones (data.heldout_percent='
-                 f'{data_cfg.heldout_percent}): the last {data_cfg.heldout_percent}% of each is held out, by position')
+    p, n = data_cfg.heldout_percent, len(docs)
+    docs.note = (f'{key}={spec!r} has {n} row{"s" if n != 1 else ""}, too few to hold out whole ones '
+                 f'(data.heldout_percent={p}): the last {p}% of each is held out, by position')
   if not len(docs):
     raise UserError(f'{key}={spec!r} has no {split} documents (data.heldout_percent={data_cfg.heldout_percent})')
   return docs
