@@ -96,6 +96,12 @@ def test_a_handful_of_files_where_most_shards_have_nothing_usable_draws_from_the
   assert any(pos['dry'] for pos in state['positions'].values())
   resumed, _, _ = _batches(cfg, tokenizer, 1, 3, state)
   _assert_same(uninterrupted[3:], resumed)
+  workers = tiny_config(('data.source', str(tmp_path / '*.txt')), ('data.workers', '1'), ('data.prefetch', '4'))
+  stream = pipeline.TrainStream(workers.data, tokenizer, seed=0)
+  try:  # the fallback is read through the worker processes the same way
+    _assert_same(uninterrupted, [next(stream) for _ in range(6)])
+  finally:
+    stream.close()
 
 
 def test_a_held_out_source_of_its_own(tmp_path):
