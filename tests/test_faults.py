@@ -367,7 +367,7 @@ def test_data_files_deleted_mid_run(tmp_path, tokenizer_path, small_corpus, faul
   for path in corpus.iterdir():
     path.unlink()
   assert run.finish(timeout=240) == 2
-  errors = [line for line in run.stderr.splitlines() if not line.startswith('llm-jax: warning:')]
+  errors = [line for line in run.stderr.splitlines() if not line.startswith(('llm-jax: warning:', 'llm-jax: note:'))]
   assert len(errors) == 1 and errors[0].startswith('llm-jax: error: ') and 'documents in a row could not be used' \
       in errors[0] and 'no usable training data is left' in errors[0], run.stderr
   assert 160 in _committed(workdir)

@@ -146,6 +146,7 @@ def test_prepare_command_writes_once_and_refuses_to_overwrite(tmp_path, tokenize
   res = _cli('prepare', *flags)
   assert res.returncode == 0, res.stderr
   assert 'wrote ' in res.stdout and 'train from it with --config.data.source=tfds:' in res.stdout
+  assert 'tokens/s' in res.stdout  # the rates, once at the end
   assert os.path.isfile(tmp_path / 'out' / 'llm_jax_text' / '1.0.0' / prepared.tfds_source.TOKENIZER_FILE)
   again = _cli('prepare', *flags)
   assert again.returncode == 2 and again.stderr.strip().endswith('already exists; choose another --output or '
@@ -160,3 +161,28 @@ def test_ids_are_stored_compactly(prepared_dir):
   assert 'uint16' in json.dumps(features)  # a vocabulary under 65,536 pieces: two bytes a token
   assert np.asarray(tfds.data_source('tiny_corpus', split='train', data_dir=os.path.dirname(
       os.path.dirname(info['path'])))[0]['ids']).dtype == np.uint16
+
+
+def test_prepare_with_worker_processes_writes_the_same_dataset_and_reports_progress(prepared_dir, tokenizer,
+                                                                                   tmp_path, capsys):
+  out, info, cfg = prepared_dir
+  seen = []
+  two = tiny_config(('data.source', cfg.data.source), ('data.heldout_percent', '20'), ('data.workers', '2'))
+  got = prepared.prepare(two.data, tokenizer, str(tmp_path), 'tiny_corpus', on_progress=lambda s: seen.append(dict(s)))
+  assert (got['documents'], got['tokens'], got['skipped']) == (info['documents'], info['tokens'], info['skipped'])
+  for split in ('train', 'heldout'):
+    a = tfds.data_source('tiny_corpus', split=split, data_dir=out)
+    b = tfds.data_source('tiny_corpus', split=split, data_dir=str(tmp_path))
+    assert [(r['text'], r['ids'].tolist()) for r in a] == [(r['text'], r['ids'].tolist()) for r in b]
+  assert [s['read'] for s in seen] == list(range(1, seen[-1]['total'] + 1))
+  assert seen[-1]['bytes'] == got['bytes'] == sum(len(t.encode('utf-8')) for t in TEXTS)
+  capsys.readouterr()  # tfds' own lines
+  from llm_jax.commands.prepare import Progress
+  bar = Progress(interactive=False)
+  bar.EVERY = 0.0
+  for s in seen[:2]:
+    bar(s)
+  bar.close()
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith(f'prepare: 1 of {seen[-1]["total"]} documents, ') and 'tokens/s' in lines[0]
+  assert lines[-1].startswith('tokenized ') and 'MB/s' in lines[-1]

@@ -1,11 +1,13 @@
 """Input-pipeline throughput: tokens/s of packed training batches, (a) streamed from text with sentencepiece
-tokenization and packing, and (b) read from pre-tokenized ArrayRecord shards written by `llm-jax prepare`.
+tokenization and packing, (b) read from pre-tokenized ArrayRecord shards written by `llm-jax prepare`, and
+(c) streamed from Parquet (the same documents, read by row group) with tokenization and packing.
 
     .venv/bin/python tools/bench_data.py [--source=builtin] [--workers=0,1,2] [--seconds=20]
 
 Tokens are counted as the batch's row slots (batch_size x seq_len): what the accelerator is fed. The
-tokenizer (4096 pieces) is trained on the source first, and (b) prepares the source into a temporary
-directory; neither is timed. Results go in BENCHMARKS.md with the machine, date and versions.
+tokenizer (4096 pieces) is trained on the source first, (b) prepares the source into a temporary
+directory and (c) writes its training split as Parquet files (row groups of --row_group rows); none of
+this is timed. Results go in BENCHMARKS.md with the machine, date and versions.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def main() -> None:
   p.add_argument('--prefetch', type=int, default=64)
   p.add_argument('--vocab_size', type=int, default=4096)
   p.add_argument('--seconds', type=float, default=20.0)
-  p.add_argument('--only', choices=('text', 'prepared'), default=None)
+  p.add_argument('--row_group', type=int, default=64, help='(c): rows per Parquet row group')
+  p.add_argument('--only', choices=('text', 'prepared', 'parquet'), default=None)
   args = p.parse_args()
 
   base = [('data.source', args.source), ('data.seq_len', str(args.seq_len)),
@@ -98,6 +101,24 @@ def main() -> None:
                                                  ('data.workers', str(w))]).data
         rate, n, cores = measure(data_cfg, tok, args.seconds)
         print(f'(b) prepared ArrayRecord + packing, workers={w}: {rate:,.0f} tokens/s ({n} batches; '
+              f'{cores:.2f} cores busy, {rate / max(cores, 1e-9):,.0f} tokens per core-second)', flush=True)
+  if args.only in (None, 'parquet'):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with tempfile.TemporaryDirectory() as tmp:
+      texts = list(sources.texts(sources.open_source(cfg.data, 'train')))
+      half = len(texts) // 2
+      for i, part in enumerate((texts[:half], texts[half:])):
+        pq.write_table(pa.table({'text': part}), os.path.join(tmp, f'part-{i}.parquet'), row_group_size=args.row_group)
+      print(f'# wrote {len(texts):,} training documents as Parquet (2 files, row groups of {args.row_group}; '
+            'not timed below)', flush=True)
+      for w in workers:
+        # heldout_percent 0: the files hold the training split already.
+        data_cfg = config_lib.load(None, base + [('data.source', os.path.join(tmp, '*.parquet')),
+                                                 ('data.heldout_percent', '0'), ('eval.every', '0'),
+                                                 ('data.workers', str(w))]).data
+        rate, n, cores = measure(data_cfg, tok, args.seconds)
+        print(f'(c) Parquet + sentencepiece + packing, workers={w}: {rate:,.0f} tokens/s ({n} batches; '
               f'{cores:.2f} cores busy, {rate / max(cores, 1e-9):,.0f} tokens per core-second)', flush=True)
   print(f'# load average {os.getloadavg()[0]:.2f} at end')
 

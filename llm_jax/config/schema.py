@@ -102,7 +102,13 @@ def default_config() -> ml_collections.ConfigDict:
   d.shards = 8  # logical data shards: fixed for a run, a multiple of the process count, divides batch_size
   d.workers = 0  # worker processes that read and tokenize (0: in the training process)
   d.prefetch = 64  # documents read ahead per shard
-  d.heldout_percent = 5  # share of documents held out, chosen by a hash of their name
+  d.heldout_percent = 5  # share held out: documents chosen by a hash of their name, or with too few
+  # documents for that the last heldout_percent% of each by position (data/splitting.py)
+  d.heldout_source = ''  # a source of its own for the held-out split ('' splits data.source); when set,
+  # every document of data.source trains
+  d.encoding = 'utf-8'  # of .txt and .jsonl files (e.g. latin-1)
+  d.decode_errors = 'strict'  # strict: a file that is not valid in data.encoding is skipped and reported;
+  # replace: bad bytes become U+FFFD and the file is kept; ignore: they are dropped
   d.tokenizer = ''  # path to a sentencepiece .model; '' trains one into WORKDIR/tokenizer.model
   d.tokenizer_train_chars = 20_000_000  # text the tokenizer is trained on, at most
   d.seq_len = 256

@@ -14,7 +14,7 @@ import ml_collections
 from llm_jax import models
 from llm_jax.config.schema import default_config
 from llm_jax.data import objectives
-from llm_jax.data.files import TXT_MODES
+from llm_jax.data.files import DECODE_ERRORS, TXT_MODES
 from llm_jax.data.mixture import check_weights
 from llm_jax.data.objectives import span_chunk_length
 from llm_jax.errors import UserError
@@ -63,8 +63,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(d.batch_size >= 1, 'data.batch_size', d.batch_size, 'a positive integer')
   _require(0 <= d.heldout_percent < 100, 'data.heldout_percent', d.heldout_percent,
            'between 0 (no held-out documents) and 99')
-  _require(d.heldout_percent > 0 or cfg.eval.every == 0, 'data.heldout_percent', d.heldout_percent,
-           'above 0 while eval.every > 0 (held-out loss needs held-out documents)')
+  _require(d.heldout_percent > 0 or cfg.eval.every == 0 or bool(d.heldout_source), 'data.heldout_percent',
+           d.heldout_percent, 'above 0 while eval.every > 0 (held-out loss needs held-out documents; or set '
+           'data.heldout_source)')
+  _require(_known_encoding(d.encoding), 'data.encoding', d.encoding, 'a Python codec name such as utf-8 or latin-1')
+  _require(d.decode_errors in DECODE_ERRORS, 'data.decode_errors', d.decode_errors, f'one of {DECODE_ERRORS}')
   _require(d.tokenizer_train_chars > 0, 'data.tokenizer_train_chars', d.tokenizer_train_chars, 'positive')
   _require(bool(d.source), 'data.source', d.source, "'builtin', a glob of .txt/.jsonl files, or tfds:NAME")
   _check_mixture(d.mixture)
@@ -188,6 +191,14 @@ def _validate_layout(cfg) -> None:
            "False with model.norm_position='post'")
   _require(not (m.attn_logit_softcap and m.attention_impl == 'cudnn'), 'model.attention_impl', m.attention_impl,
            "'auto' or 'xla' with model.attn_logit_softcap (cuDNN's kernel has no soft-capping)")
+
+
+def _known_encoding(name: str) -> bool:
+  import codecs
+  try:
+    return codecs.lookup(name) is not None
+  except LookupError:
+    return False
 
 
 def _check_profile_steps(steps) -> None:

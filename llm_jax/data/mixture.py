@@ -73,7 +73,13 @@ class EpochShuffle(grain.MapDataset):
     perms = self._perms
     perm = perms.get(epoch)
     if perm is None:
-      perm = np.random.default_rng(_seed(self._shuffle_seed, epoch)).permutation(self._n)
+      rng = np.random.default_rng(_seed(self._shuffle_seed, epoch))
+      perm = rng.permutation(self._n)
+      groups = getattr(self._docs, 'groups', None)
+      if groups is not None:  # row groups in a random order, each one's documents together (tables.py)
+        mine = np.asarray(groups[self._shard::self._stride])
+        rank = rng.permutation(int(mine.max()) + 1)
+        perm = perm[np.argsort(rank[mine[perm]], kind='stable')]
       # Reading ahead can straddle two epochs; older ones are done. The dict is replaced, not changed in
       # place, because a prefetch thread of a feed being replaced (resume) may still be reading it.
       self._perms = {**{e: p for e, p in perms.items() if e >= epoch - 1}, epoch: perm}
@@ -163,16 +169,37 @@ class _Keyed:
     return self._featurize(item, (self._shard, index))
 
 
+def _whole_source(docs, j: int, shard: int, seed: int, salt: int) -> EpochShuffle:
+  """Every document of a source, in an order of the shard's own: what a shard reads that has none of a
+  source's documents (fewer documents than shards), or whose own ran dry (`fallback_dataset`)."""
+  return EpochShuffle(docs, 0, 1, _seed(seed, j, shard, salt))
+
+
 def shard_dataset(parts, shard: int, num_shards: int, seed: int, featurize) -> grain.MapDataset:
   """Element k of logical shard `shard`: documents i with i % num_shards == shard of every source."""
   streams = []
   for j, (docs, _) in enumerate(parts):
-    if len(docs) < num_shards:
-      raise UserError(f'a training source has {len(docs)} documents, fewer than the {num_shards} data shards '
-                      '(config key data.shards)')
     if getattr(docs, 'sequential', False):  # a tfrecord stream (streaming.py): its own order, unshuffled
+      if len(docs) < num_shards:
+        raise UserError(f'a streamed training source has {len(docs)} documents, fewer than the {num_shards} '
+                        'data shards (config key data.shards)')
       streams.append(docs.shard(shard, num_shards))
+    elif shard >= len(docs):
+      streams.append(_whole_source(docs, j, shard, seed, 1))
     else:
       streams.append(EpochShuffle(docs, shard, num_shards, _seed(seed, j, shard)))
-  mixed = streams[0] if len(streams) == 1 else WeightedMix(streams, [w for _, w in parts], _seed(seed, shard, -1))
-  return mixed.map_with_index(_Keyed(featurize, shard))
+  return _mix(streams, parts, shard, seed, -1).map_with_index(_Keyed(featurize, shard))
+
+
+def fallback_dataset(parts, shard: int, seed: int, featurize) -> grain.MapDataset | None:
+  """What shard `shard` reads once none of its own documents is usable any more (they were all bad, or
+  deleted during the run): every document of every source, in the shard's own order. None for a streamed
+  source, which has no random access."""
+  if any(getattr(docs, 'sequential', False) for docs, _ in parts):
+    return None
+  streams = [_whole_source(docs, j, shard, seed, 2) for j, (docs, _) in enumerate(parts)]
+  return _mix(streams, parts, shard, seed, -2).map_with_index(_Keyed(featurize, shard))
+
+
+def _mix(streams, parts, shard: int, seed: int, salt: int) -> grain.MapDataset:
+  return streams[0] if len(streams) == 1 else WeightedMix(streams, [w for _, w in parts], _seed(seed, shard, salt))

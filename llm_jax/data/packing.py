@@ -8,10 +8,10 @@ streams (encoder-decoder), a document's streams share its segment id and the row
 row is full. A stream with `split=False` never cuts an example that fits a row: it starts the next row.
 
 An objective may turn one document into several examples (a list); each is packed like a document of its
-own. The packer's state is three numbers and an offset per stream: which document comes next, which of its
-examples, and how much of that the earlier rows already took. Documents come from a `feed(start)` that
-yields the document at index start, start + 1, ...; resuming re-reads at most the one document that was
-cut.
+own. The packer's state is four numbers and an offset per stream: which document comes next, which of its
+examples, how much of that the earlier rows already took, and whether the feed ran dry (Packer). Documents
+come from a `feed(start)` that yields the document at index start, start + 1, ...; resuming re-reads at
+most the one document that was cut.
 """
 
 from __future__ import annotations
@@ -31,14 +31,19 @@ class Packer:
   """Fills rows of a batch from one ordered document feed."""
 
   def __init__(self, streams: tuple[Stream, ...], feed: Feed, on_skip: Callable[[Skipped], None] = None,
-               max_skips: int | None = None):
+               max_skips: int | None = None, fallback: Feed | None = None, fallback_max_skips: int | None = None,
+               on_dry: Callable[[Skipped | None], None] = None):
     self._streams = streams
     self._feed = feed
     self._on_skip = on_skip
     # An endless feed whose documents all became unusable (the files deleted mid-run, or records of the wrong
     # kind for the objective: a DPO file given to SFT) would otherwise be skipped through forever: this many
-    # skips in a row is an error.
+    # skips in a row is an error, or with a `fallback` feed (a data shard whose own documents are all bad
+    # reads the whole source), the point where the packer reads the fallback from the same index on; that
+    # one's `fallback_max_skips` in a row is then the error. The switch is part of the state: exact resume.
     self._max_skips = max_skips
+    self._fallback, self._fallback_max, self._on_dry = fallback, fallback_max_skips, on_dry
+    self._dry = False
     self._arange = np.arange(max(s.length for s in streams), dtype=np.int32)
     self._index = 0  # the document at the front: partly taken (part or offsets > 0) or next to read
     self._part = 0  # which of its examples
@@ -48,12 +53,13 @@ class Packer:
     self.exhausted = False  # a finite feed ran out
 
   def state(self) -> dict:
-    return {'index': self._index, 'part': self._part, 'offsets': list(self._offsets)}
+    return {'index': self._index, 'part': self._part, 'offsets': list(self._offsets), 'dry': int(self._dry)}
 
   def restore(self, state: dict) -> None:
     self._index = int(state['index'])
     self._part = int(state.get('part', 0))
     self._offsets = [int(o) for o in state['offsets']]
+    self._dry = bool(state.get('dry', 0)) and self._fallback is not None
     if len(self._offsets) != len(self._streams):
       raise ValueError(f'packer state has {len(self._offsets)} streams, expected {len(self._streams)}')
     self._examples, self._it, self.exhausted = None, None, False
@@ -61,7 +67,7 @@ class Packer:
   def _next_document(self):
     """The examples of the document at self._index, skipping bad ones; None when the feed ends."""
     if self._it is None:
-      self._it = iter(self._feed(self._index))
+      self._it = iter((self._fallback if self._dry else self._feed)(self._index))
     skipped, last = 0, None
     while True:
       try:
@@ -78,7 +84,15 @@ class Packer:
         if self._on_skip is not None:
           self._on_skip(item)
       skipped += 1
-      if self._max_skips is not None and skipped >= self._max_skips:
+      limit = self._fallback_max if self._dry else self._max_skips
+      if not self._dry and self._fallback is not None and limit is not None and skipped >= limit:
+        self._advance()
+        self._dry, skipped = True, 0
+        self._it = iter(self._fallback(self._index))
+        if self._on_dry is not None:
+          self._on_dry(last)
+        continue
+      if limit is not None and skipped >= limit:
         why = f' (the last: {last.message()})' if last is not None else ''
         raise UserError(f'{skipped} documents in a row could not be used{why}: no usable training data is '
                         'left; were the files of data.source moved or deleted during the run, or do its records '

@@ -22,7 +22,7 @@ import numpy as np
 
 from llm_jax.data import objectives, sources, streams
 from llm_jax.data.files import Skipped
-from llm_jax.data.mixture import Featurize, shard_dataset
+from llm_jax.data.mixture import Featurize, fallback_dataset, shard_dataset
 from llm_jax.data.packing import Packer, empty_batch
 from llm_jax.data.workers import Feeds
 from llm_jax.errors import UserError
@@ -62,6 +62,11 @@ class SkipLog:
       more = ' (further ones counted, not shown)' if n == _MESSAGES_PER_KIND else ''
       print(f'llm-jax: warning:{self._label} skipped {item.message()}{more}', file=sys.stderr, flush=True)
 
+  def dry(self, shard: int, last: Skipped | None) -> None:
+    why = f' (the last: {last.message()})' if last is not None else ''
+    print(f'llm-jax: warning:{self._label} data shard {shard} has no usable documents of its own{why}; it '
+          'reads the whole source from now on', file=sys.stderr, flush=True)
+
   def summary(self) -> str:
     if not self.counts:
       return ''
@@ -91,6 +96,7 @@ class TrainStream:
     self.shards = shards_of(pi, pc, self.num_shards)
     self._rows = data_cfg.batch_size // self.num_shards  # validate() checks the divisibility
     parts = sources.open_sources(data_cfg, 'train')
+    sources.require_texts(data_cfg, parts)
     check_prepared_tokenizers(parts, tokenizer)
     if data_cfg.workers and any(getattr(docs, 'sequential', False) for docs, _ in parts):
       raise UserError(f'config key data.workers={data_cfg.workers}: a streamed (tfrecord) TFDS source is read '
@@ -99,13 +105,21 @@ class TrainStream:
     self.streams = objective.streams(data_cfg.seq_len)
     featurize = Featurize(tokenizer, objective, data_cfg.max_doc_chars, seed)
     datasets = [shard_dataset(parts, s, self.num_shards, seed, featurize) for s in self.shards]
-    self._feeds = Feeds(datasets, data_cfg.workers, data_cfg.prefetch)
+    fallbacks = [fallback_dataset(parts, s, seed, featurize) for s in self.shards]
+    self._feeds = Feeds(datasets, data_cfg.workers, data_cfg.prefetch,
+                        fallbacks if all(f is not None for f in fallbacks) else None)
     self.skips = SkipLog(f' process {pi}:' if pc > 1 else '')
     # Every epoch visits each of a shard's documents once, in some order: a run of skips as long as two
-    # epochs holds a whole epoch, so then not one document of the shard is usable any more.
-    epoch = sum(len(docs) for docs, _ in parts) // self.num_shards + 1
-    self._packers = [Packer(self.streams, (lambda start, p=p: self._feeds.feed(p, start)), self.skips, 2 * epoch)
-                     for p in range(len(self.shards))]
+    # epochs holds a whole epoch, so then not one document of the shard is usable any more; it then reads
+    # the whole source, and when two passes over that find nothing usable, no usable text is left at all.
+    total = sum(len(docs) for docs, _ in parts)
+    epoch = total // self.num_shards + 1
+    has_fallback = self._feeds.has_fallback
+    self._packers = [
+        Packer(self.streams, (lambda start, p=p: self._feeds.feed(p, start)), self.skips, 2 * epoch,
+               fallback=(lambda start, p=p: self._feeds.feed(p, start, fallback=True)) if has_fallback else None,
+               fallback_max_skips=2 * (total + 1), on_dry=(lambda last, s=s: self.skips.dry(s, last)))
+        for p, s in enumerate(self.shards)]
 
   def __iter__(self):
     return self
@@ -158,11 +172,11 @@ def gather_states(local: dict) -> dict:
   from jax.experimental import multihost_utils
   keys = sorted(local['positions'], key=int)
   rows = [[int(k), local['positions'][k]['index'], local['positions'][k].get('part', 0),
-           *local['positions'][k]['offsets']] for k in keys]
+           local['positions'][k].get('dry', 0), *local['positions'][k]['offsets']] for k in keys]
   everything = np.asarray(multihost_utils.process_allgather(np.asarray(rows, np.int64)))
   everything = everything.reshape(-1, everything.shape[-1])
-  positions = {str(int(r[0])): {'index': int(r[1]), 'part': int(r[2]), 'offsets': [int(x) for x in r[3:]]}
-               for r in everything}
+  positions = {str(int(r[0])): {'index': int(r[1]), 'part': int(r[2]), 'offsets': [int(x) for x in r[4:]],
+                                'dry': int(r[3])} for r in everything}
   return {**local, 'positions': positions}
 
 

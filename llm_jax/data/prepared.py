@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 
 import numpy as np
 
@@ -37,31 +38,38 @@ def _tokenize(job):
   return docs.name(i), text, tokenizer.encode_array(text)
 
 
-def _examples(docs_by_split, tokenizer, split: str, workers: int, dtype, stats: dict):
+def _examples(docs_by_split, tokenizer, split: str, workers: int, dtype, stats: dict, on_progress):
   jobs = [(split, i) for i in range(len(docs_by_split[split]))]
   if workers > 0:
     ctx = multiprocessing.get_context('spawn')
     with ctx.Pool(workers, initializer=_init_worker, initargs=(docs_by_split, tokenizer)) as pool:
-      yield from _to_examples(pool.imap(_tokenize, jobs, chunksize=8), dtype, stats)
+      # In order (imap): the dataset is the same whatever the worker count; chunks amortize the hand-over.
+      yield from _to_examples(pool.imap(_tokenize, jobs, chunksize=16), dtype, stats, on_progress)
   else:
     _init_worker(docs_by_split, tokenizer)
-    yield from _to_examples(map(_tokenize, jobs), dtype, stats)
+    yield from _to_examples(map(_tokenize, jobs), dtype, stats, on_progress)
 
 
-def _to_examples(results, dtype, stats: dict):
+def _to_examples(results, dtype, stats: dict, on_progress):
   for name, text, ids in results:
+    stats['read'] += 1
     if isinstance(text, Skipped):
       if not text.silent:
         stats['skipped'] += 1
         if stats['skipped'] <= 3:
-          print(f'llm-jax: warning: skipped {text.message()}', flush=True)
+          print(f'llm-jax: warning: skipped {text.message()}', file=sys.stderr, flush=True)
+      if on_progress is not None:
+        on_progress(stats)
       continue
     stats['documents'] += 1
     stats['tokens'] += len(ids)
+    stats['bytes'] += len(text.encode('utf-8'))
+    if on_progress is not None:
+      on_progress(stats)
     yield name, {'text': text, 'ids': ids.astype(dtype)}
 
 
-def _builder_class(tfds, dataset_name: str, docs_by_split, tokenizer, workers: int, stats: dict):
+def _builder_class(tfds, dataset_name: str, docs_by_split, tokenizer, workers: int, stats: dict, on_progress):
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
 
   class Prepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -84,13 +92,15 @@ def _builder_class(tfds, dataset_name: str, docs_by_split, tokenizer, workers: i
       return {split: self._generate_examples(split) for split in docs_by_split}
 
     def _generate_examples(self, split):
-      return _examples(docs_by_split, tokenizer, split, workers, dtype, stats)
+      return _examples(docs_by_split, tokenizer, split, workers, dtype, stats, on_progress)
 
   return Prepared
 
 
-def prepare(data_cfg, tokenizer, output: str, name: str) -> dict:
-  """Write the prepared dataset under `output` (a TFDS data_dir); returns what was written."""
+def prepare(data_cfg, tokenizer, output: str, name: str, on_progress=None) -> dict:
+  """Write the prepared dataset under `output` (a TFDS data_dir); returns what was written.
+  `on_progress(stats)` is called after each document: read, documents, skipped, tokens, bytes and total
+  (documents of both splits, bad ones included)."""
   tfds = tfds_source._tfds()
   if data_cfg.mixture:
     raise UserError('prepare reads data.source; prepare each source of data.mixture on its own and mix '
@@ -101,8 +111,10 @@ def prepare(data_cfg, tokenizer, output: str, name: str) -> dict:
   if os.path.exists(target):
     raise UserError(f'{target} already exists; choose another --output or --name, or remove it')
   docs_by_split = {split: sources.open_source(data_cfg, split) for split in sources.SPLITS}
-  stats = {'documents': 0, 'tokens': 0, 'skipped': 0}
-  builder_cls = _builder_class(tfds, name, docs_by_split, tokenizer, data_cfg.workers, stats)
+  sources.require_texts(data_cfg, [(docs_by_split['train'], 1.0)])  # nothing written for a source without text
+  stats = {'documents': 0, 'tokens': 0, 'skipped': 0, 'bytes': 0, 'read': 0,
+           'total': sum(len(d) for d in docs_by_split.values())}
+  builder_cls = _builder_class(tfds, name, docs_by_split, tokenizer, data_cfg.workers, stats, on_progress)
   builder = builder_cls(data_dir=output, file_format='array_record')
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -113,5 +125,5 @@ def prepare(data_cfg, tokenizer, output: str, name: str) -> dict:
   with open(path + '.tmp', 'wb') as f:
     f.write(tokenizer.serialized())
   os.replace(path + '.tmp', path)
-  return {'path': str(builder.data_dir), **stats,
+  return {'path': str(builder.data_dir), **{k: v for k, v in stats.items() if k not in ('read', 'total')},
           'splits': {s: builder.info.splits[s].num_examples for s in docs_by_split}}

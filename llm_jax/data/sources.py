@@ -9,8 +9,9 @@ A source is named by one string (`data.source`, or each entry of `data.mixture`)
   by name from `data.tfds_data_dir` (a catalog dataset such as lm1b prepared there) or from a directory,
   such as one written by `llm-jax prepare` (whose records also carry the token ids).
 
-Local sources are split by a hash of each document's name (stable across machines, runs and process
-counts); TFDS sources use the dataset's own splits.
+Local sources are split by a hash of each document's name, or when they have too few documents for that
+by position (splitting.py); TFDS sources use the dataset's own splits. `data.heldout_source` names a
+held-out source of its own: then every document of data.source trains.
 
 `documents[i]` is the text (str), pre-tokenized ids (int32 array, prepared datasets), or `Skipped` for a bad
 record (never None); `documents.text(i)` is always the text (or `Skipped`).
@@ -19,14 +20,15 @@ record (never None); `documents.text(i)` is always the text (or `Skipped`).
 from __future__ import annotations
 
 import glob as globlib
-import hashlib
 import os
 import re
+import sys
 import sysconfig
 from typing import Iterator
 
-from llm_jax.data import files, objectives
+from llm_jax.data import files, objectives, remote, splitting, tables
 from llm_jax.data.files import Record, Skipped
+from llm_jax.data.splitting import in_heldout
 from llm_jax.errors import UserError
 
 SPLITS = ('train', 'heldout')
@@ -39,11 +41,6 @@ _GENERATED = re.compile(r'auto-?generated|automatically generated|generated\b[^\
                         re.IGNORECASE)
 
 __all__ = ['Skipped', 'open_source', 'source_specs', 'texts', 'in_heldout', 'builtin_files']
-
-
-def in_heldout(name: str, heldout_percent: int) -> bool:
-  digest = hashlib.sha256(name.encode('utf-8')).digest()
-  return int.from_bytes(digest[:8], 'little') % 100 < heldout_percent
 
 
 def is_generated(path: str) -> bool:
@@ -73,61 +70,107 @@ def source_specs(data_cfg) -> list[tuple[str, float]]:
 
 
 def glob_paths(pattern: str, key: str = 'data.source') -> list[str]:
-  paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  if remote.is_url(pattern):
+    paths = remote.glob(pattern)
+  else:
+    paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
   if not paths:
     where = 'the path does not exist' if not globlib.has_magic(pattern) else 'the glob matches no files'
     raise UserError(f'config key {key}={pattern!r}: {where}')
+  parquet = [p.endswith('.parquet') for p in paths]
+  if any(parquet) and not all(parquet):
+    raise UserError(f'config key {key}={pattern!r} matches Parquet and other files: give them as two sources '
+                    '(data.mixture)')
   for p in paths:
-    files.kind_of(p)  # every file must be a kind we read: say which one is not, before any work
+    if not p.endswith('.parquet'):
+      files.kind_of(p)  # every file must be a kind we read: say which one is not, before any work
   return paths
 
 
-def _open_one(spec: str, data_cfg, split: str, key: str):
+def _open_one(spec: str, data_cfg, split: str, key: str, whole: bool = False):
+  """`split` of the source `spec`; with `whole`, every document (a held-out source, or data.source beside
+  one)."""
   if spec.startswith(TFDS_PREFIX):
     from llm_jax.data import tfds_source  # tensorflow_datasets is imported only when asked for
     return tfds_source.open_tfds(spec[len(TFDS_PREFIX):], data_cfg, split, key)
-  want_heldout = split == 'heldout'
-
-  def select(name: str) -> bool:
-    return in_heldout(name, data_cfg.heldout_percent) == want_heldout
-
-  reads_records = objectives.of(data_cfg).chat
-  if spec == 'builtin' and reads_records:
+  chat = objectives.of(data_cfg).chat
+  if spec.startswith(tables.HF_PREFIX) or (spec != 'builtin' and glob_paths(spec, key)[0].endswith('.parquet')):
+    return _open_table(spec, data_cfg, split, key, whole, chat)
+  if spec == 'builtin' and chat:
     raise UserError(f'{key}={spec!r}: data.objective={data_cfg.objective!r} reads JSONL records; give a glob '
                     'of .jsonl files')
   if spec == 'builtin':
-    names, paths = zip(*builtin_files())
-    docs = files.open_files(list(paths), 'file', data_cfg.text_field, data_cfg.max_doc_chars, select,
-                            names=list(names), kind='txt')
+    names, paths = (list(x) for x in zip(*builtin_files()))
+    found = [files.index_file(p, 'file', 'txt') for p in paths]
   else:
-    paths = glob_paths(spec, key)
-    field = data_cfg.text_field
-    if reads_records:
-      field = None  # chat.py reads whole records
+    names, paths = None, glob_paths(spec, key)
+    if chat:
       for p in paths:
         if files.kind_of(p) != 'jsonl':
           raise UserError(f'{key}={spec!r}: {p} is not .jsonl; data.objective={data_cfg.objective!r} reads '
                           'JSONL records')
-      # A record is one document: never cut into pieces (max_doc_chars is for running text).
-      return _nonempty(files.open_files(paths, 'file', field, 1 << 62, select), key, spec, split, data_cfg)
-    docs = files.open_files(paths, data_cfg.txt_mode, field, data_cfg.max_doc_chars, select)
-  return _nonempty(docs, key, spec, split, data_cfg)
-
-
-def _nonempty(docs, key: str, spec: str, split: str, data_cfg):
+    found = [files.index_file(p, 'file' if chat else data_cfg.txt_mode) for p in paths]
+  percent = 0 if whole else data_cfg.heldout_percent
+  # A chat record is one document: never cut into pieces (max_doc_chars is for running text).
+  rows, part, by_document = splitting.plan(found, names, 'train' if whole else split, percent,
+                                           data_cfg.max_doc_chars, data_cfg.shards if split == 'train' else 0,
+                                           whole_records=chat)
+  docs = files.FileDocuments(found, rows, None if chat else data_cfg.text_field, names, part,
+                             data_cfg.encoding, data_cfg.decode_errors)
+  if not by_document:  # said by require_texts, once the source is known to hold text
+    how = 'its last documents are' if chat else f'the last {percent}% of each is'
+    n = sum(len(f.starts) for f in found)
+    docs.note = (f'{key}={spec!r} has {n} document{"s" if n != 1 else ""}, too few to hold out whole ones '
+                 f'(data.heldout_percent={percent}): {how} held out, by position')
   if not len(docs):
-    raise UserError(f'{key}={spec!r} has no {split} documents (data.heldout_percent='
-                    f'{data_cfg.heldout_percent})')
+    raise UserError(f'{key}={spec!r} has no {split} documents (data.heldout_percent={percent})')
   return docs
+
+
+def _open_table(spec: str, data_cfg, split: str, key: str, whole: bool, chat: bool):
+  if chat:
+    raise UserError(f'{key}={spec!r}: data.objective={data_cfg.objective!r} reads JSONL records; give a glob '
+                    'of .jsonl files')
+  if spec.startswith(tables.HF_PREFIX):
+    docs, by_document = tables.open_hf(os.path.expanduser(spec[len(tables.HF_PREFIX):]), data_cfg, split, key,
+                                       whole)
+  else:
+    base = tables.ParquetDocuments(glob_paths(spec, key), data_cfg.text_field, key)
+    docs, by_document = tables.select(base, 'train' if whole else split, 0 if whole else data_cfg.heldout_percent)
+  if not by_document:
+    p, n = data_cfg.heldout_percent, len(docs)
+    docs.note = (f'{key}={spec!r} has {n} row{"s" if n != 1 else ""}, too few to hold out whole ones '
+                 f'(data.heldout_percent={p}): the last {p}% of each is held out, by position')
+  if not len(docs):
+    raise UserError(f'{key}={spec!r} has no {split} documents (data.heldout_percent={data_cfg.heldout_percent})')
+  return docs
+
+
+_SAID: set[str] = set()
+
+
+def _note(line: str) -> None:
+  """Said once per process: the training and held-out splits (and the tokenizer) open a source apart."""
+  if line not in _SAID:
+    _SAID.add(line)
+    print(f'llm-jax: note: {line}', file=sys.stderr, flush=True)
 
 
 def open_sources(data_cfg, split: str) -> list[tuple[object, float]]:
   """(documents, weight) of each configured source, for `split` ('train' or 'heldout')."""
   if split not in SPLITS:
     raise ValueError(split)
+  if data_cfg.heldout_source and split == 'heldout':
+    return [(_open_one(data_cfg.heldout_source, data_cfg, split, 'data.heldout_source', whole=True), 1.0)]
   specs = source_specs(data_cfg)
   key = 'data.source' if not data_cfg.mixture else 'data.mixture'
-  return [(_open_one(spec, data_cfg, split, key), w) for spec, w in specs]
+  whole = bool(data_cfg.heldout_source)
+  return [(_open_one(spec, data_cfg, split, key, whole), w) for spec, w in specs]
+
+
+def open_whole(data_cfg, spec: str, key: str = 'data.source'):
+  """Every document of `spec`, none cut by a split (`llm-jax eval --data`); a TFDS source's held-out split."""
+  return _open_one(spec, data_cfg, 'heldout', key, whole=True)
 
 
 class Interleaved:
@@ -166,6 +209,35 @@ def open_source(data_cfg, split: str):
 
 def doc_text(docs, i: int):
   return docs.text(i) if hasattr(docs, 'text') else docs[i]
+
+
+def require_text(docs, label: str) -> None:
+  """Stops with one line when not one document of `docs` is usable (every file unreadable, empty, binary or
+  not text in data.encoding): before training, so nothing is written. Reads up to the first usable one."""
+  if getattr(docs, 'sequential', False):  # a stream: reading ahead here would cost a pass
+    return
+  failed: dict[str, str] = {}  # file (or record) -> why its first document could not be used
+  for i in range(len(docs)):
+    item = doc_text(docs, i)
+    if not isinstance(item, Skipped):
+      return
+    if not item.silent:
+      failed.setdefault(docs.file_name(i) if hasattr(docs, 'file_name') else item.where, item.reason)
+  tried = len(docs.files) if hasattr(docs, 'files') else len(docs)
+  what = 'files' if hasattr(docs, 'files') else 'documents'
+  first = '; '.join(f'{where}: {why}' for where, why in list(failed.items())[:3])
+  raise UserError(f'{label} has no usable text: {tried} {what} tried, none readable as text'
+                  + (f' ({first}{"; ..." if len(failed) > 3 else ""})' if first else ''))
+
+
+def require_texts(data_cfg, parts) -> None:
+  key = 'data.source' if not data_cfg.mixture else 'data.mixture'
+  specs = source_specs(data_cfg)
+  for (docs, _), (spec, _) in zip(parts, specs):
+    require_text(docs, f'{key}={spec!r}')
+  for docs, _ in parts:
+    if getattr(docs, 'note', None):
+      _note(docs.note)
 
 
 def texts(docs, limit_chars: int | None = None) -> Iterator[str]:

@@ -66,7 +66,11 @@ class _PoolFeed:
 class Feeds:
   """feed(shard_position, start) -> iterator over datasets[shard_position][start:], read ahead."""
 
-  def __init__(self, datasets: list, workers: int, prefetch: int):
+  def __init__(self, datasets: list, workers: int, prefetch: int, fallbacks: list | None = None):
+    # A shard's fallback (mixture.fallback_dataset) is dataset len(datasets) + its position.
+    self.has_fallback = fallbacks is not None
+    self._count = len(datasets)
+    datasets = list(datasets) + list(fallbacks or [])
     self._datasets = datasets
     self._prefetch = prefetch
     self._pool = None
@@ -77,14 +81,16 @@ class Feeds:
           max_workers=workers, mp_context=ctx, initializer=_init_worker,
           initargs=(pickle.dumps(datasets),))
 
-  def feed(self, position: int, start: int, limit: int | None = None):
-    """A new feed for `position` replaces (and stops) the one before it: a resume re-positions a shard."""
+  def feed(self, position: int, start: int, limit: int | None = None, fallback: bool = False):
+    """A new feed for `position` replaces (and stops) the one before it: a resume re-positions a shard, a
+    shard that ran dry reads its fallback."""
     if position in self._open:
       self._open.pop(position).close()
+    which = position + (self._count if fallback else 0)
     if self._pool is not None:
-      feed = _PoolFeed(self._pool, position, start, self._prefetch, limit)
+      feed = _PoolFeed(self._pool, which, start, self._prefetch, limit)
     else:
-      sliced = self._datasets[position][start:limit]
+      sliced = self._datasets[which][start:limit]
       if self._prefetch <= 0:
         return (sliced[k] for k in range(len(sliced)))
       options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch)

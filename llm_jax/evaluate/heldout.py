@@ -91,6 +91,8 @@ def open_documents(data_cfg, data: str | None):
     return sources.open_source(data_cfg, 'heldout')
   cfg = ml_collections.ConfigDict(data_cfg.to_dict())
   cfg.source = data
+  if not data.startswith(sources.TFDS_PREFIX):  # whole documents, none cut in two by a split by position
+    return sources.open_whole(cfg, data)
   parts, errors = [], []
   for split in sources.SPLITS:
     try:

@@ -125,7 +125,9 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
 
 def train_tokenizer(cfg) -> tokenizer_lib.Tokenizer:
   """Trained to model.vocab_size less the ids the objective reserves after the pieces (mask, sentinels)."""
-  docs = sources.open_source(cfg.data, 'train')
+  parts = sources.open_sources(cfg.data, 'train')
+  sources.require_texts(cfg.data, parts)  # one line naming the files, not sentencepiece's own complaint
+  docs = parts[0][0] if len(parts) == 1 else sources.Interleaved(parts)
   pieces = cfg.model.vocab_size - objectives.reserved_ids(cfg.data)
   return tokenizer_lib.train(sources.texts(docs), pieces, cfg.data.tokenizer_train_chars)
 

@@ -84,6 +84,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   ckpt, latest, imported, init_state = None, None, False, None
   lora_run = cfg.model.lora.rank > 0
   try:
+    # Opened before anything is written: a bad data.heldout_source is one line, the workdir untouched.
+    heldout = sources.open_source(cfg.data, 'heldout') if cfg.eval.every else None
     ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, adapters_only=lora_run)
     abstract_state = factory.abstract_sharded()
     ckpt.check_space(abstract_state)
@@ -131,7 +133,6 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     train_step = lambda state, batch: setup.step(state, batch, ref_params)  # noqa: E731
   eval_step = make_eval_step(eval_model, mesh, rules, factory.param_shardings, batch_sharding,
                              loss_chunk=cfg.train.loss_chunk)
-  heldout = sources.open_source(cfg.data, 'heldout') if cfg.eval.every else None
   config_json = cfg.to_dict()
   sinks = Sinks(workdir, cfg.train, config_json)
   progress = Progress(start, total)
