@@ -20,7 +20,7 @@ from llm_jax.models import build_model, example_batch
 from llm_jax.train import loop, optim
 from llm_jax.train.state import StateFactory
 from llm_jax.models.outputs import forward
-from llm_jax.train.step import make_train_step
+from llm_jax.train.step import global_norm, loss_and_stats, make_train_step
 
 SFT = os.path.join(ROOT, 'configs', 'sft.py')
 
@@ -55,8 +55,17 @@ def test_only_the_adapters_change(pretrained_workdir, source):
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = make_train_step(model, tx, optim.schedule(cfg.train), mesh, rules, factory.shardings, batch_sharding)
   stream = pipeline.TrainStream(cfg.data, tokenizer_lib.load(cfg.data.tokenizer), seed=0, model_cfg=cfg.model)
+  norms = []
   for _ in range(2):  # B starts at zero, so A moves from the second step on
-    state, _ = step(state, pipeline.to_global(next(stream), batch_sharding))
+    batch = pipeline.to_global(next(stream), batch_sharding)
+    base, adapters = lora.split(state.params)
+    grads = jax.grad(lambda a, b=batch, base=base: loss_and_stats(model, lora.merge(base, a), b)[0])(adapters)
+    whole = jax.grad(lambda p, b=batch: loss_and_stats(model, p, b)[0])(state.params)
+    norms.append((float(global_norm(grads)), float(global_norm(whole))))
+    state, metrics = step(state, batch)
+    # grad_norm is the adapters' (what clipping sees), not the whole model's: only they are differentiated
+    np.testing.assert_allclose(float(metrics['grad_norm']), norms[-1][0], rtol=1e-4)
+  assert norms[-1][1] > 1.5 * norms[-1][0]  # the check above can tell the two apart
   stream.close()
   after = jax.device_get(state.params)
   base_before, adapters_before = lora.split(before)
