@@ -187,3 +187,36 @@ def test_biases_and_position_tables_are_not_decayed_or_counted_as_matmuls():
                  if jax.tree_util.keystr(p).endswith("_bias']"))
     total = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
     assert matmuls < total - biases
+
+
+def test_encoder_decoder_flops_count_each_stack_by_its_own_length():
+  """t5_small by hand: the encoder and the cross-attention keys and values run on the 512 input tokens, the
+  rest of the decoder and the tied output layer on the 114 targets; three attentions (issue 15: every weight
+  on every input token and no decoder attention overstated MFU about 1.84x)."""
+  import os
+  from conftest import ROOT
+  from llm_jax import config as config_lib
+  from llm_jax.models import flops
+  cfg = config_lib.load(os.path.join(ROOT, 'configs', 't5_small.py'))  # the full shapes
+  m, S, T = cfg.model, cfg.data.seq_len, cfg.data.target_len
+  assert (m.embed_dim, m.num_heads * m.head_dim, m.mlp_dim, m.vocab_size, S, T) == (512, 512, 2048, 32128, 512, 114)
+  d, a, F, V = 512, 512, 2048, 32128
+  encoder = 6 * (4 * d * a + 2 * d * F)  # q k v o, up down; six layers
+  cross_kv = 6 * 2 * d * a
+  decoder = 6 * (4 * d * a + 2 * d * a + 2 * d * F) + V * d  # self q k v o, cross q o, MLP; output (tied)
+  row = 6 * (encoder + cross_kv) * S + 6 * decoder * T + 12 * a * (6 * S * S + 6 * T * T + 6 * T * S)
+  assert flops.matmul_params(m) == encoder + cross_kv + decoder
+  assert flops.flops_per_token(m, S, T) == pytest.approx(row / S, rel=1e-12)
+  with pytest.raises(ValueError, match='target_len'):
+    flops.flops_per_token(m, S)
+
+
+def test_lora_flops_are_the_frozen_base_forward_and_input_gradients_plus_the_adapters():
+  from llm_jax.models import flops
+  cfg = recipe_config('gpt2_124m', ('model.lora.rank', '4'), ('model.lora.targets', "('q', 'v')"))
+  m, S = cfg.model, cfg.data.seq_len
+  base = flops.matmul_params(recipe_config('gpt2_124m').model)
+  adapters = m.num_layers * 2 * (m.embed_dim * 4 + 4 * m.num_heads * m.head_dim)  # A: d x r, B: r x (N H)
+  assert flops.matmul_params(m) == base + adapters
+  attention = 12 * m.num_layers * m.num_heads * m.head_dim * S
+  assert flops.flops_per_token(m, S) == 4 * base + 6 * adapters + attention

@@ -128,7 +128,7 @@ def make_plan(cfg, devices, capacity: Capacity | None, top: int = 8) -> dict:
                    'device_bytes': math.prod(a.sharding.shard_shape(a.shape)) * itemsize})
   params = jax.tree.leaves(state.params)
   tokens = cfg.data.batch_size * cfg.data.seq_len
-  per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+  per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len, cfg.data.target_len)
   total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
       mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
   return {
