@@ -119,6 +119,22 @@ def test_t5_packed_pairs_never_see_each_other():
   np.testing.assert_allclose(np.asarray(base[:, 3:7]), np.asarray(alone), atol=1e-5, rtol=1e-5)
 
 
+def test_t5_decoder_segment_without_encoder_tokens_reads_no_other_example():
+  """Targets of segment 2 whose inputs are not in the row (an example cut across rows) get no
+  cross-attention: before, a softmax over all-masked keys spread them over segment 1's inputs."""
+  _, model, params = _setup('t5_small')
+  enc, dec = _tokens(4, 12), _tokens(5, 8)
+  enc_seg = jnp.array([[1] * 11 + [0]] * B, jnp.int32)
+  enc_pos = jnp.array([list(range(11)) + [0]] * B, jnp.int32)
+  dec_seg = jnp.array([[1] * 3 + [2] * 4 + [0]] * B, jnp.int32)
+  dec_pos = jnp.array([list(range(3)) + list(range(4)) + [0]] * B, jnp.int32)
+  base = _t5(params, model, enc, dec, enc_seg, dec_seg, enc_pos, dec_pos)
+  for t in (0, 5, 10):
+    out = _t5(params, model, _changed(enc, t), dec, enc_seg, dec_seg, enc_pos, dec_pos)
+    np.testing.assert_array_equal(np.asarray(out[:, 3:7]), np.asarray(base[:, 3:7]))
+    assert not np.allclose(out[:, :3], base[:, :3])  # segment 1 still reads its inputs
+
+
 def test_t5_cached_decoding_equals_the_full_pass():
   cfg, model, params = _setup('t5_small')
   S, T = 10, 7
