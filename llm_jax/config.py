@@ -438,6 +438,10 @@ def _validate_family(cfg) -> None:
     _require(d.dpo_beta > 0, 'data.dpo_beta', d.dpo_beta, 'positive')
     _require(cfg.train.microbatches == 1, 'train.microbatches', cfg.train.microbatches,
              "1 for data.objective='dpo' (its step does not accumulate)")
+    # The implicit reward is the policy's log-probability minus the reference's on the same pair: dropout on
+    # the policy alone would make it noise from step 0, where the two models are the same.
+    _require(m.dropout_rate == 0.0, 'model.dropout_rate', m.dropout_rate,
+             "0 for data.objective='dpo' (the policy and the reference must score pairs alike)")
   lora = m.lora
   _require(lora.rank >= 0, 'model.lora.rank', lora.rank, 'a non-negative integer (0: off)')
   if lora.rank:

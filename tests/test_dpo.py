@@ -101,3 +101,11 @@ def test_dpo_needs_a_reference(prefs):
     finetune.resolve(cfg)
   with pytest.raises(UserError, match='train.microbatches=2: expected 1 for data.objective'):
     config_lib.load(DPO + ':tiny', [('train.microbatches', '2')])
+
+
+def test_dpo_refuses_dropout(prefs):
+  """The implicit reward compares the policy with the reference on the same pair: dropout on one of them
+  (the step never passed a dropout rng, so it failed with a traceback) is refused up front instead."""
+  with pytest.raises(UserError, match=r"model.dropout_rate=0.1: expected 0 for data.objective='dpo'"):
+    config_lib.load(DPO + ':tiny', [('data.source', prefs), ('model.dropout_rate', '0.1')])
+

@@ -136,3 +136,25 @@ def test_lora_needs_init_from(source):
   cfg = config_lib.load(SFT + ':tiny,lora', [('data.source', source)])
   with pytest.raises(UserError, match="config key init_from='' : model.lora.rank > 0 needs a pretrained"):
     finetune.resolve(cfg)
+
+
+def test_a_lora_step_with_dropout_applies_it_and_trains_the_adapters_alone():
+  from conftest import tiny_config
+  from llm_jax.train.step import setup_train_step
+  cfg = tiny_config(('model.lora.rank', '2'), ('model.dropout_rate', '0.3'), ('train.warmup_steps', '0'))
+  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+  setup = setup_train_step(cfg, mesh, rules)
+  state = setup.factory.init(0)
+  before = jax.device_get(state.params)
+  tokens = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (8, 65)).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': np.ones((8, 64), np.int32),
+           'segment_ids': np.ones((8, 64), np.int32), 'positions': np.tile(np.arange(64, dtype=np.int32), (8, 1))}
+  batch = pipeline.to_global(batch, setup.batch_sharding)
+  deterministic = float(loss_and_stats(build_model(cfg.model), state.params, batch)[0])
+  state, metrics = setup.step(state, batch)
+  assert bool(metrics['finite']) and abs(float(metrics['loss']) - deterministic) > 1e-3  # dropout was applied
+  base_before, adapters_before = lora.split(before)
+  base_after, adapters_after = lora.split(jax.device_get(state.params))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(adapters_before),
+                                                      jax.tree.leaves(adapters_after)))
