@@ -207,3 +207,47 @@ def test_beam_scores_are_logprob_over_the_length_penalty(alpha):
   [beams, _] = _engine().beam_search(PROMPTS[:2], BeamParams(num_beams=2, length_penalty=alpha, max_new_tokens=5))
   for b in beams:
     np.testing.assert_allclose(b.score, b.logprob / ((5 + len(b.tokens)) / 6) ** alpha, rtol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _learned_model():
+  """GPT-2-style learned positions with a table (100 rows) that is not a multiple of the prompt padding (64)."""
+  cfg = tiny_config(('model.position_type', 'learned'), ('model.max_positions', '100'), ('data.seq_len', '100'))
+  model = build_model(cfg.model)
+  return model, init_params(model, jax.random.PRNGKey(1))
+
+
+def test_learned_positions_decode_and_score_prompts_padded_past_the_table():
+  """A 70-token prompt pads to 128 > max_positions=100: the padding must not look up rows the table lacks
+  (jnp.take fills them with NaN, which masked keys still carry into every row's attention sum)."""
+  from llm_jax.infer import loglik
+  model, params = _learned_model()
+  engine = decode.Engine(model, params, eos_id=-1)
+  long = tuple(int(t) for t in np.random.default_rng(0).integers(3, 500, 70))
+  short = PROMPTS[0]
+  # The unpadded forward pass's logits: the model is causal, so tokens after the first n change nothing.
+  forward = jax.jit(lambda tokens_1T: model.apply({'params': params}, tokens_1T, jnp.arange(100)[None],
+                                                  jnp.ones_like(tokens_1T))[0][0])
+
+  def logprobs_of(tokens):
+    return jax.nn.log_softmax(forward(jnp.asarray([list(tokens) + [0] * (100 - len(tokens))])))[:len(tokens)]
+
+  def greedy(prompt, n):
+    tokens, logprobs = list(prompt), []
+    for _ in range(n):
+      last = logprobs_of(tokens)[-1]
+      tokens.append(int(jnp.argmax(last)))
+      logprobs.append(float(last[tokens[-1]]))
+    return tokens[len(prompt):], logprobs
+
+  got = engine.generate([Request(long, SP(max_new_tokens=4)), Request(short, SP(max_new_tokens=4))])
+  for prompt, result in zip((long, short), got):  # the short one batched with the long one too
+    tokens, logprobs = greedy(prompt, 4)
+    assert result.tokens == tokens
+    np.testing.assert_allclose(result.logprobs, logprobs, atol=1e-4)
+
+  whole = long + (7,) * 30  # 99 inputs: the whole context
+  want = jnp.take_along_axis(logprobs_of(whole[:-1]), jnp.asarray(whole[1:])[:, None], axis=-1)[:, 0]
+  for seqs in ([whole], [long]):
+    [scores] = loglik.score(engine, seqs)
+    np.testing.assert_allclose(scores.logprobs, want[:len(seqs[0]) - 1], atol=1e-4)

@@ -99,3 +99,41 @@ def test_dpo_needs_a_reference(prefs):
     finetune.resolve(cfg)
   with pytest.raises(UserError, match='train.microbatches=2: expected 1 for data.objective'):
     config_lib.load(DPO + ':tiny', [('train.microbatches', '2')])
+
+
+def test_dpo_refuses_dropout(prefs):
+  """The implicit reward compares the policy with the reference on the same pair: dropout on one of them
+  (the step never passed a dropout rng, so it failed with a traceback) is refused up front instead."""
+  with pytest.raises(UserError, match=r"model.dropout_rate=0.1: expected 0 for data.objective='dpo'"):
+    config_lib.load(DPO + ':tiny', [('data.source', prefs), ('model.dropout_rate', '0.1')])
+
+
+def test_a_lora_dpo_step_differentiates_the_adapters_alone():
+  from conftest import tiny_config
+  from llm_jax import sharding
+  from llm_jax.run import lora
+  from llm_jax.train.dpo import dpo_loss, make_dpo_step
+  from llm_jax.train.step import global_norm, setup_train_step
+  cfg = tiny_config(('data.objective', 'dpo'), ('model.lora.rank', '2'))
+  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+  setup = setup_train_step(cfg, mesh, rules)
+  state = setup.factory.init(0)
+  ref = jax.device_get(state.params)
+  rng = np.random.default_rng(0)
+  batch = {}
+  for prefix in ('', 'rejected_'):
+    tokens = rng.integers(3, cfg.model.vocab_size, (8, 65)).astype(np.int32)
+    batch.update({f'{prefix}inputs': tokens[:, :-1], f'{prefix}targets': tokens[:, 1:],
+                  f'{prefix}loss_mask': np.tile((np.arange(64) >= 32).astype(np.int32), (8, 1)),
+                  f'{prefix}segment_ids': np.ones((8, 64), np.int32),
+                  f'{prefix}positions': np.tile(np.arange(64, dtype=np.int32), (8, 1))})
+  batch = pipeline.to_global(batch, setup.batch_sharding)
+  base, adapters = lora.split(ref)
+  beta = cfg.data.dpo_beta
+  want = global_norm(jax.grad(lambda a: dpo_loss(setup.model, lora.merge(base, a), ref, batch, beta)[0])(adapters))
+  step = make_dpo_step(setup.model, setup.tx, setup.lr_schedule, mesh, rules, setup.factory.shardings,
+                       setup.batch_sharding, beta)
+  state, metrics = step(state, batch, ref)
+  np.testing.assert_allclose(float(metrics['grad_norm']), float(want), rtol=1e-4)
+  after_base = lora.split(jax.device_get(state.params))[0]
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(after_base)))

@@ -51,6 +51,24 @@ def test_choices_are_ranked_by_their_log_likelihood_after_the_context(run):
   assert tasks.evaluate(run, items, batch_size=4)['accuracy'] == pytest.approx(2 / 3)
 
 
+def test_an_empty_context_without_bos_scores_every_choice_token_after_the_first_and_says_so(tokenizer_path, run):
+  nobos = make_run(tokenizer_path, ('data.add_bos', 'false'))  # the same params: the same seed
+  items = [tasks.Item('', ['import sys', 'for i in range(3):'], 0)]
+  got = tasks.choice_logliks(nobos, items, batch_size=4)[0]
+  for choice, ll in zip(items[0].choices, got):
+    ids = nobos.tokenizer.encode(choice)
+    padded = np.zeros((1, 32), np.int32)
+    padded[0, :len(ids)] = ids
+    logp = _log_softmax(nobos.params, jnp.asarray(padded), nobos.model)
+    assert len(ids) > 2
+    np.testing.assert_allclose(ll, sum(float(logp[k - 1, ids[k]]) for k in range(1, len(ids))), atol=1e-3)
+  assert tasks.evaluate(nobos, items, batch_size=4)['choices_first_token_unscored'] == 2
+  assert tasks.evaluate(run, items, batch_size=4)['choices_first_token_unscored'] == 0  # BOS predicts it
+  one = next(w for w in ('x', 'a', 'for', 'import', '=') if len(nobos.tokenizer.encode(w)) == 1)
+  with pytest.raises(UserError, match='task item 1: the choice .* no token of it has a predecessor'):
+    tasks.choice_logliks(nobos, [tasks.Item('', [one], 0)], batch_size=4)
+
+
 def test_bad_task_files_name_the_line(tmp_path):
   path = tmp_path / 't.jsonl'
   path.write_text('{"context": "a", "choices": ["b", "c"], "gold": 0}\n\n{"context": "a", "choices": ["b"], '

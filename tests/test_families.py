@@ -119,6 +119,22 @@ def test_t5_packed_pairs_never_see_each_other():
   np.testing.assert_allclose(np.asarray(base[:, 3:7]), np.asarray(alone), atol=1e-5, rtol=1e-5)
 
 
+def test_t5_decoder_segment_without_encoder_tokens_reads_no_other_example():
+  """Targets of segment 2 whose inputs are not in the row (an example cut across rows) get no
+  cross-attention: before, a softmax over all-masked keys spread them over segment 1's inputs."""
+  _, model, params = _setup('t5_small')
+  enc, dec = _tokens(4, 12), _tokens(5, 8)
+  enc_seg = jnp.array([[1] * 11 + [0]] * B, jnp.int32)
+  enc_pos = jnp.array([list(range(11)) + [0]] * B, jnp.int32)
+  dec_seg = jnp.array([[1] * 3 + [2] * 4 + [0]] * B, jnp.int32)
+  dec_pos = jnp.array([list(range(3)) + list(range(4)) + [0]] * B, jnp.int32)
+  base = _t5(params, model, enc, dec, enc_seg, dec_seg, enc_pos, dec_pos)
+  for t in (0, 5, 10):
+    out = _t5(params, model, _changed(enc, t), dec, enc_seg, dec_seg, enc_pos, dec_pos)
+    np.testing.assert_array_equal(np.asarray(out[:, 3:7]), np.asarray(base[:, 3:7]))
+    assert not np.allclose(out[:, :3], base[:, :3])  # segment 1 still reads its inputs
+
+
 def test_t5_cached_decoding_equals_the_full_pass():
   cfg, model, params = _setup('t5_small')
   S, T = 10, 7
@@ -187,3 +203,36 @@ def test_biases_and_position_tables_are_not_decayed_or_counted_as_matmuls():
                  if jax.tree_util.keystr(p).endswith("_bias']"))
     total = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
     assert matmuls < total - biases
+
+
+def test_encoder_decoder_flops_count_each_stack_by_its_own_length():
+  """t5_small by hand: the encoder and the cross-attention keys and values run on the 512 input tokens, the
+  rest of the decoder and the tied output layer on the 114 targets; three attentions (issue 15: every weight
+  on every input token and no decoder attention overstated MFU about 1.84x)."""
+  import os
+  from conftest import ROOT
+  from llm_jax import config as config_lib
+  from llm_jax.models import flops
+  cfg = config_lib.load(os.path.join(ROOT, 'configs', 't5_small.py'))  # the full shapes
+  m, S, T = cfg.model, cfg.data.seq_len, cfg.data.target_len
+  assert (m.embed_dim, m.num_heads * m.head_dim, m.mlp_dim, m.vocab_size, S, T) == (512, 512, 2048, 32128, 512, 114)
+  d, a, F, V = 512, 512, 2048, 32128
+  encoder = 6 * (4 * d * a + 2 * d * F)  # q k v o, up down; six layers
+  cross_kv = 6 * 2 * d * a
+  decoder = 6 * (4 * d * a + 2 * d * a + 2 * d * F) + V * d  # self q k v o, cross q o, MLP; output (tied)
+  row = 6 * (encoder + cross_kv) * S + 6 * decoder * T + 12 * a * (6 * S * S + 6 * T * T + 6 * T * S)
+  assert flops.matmul_params(m) == encoder + cross_kv + decoder
+  assert flops.flops_per_token(m, S, T) == pytest.approx(row / S, rel=1e-12)
+  with pytest.raises(ValueError, match='target_len'):
+    flops.flops_per_token(m, S)
+
+
+def test_lora_flops_are_the_frozen_base_forward_and_input_gradients_plus_the_adapters():
+  from llm_jax.models import flops
+  cfg = recipe_config('gpt2_124m', ('model.lora.rank', '4'), ('model.lora.targets', "('q', 'v')"))
+  m, S = cfg.model, cfg.data.seq_len
+  base = flops.matmul_params(recipe_config('gpt2_124m').model)
+  adapters = m.num_layers * 2 * (m.embed_dim * 4 + 4 * m.num_heads * m.head_dim)  # A: d x r, B: r x (N H)
+  assert flops.matmul_params(m) == base + adapters
+  attention = 12 * m.num_layers * m.num_heads * m.head_dim * S
+  assert flops.flops_per_token(m, S) == 4 * base + 6 * adapters + attention

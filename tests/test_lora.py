@@ -18,7 +18,7 @@ from llm_jax.models import build_model, example_batch
 from llm_jax.train import loop, optim
 from llm_jax.train.state import StateFactory
 from llm_jax.models.outputs import forward
-from llm_jax.train.step import make_train_step
+from llm_jax.train.step import global_norm, loss_and_stats, make_train_step
 
 SFT = 'sft'
 
@@ -53,8 +53,17 @@ def test_only_the_adapters_change(pretrained_workdir, source):
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = make_train_step(model, tx, optim.schedule(cfg.train), mesh, rules, factory.shardings, batch_sharding)
   stream = pipeline.TrainStream(cfg.data, tokenizer_lib.load(cfg.data.tokenizer), seed=0, model_cfg=cfg.model)
+  norms = []
   for _ in range(2):  # B starts at zero, so A moves from the second step on
-    state, _ = step(state, pipeline.to_global(next(stream), batch_sharding))
+    batch = pipeline.to_global(next(stream), batch_sharding)
+    base, adapters = lora.split(state.params)
+    grads = jax.grad(lambda a, b=batch, base=base: loss_and_stats(model, lora.merge(base, a), b)[0])(adapters)
+    whole = jax.grad(lambda p, b=batch: loss_and_stats(model, p, b)[0])(state.params)
+    norms.append((float(global_norm(grads)), float(global_norm(whole))))
+    state, metrics = step(state, batch)
+    # grad_norm is the adapters' (what clipping sees), not the whole model's: only they are differentiated
+    np.testing.assert_allclose(float(metrics['grad_norm']), norms[-1][0], rtol=1e-4)
+  assert norms[-1][1] > 1.5 * norms[-1][0]  # the check above can tell the two apart
   stream.close()
   after = jax.device_get(state.params)
   base_before, adapters_before = lora.split(before)
@@ -142,3 +151,25 @@ def test_lora_needs_init_from(source):
   cfg = config_lib.load(SFT + ':tiny,lora', [('data.source', source)])
   with pytest.raises(UserError, match="config key init_from='' : model.lora.rank > 0 needs a pretrained"):
     finetune.resolve(cfg)
+
+
+def test_a_lora_step_with_dropout_applies_it_and_trains_the_adapters_alone():
+  from conftest import tiny_config
+  from llm_jax.train.step import setup_train_step
+  cfg = tiny_config(('model.lora.rank', '2'), ('model.dropout_rate', '0.3'), ('train.warmup_steps', '0'))
+  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+  setup = setup_train_step(cfg, mesh, rules)
+  state = setup.factory.init(0)
+  before = jax.device_get(state.params)
+  tokens = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (8, 65)).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': np.ones((8, 64), np.int32),
+           'segment_ids': np.ones((8, 64), np.int32), 'positions': np.tile(np.arange(64, dtype=np.int32), (8, 1))}
+  batch = pipeline.to_global(batch, setup.batch_sharding)
+  deterministic = float(loss_and_stats(build_model(cfg.model), state.params, batch)[0])
+  state, metrics = setup.step(state, batch)
+  assert bool(metrics['finite']) and abs(float(metrics['loss']) - deterministic) > 1e-3  # dropout was applied
+  base_before, adapters_before = lora.split(before)
+  base_after, adapters_after = lora.split(jax.device_get(state.params))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(adapters_before),
+                                                      jax.tree.leaves(adapters_after)))

@@ -138,8 +138,14 @@ def test_skip_nonfinite_leaves_params_and_state_and_counts():
   bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), good)
   updates, after_bad = update(bad, state, params, finite=jnp.bool_(True))
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
-  for a, b in zip(jax.tree.leaves(after_bad.inner), jax.tree.leaves(state.inner)):
+  schedule_counts = lambda s: [x.count for x in jax.tree.leaves(  # noqa: E731
+      s, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)) if isinstance(x, optax.ScaleByScheduleState)]
+  moments = lambda s: jax.tree.leaves(jax.tree.map(  # noqa: E731
+      lambda x: None if isinstance(x, optax.ScaleByScheduleState) else x, s.inner,
+      is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)))
+  for a, b in zip(moments(after_bad), moments(state)):
     np.testing.assert_array_equal(a, b)
+  assert [int(c) for c in schedule_counts(after_bad)] == [1]  # the schedule's clock runs on
   assert int(optim.skipped_count(after_bad)) == 1
   # A non-finite loss skips too, even when the gradients look finite.
   _, after_loss = update(good, after_bad, params, finite=jnp.bool_(False))
@@ -147,6 +153,26 @@ def test_skip_nonfinite_leaves_params_and_state_and_counts():
   updates, after_good = update(good, after_loss, params, finite=jnp.bool_(True))
   assert int(optim.skipped_count(after_good)) == 2
   assert any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'lion', 'adafactor'])
+def test_after_skipped_steps_the_applied_rate_is_the_logged_one_and_the_decay_ends_on_time(optimizer):
+  """The train step logs schedule(state.step); a skip must not shift the schedule the optimizer applies."""
+  cfg = tiny_config(('train.optimizer', optimizer), ('train.skip_nonfinite', 'true'), ('train.steps', '8'),
+                    ('train.warmup_steps', '0'), ('train.schedule', 'linear'), ('train.min_lr_ratio', '0.0'),
+                    ('train.learning_rate', '1.0'), ('train.weight_decay', '0.0'), ('train.grad_clip', '0.0'))
+  tx, lr = optim.make_optimizer(cfg.train), optim.schedule(cfg.train)
+  params = {'w': jnp.zeros((4,))}
+  state, update = tx.init(params), jax.jit(tx.update)
+  for step in range(9):
+    g = jnp.full((4,), jnp.nan if step in (2, 3) else 1.0)
+    updates, state = update({'w': g}, state, params, finite=jnp.bool_(True))
+    # A sign step of every optimizer here (constant gradient: Adam's m / sqrt(v) = 1, Lion's sign,
+    # Adafactor's clipped RMS 1): the update is the applied rate.
+    applied = 0.0 if step in (2, 3) else -float(updates['w'][0])
+    want = 0.0 if step in (2, 3) else float(lr(step))
+    assert applied == pytest.approx(want, abs=1e-4), step
+  assert float(lr(8)) == 0.0  # the last step ran at the end of the decay, as the config says
 
 
 @pytest.mark.parametrize('optimizer,param_shaped', [('adamw', 2), ('lion', 1), ('adafactor', 0)])

@@ -1,5 +1,6 @@
 """Compiled memory of the train step under each remat policy and loss chunking: what XLA plans to allocate
-for temporaries (activations kept for the backward pass, logits, ...) beside the state and the batch.
+for temporaries (activations kept for the backward pass, gradients, logits, ...) beside the arguments (the
+state and the batch).
 
 These are compile-time figures from `Compiled.memory_analysis()`, not measurements of a running process, so
 other work on the machine does not disturb them; they do depend on the backend (CPU here unless a GPU/TPU
@@ -15,30 +16,20 @@ import argparse
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from llm_jax import cli, config as config_lib, sharding
-from llm_jax.models import build_model
-from llm_jax.train import optim
-from llm_jax.train.loss import LossConfig
-from llm_jax.train.state import StateFactory
-from llm_jax.train.step import make_train_step
+from llm_jax.train import plan
+from llm_jax.train.step import setup_train_step
 
 
-def temp_bytes(cfg) -> int:
+def memory(cfg):
+  """XLA's memory analysis of the train step exactly as train/loop.py builds it (setup_train_step: loss
+  options, microbatches, and LoRA's adapter-only gradient and optimizer state)."""
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
-  model = build_model(cfg.model)
-  tx = optim.make_optimizer(cfg.train)
-  factory = StateFactory(model, tx, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  shape = (cfg.data.batch_size, cfg.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
-           for k in ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')}
-  step = make_train_step(model, tx, optim.schedule(cfg.train), mesh, rules, factory.shardings, batch_sh,
-                         loss_cfg=LossConfig.from_config(cfg.train), microbatches=cfg.train.microbatches)
-  analysis = step.lower(factory.abstract_sharded(), batch).compile().memory_analysis()
-  return analysis.temp_size_in_bytes
+  setup = setup_train_step(cfg, mesh, rules)
+  batch = plan.abstract_batch(cfg.data, setup.batch_sharding)
+  return setup.step.lower(setup.factory.abstract_sharded(), batch).compile().memory_analysis()
 
 
 def main(argv=None) -> int:
@@ -51,14 +42,16 @@ def main(argv=None) -> int:
   overrides = cli.split_config_overrides(extra)
   device = jax.devices()[0]
   print(f'device: {device.device_kind} x {jax.device_count()}, jax {jax.__version__}')
-  print('| remat | loss_chunk | microbatches | temp memory (MiB) |')
-  print('|---|---|---|---|')
+  print('| remat | loss_chunk | microbatches | temp memory (MiB) | arguments (MiB) |')
+  print('|---|---|---|---|---|')
   for remat in args.remat.split(','):
     for chunk in args.loss_chunk.split(','):
       for micro in args.microbatches.split(','):
         cfg = config_lib.load(args.config, [*overrides, ('model.remat', remat), ('train.loss_chunk', chunk),
                                             ('train.microbatches', micro)])
-        print(f'| {remat} | {chunk} | {micro} | {temp_bytes(cfg) / 2**20:,.1f} |', flush=True)
+        m = memory(cfg)
+        print(f'| {remat} | {chunk} | {micro} | {m.temp_size_in_bytes / 2**20:,.1f} | '
+              f'{m.argument_size_in_bytes / 2**20:,.1f} |', flush=True)
   return 0
 
 

@@ -62,6 +62,9 @@ def run(args, overrides) -> int:
       result['tasks'][name] = {'file': path, **scores}
       say(f'task {name}: {scores["items"]} items  accuracy {scores["accuracy"]:.3f}  '
           f'accuracy_norm {scores["accuracy_norm"]:.3f}')
+      if scores['choices_first_token_unscored']:
+        say(f'task {name}: the first token of {scores["choices_first_token_unscored"]} choices could not be '
+            'scored (an empty context and no BOS: data.add_bos=false); their scores sum the tokens after it')
   if args.output and jax.process_index() == 0:
     write_json(args.output, result)
   return 0

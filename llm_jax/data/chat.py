@@ -218,3 +218,7 @@ def check_dpo_config(cfg, require) -> None:
   require(cfg.data.dpo_beta > 0, 'data.dpo_beta', cfg.data.dpo_beta, 'positive')
   require(cfg.train.microbatches == 1, 'train.microbatches', cfg.train.microbatches,
           "1 for data.objective='dpo' (its step does not accumulate)")
+  # The implicit reward is the policy's log-probability minus the reference's on the same pair: dropout on
+  # the policy alone would make it noise from step 0, where the two models are the same.
+  require(cfg.model.dropout_rate == 0.0, 'model.dropout_rate', cfg.model.dropout_rate,
+          "0 for data.objective='dpo' (the policy and the reference must score pairs alike)")

@@ -71,8 +71,11 @@ def encode_pair(tokenizer, context: str, choice: str, bos: list[int]) -> tuple[l
   return bos + context_ids, choice_ids
 
 
-def choice_logliks(run, items: list[Item], batch_size: int, progress=None) -> list[list[float]]:
-  """The log-likelihood of each item's choices after its context."""
+def score_choices(run, items: list[Item], batch_size: int, progress=None) -> tuple[list[list[float]], int]:
+  """(the log-likelihood of each item's choices after its context, how many choices had a first token that
+  could not be scored). A choice's tokens are scored from the model's prediction after the token before
+  each; with an empty context and no BOS (data.add_bos false) its first token has none, so it is left out
+  of the sum and counted, as the output says."""
   bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []
   sequences, starts = [], []  # per (item, choice): ids, and where the choice's tokens start
   for n, item in enumerate(items):
@@ -83,20 +86,31 @@ def choice_logliks(run, items: list[Item], batch_size: int, progress=None) -> li
                         f'of {run.context_len} tokens (data.seq_len)')
       ids = context_ids + choice_ids
       ids = ids[max(0, len(ids) - run.context_len):]  # left-truncate long contexts, as the harness does
+      if len(ids) < 2:
+        raise UserError(f'task item {n + 1}: the choice {choice!r} is one token after an empty context and the '
+                        'run adds no BOS (data.add_bos=false): no token of it has a predecessor to be scored '
+                        'after; give the item a context')
       sequences.append(ids)
       starts.append(len(ids) - len(choice_ids))
-  scores = iter(loglik.score(run.engine, sequences, batch_size, progress=progress))
-  starts = iter(starts)
-  # Scores.logprobs[t] is the log-probability of token t + 1, so a choice starting at s is logprobs[s - 1:].
-  return [[sum(next(scores).logprobs[next(starts) - 1:]) for _ in item.choices] for item in items]
+  scores = loglik.score(run.engine, sequences, batch_size, progress=progress)
+  # Scores.logprobs[t] is the log-probability of token t + 1, so a choice starting at s is logprobs[s - 1:];
+  # one starting at 0 (nothing before it) is logprobs[0:], every token of it but the first.
+  totals = iter(sum(sc.logprobs[max(s - 1, 0):]) for sc, s in zip(scores, starts))
+  return [[next(totals) for _ in item.choices] for item in items], sum(s == 0 for s in starts)
+
+
+def choice_logliks(run, items: list[Item], batch_size: int, progress=None) -> list[list[float]]:
+  """The log-likelihood of each item's choices after its context (score_choices)."""
+  return score_choices(run, items, batch_size, progress)[0]
 
 
 def evaluate(run, items: list[Item], batch_size: int, progress=None) -> dict:
   """Accuracy and length-normalised accuracy of `items` with the run's latest params."""
   correct = correct_norm = 0
-  for item, lls in zip(items, choice_logliks(run, items, batch_size, progress)):
+  logliks, unscored = score_choices(run, items, batch_size, progress)
+  for item, lls in zip(items, logliks):
     norm = [ll / len(c) for ll, c in zip(lls, item.choices)]
     correct += int(max(range(len(lls)), key=lls.__getitem__) == item.gold)
     correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.gold)
   return {'items': len(items), 'accuracy': correct / len(items), 'accuracy_norm': correct_norm / len(items),
-          'choices_scored': sum(len(i.choices) for i in items)}
+          'choices_scored': sum(len(i.choices) for i in items), 'choices_first_token_unscored': unscored}

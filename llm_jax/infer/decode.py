@@ -34,6 +34,7 @@ import numpy as np
 from llm_jax import sharding
 from llm_jax.infer import sampling, stops
 from llm_jax.models import CACHE_AXES, encdec, family_of, init_cache
+from llm_jax.models.transformer import position_rows
 from llm_jax.infer.sampling import SamplingParams, Stages
 
 Array = jax.Array
@@ -226,11 +227,21 @@ class Engine:
       return jnp.asarray(array)
     return sharding.host_to_global(array, sharding.named_sharding(self.mesh, names, self.rules))
 
+  def padded_length(self, n: int) -> int:
+    """The length a batch of rows of up to `n` tokens is padded to: a multiple of 64, so that a few compiled
+    programs serve every length, but never past the model's position table (models.transformer.
+    position_rows), since rows are numbered 0 .. P-1 padding included."""
+    limit = position_rows(self.model.cfg)
+    if limit is not None and n > limit:
+      raise ValueError(f'{n} tokens do not fit the {limit} positions of the model (model.max_positions)')
+    P = _round_up(n, 64)
+    return P if limit is None else min(P, limit)
+
   def prompts(self, token_lists: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded [rows, P] prompts (P a multiple of 64) and their lengths; padding rows hold one token."""
+    """Right-padded [rows, P] prompts (P from padded_length) and their lengths; padding rows hold one token."""
     if any(len(t) == 0 for t in token_lists):
       raise ValueError('every prompt needs at least one token')
-    P = _round_up(max(len(t) for t in token_lists), 64)
+    P = self.padded_length(max(len(t) for t in token_lists))
     prompt_BP = np.zeros((rows, P), np.int32)
     lengths_B = np.ones(rows, np.int32)
     for b, t in enumerate(token_lists):

@@ -54,7 +54,7 @@ def score(engine, sequences: Sequence[Sequence[int]], batch_size: int = 32, prog
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
     rows = engine.padded_rows(len(chunk))
-    T = -(-max(len(sequences[i]) for i in chunk) // 64) * 64 + 1  # T - 1 inputs, a multiple of 64
+    T = engine.padded_length(max(len(sequences[i]) for i in chunk) - 1) + 1  # T - 1 inputs
     tokens_BT = np.zeros((rows, T), np.int32)
     for b, i in enumerate(chunk):
       tokens_BT[b, :len(sequences[i])] = sequences[i]

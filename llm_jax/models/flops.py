@@ -1,7 +1,7 @@
 """Model FLOPs per token and the peak FLOP rates of known accelerators: the two halves of MFU.
 
 MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s of the devices, where
-the model FLOPs of one trained token are
+the model FLOPs of one trained token of a single-stack model (decoder, encoder) are
 
     6 * N  +  12 * L * (num_heads * head_dim) * T
 
@@ -12,6 +12,16 @@ layers). The first term is the forward (2 FLOPs per multiply-add) plus backward 
 of the weight matmuls, the second the same for the attention scores and their weighted sum. Recomputation
 under remat is not counted: it is a cost of the implementation, not work the model needs, which is what
 makes MFU comparable across remat policies and with published numbers.
+
+An encoder-decoder counts each stack by its own length: a row of S input tokens (data.seq_len) and T target
+tokens (data.target_len) costs 6 * (N_in * S + N_out * T), N_in the encoder's weights and the
+cross-attentions' key and value projections (they project the encoder's output), N_out the rest of the
+decoder and the output layer; plus 12 * d_attn * (L_enc * S^2 + L_dec * T^2 + L_dec * T * S) for the
+encoder's and decoder's self-attention and the decoder's cross-attention. Per token means per input token,
+the tokens the throughput counts (batch_size * seq_len per step).
+
+A LoRA run does less: the frozen base runs forward and gives input gradients (4 FLOPs per weight and token,
+no weight gradient), the adapters forward and both gradients (6); attention is unchanged.
 """
 
 from __future__ import annotations
@@ -61,23 +71,60 @@ def _is_matmul_weight(path, tie_embeddings: bool) -> bool:
   return True
 
 
-def matmul_params(model_cfg) -> int:
-  """N above, counted from the model's abstract parameters (no memory is allocated)."""
+def _stream(names: list[str]) -> str:
+  """Which tokens a weight runs on: 'input' for an encoder-decoder's encoder layers and its cross-attention
+  key and value projections, 'target' for everything else (the only stream of a single-stack model)."""
+  if any(n.startswith('encoder_') for n in names):
+    return 'input'
+  if 'cross_attn' in names and names[-1].split('_lora_')[0] in ('k', 'v'):
+    return 'input'
+  return 'target'
+
+
+def matmul_params_by(model_cfg) -> dict[tuple[str, bool], int]:
+  """N above split by (stream, is a LoRA adapter), counted from the model's abstract parameters (no memory
+  is allocated)."""
   from llm_jax.models import build_model
   from llm_jax.train.state import init_params
   model = build_model(model_cfg)
   shapes = jax.eval_shape(lambda rng: init_params(model, rng), jax.random.PRNGKey(0))
-  return sum(math.prod(a.shape) for path, a in jax.tree_util.tree_leaves_with_path(shapes)
-             if _is_matmul_weight(path, model_cfg.tie_embeddings))
+  out: dict[tuple[str, bool], int] = {}
+  for path, a in jax.tree_util.tree_leaves_with_path(shapes):
+    if _is_matmul_weight(path, model_cfg.tie_embeddings):
+      names = [str(getattr(k, 'key', k)) for k in path]
+      key = (_stream(names), '_lora_' in names[-1])
+      out[key] = out.get(key, 0) + math.prod(a.shape)
+  return out
 
 
-def flops_per_token(model_cfg, seq_len: int) -> float:
-  """Training FLOPs (forward + backward) per token of a row of `seq_len` tokens."""
+def matmul_params(model_cfg) -> int:
+  """N above: every matmul weight, adapters included."""
+  return sum(matmul_params_by(model_cfg).values())
+
+
+def flops_per_token(model_cfg, seq_len: int, target_len: int | None = None) -> float:
+  """Training FLOPs (forward + backward) per token of a row of `seq_len` tokens; an encoder-decoder also
+  needs its rows' `target_len` (data.target_len)."""
+  from llm_jax.models import family_of
   from llm_jax.models.transformer import layer_windows
   m = model_cfg
-  keys = sum(min(seq_len, w or seq_len) for w in layer_windows(m, m.num_layers))  # per query, over the layers
-  attention = 12 * m.num_heads * m.head_dim * keys
-  return 6 * matmul_params(m) + attention
+  two_stacks = family_of(m).two_stacks
+  if two_stacks and not target_len:
+    raise ValueError('an encoder-decoder needs target_len (data.target_len) to count its decoder\'s FLOPs')
+  S = seq_len
+  T = target_len if two_stacks else seq_len
+  lengths = {'input': S, 'target': T}
+  base = 4 if m.lora.rank else 6  # a frozen base: forward and input gradients, no weight gradient
+  matmuls = sum((6 if adapter else base) * n * lengths[stream]
+                for (stream, adapter), n in matmul_params_by(m).items())
+  d_attn = m.num_heads * m.head_dim
+  if two_stacks:
+    L_dec = m.num_decoder_layers or m.num_layers
+    attention = 12 * d_attn * (m.num_layers * S * S + L_dec * T * T + L_dec * T * S)
+  else:  # a sliding window (Mistral, Gemma 2's local layers) caps the keys a query sees
+    keys = sum(min(S, w or S) for w in layer_windows(m, m.num_layers))
+    attention = 12 * d_attn * S * keys
+  return (matmuls + attention) / S
 
 
 def mfu(tokens_per_sec: float, flops_per_token_: float, num_devices: int, peak: float | None) -> float | None:

@@ -282,6 +282,10 @@ class Attention(nn.Module):
       v_BSKH = constrain(v_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
       mask_BTS = kv_segment_ids_BS[:, None, :] == segment_ids_BT[:, :, None]
       out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, None, scale)
+      # A query whose segment has no encoder tokens in the row sees none, so its cross-attention adds nothing:
+      # a softmax over keys that are all masked would spread it evenly over every encoder position, other
+      # examples' included (an example cut across rows would read its neighbours' inputs).
+      out_BTNH = jnp.where(jnp.any(mask_BTS, axis=-1)[:, :, None, None], out_BTNH, 0).astype(out_BTNH.dtype)
     else:
       k_BTKH = self._project(x_BTD, 'k', K, 'kv_heads')
       v_BTKH = self._project(x_BTD, 'v', K, 'kv_heads')

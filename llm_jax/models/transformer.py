@@ -136,6 +136,14 @@ empty and every row starts at position 0, so self-attention may run over the row
   return x_BTD, cache
 
 
+def position_rows(cfg) -> int | None:
+  """How many positions the model can look up: the rows of a learned table (GPT-2, BERT), or None where any
+  position has an embedding (rotary, relative). Whatever pads a batch must number its padding below this:
+  a position past the table embeds as NaN (jnp.take's fill), and a masked key still carries NaN into the
+  attention sum of every query of its row (0 * NaN)."""
+  return cfg.max_positions if cfg.position_type == 'learned' else None
+
+
 def embed(parent: nn.Module, cfg, tokens_BT: Array, positions_BT: Array, embedding_VD: Array | None = None,
           prefix: str = '') -> tuple[Array, Array]:
   """(x_BTD, embedding_VD): token embeddings (times sqrt(embed_dim) with `embed_scale`, Gemma), plus learned

@@ -2,9 +2,8 @@
 
 Adapters are ordinary params named `<projection>_lora_a` / `_lora_b` beside the projection they adapt
 (models/layers.py: lora_delta), so the model, sharding and decoding treat them like any other weight. Only
-they train: the optimizer is `optax.multi_transform` with the run's optimizer on the adapters and
-`set_to_zero` (no state) on everything else, so its state holds moments for the adapters alone and scales
-with the rank, not the model. Checkpoints of a LoRA run hold the adapters only (checkpoint.py: `params`
+they train: the train steps differentiate the adapters alone (`trainable`) and the run's optimizer sees
+nothing else, so its state holds moments for the adapters alone and scales with the rank, not the model. Checkpoints of a LoRA run hold the adapters only (checkpoint.py: `params`
 filtered); the frozen base is read from `init_from` whenever the run is loaded. `llm-jax export
 --merge-lora` folds W + A B * alpha / rank into a plain workdir.
 """
@@ -37,19 +36,34 @@ def split(params):
 
 def merge(*trees):
   """One nested dict of several disjoint ones (base and adapters)."""
+  trees = [t for t in trees if t]
+  if len(trees) == 1:  # nothing to merge (`trainable` of a run without LoRA): the tree as it is
+    return trees[0]
   flat = {}
   for t in trees:
     flat.update(_flat(t))
   return traverse.unflatten_dict(flat)
 
 
-def labels(params):
-  return traverse.unflatten_dict({k: 'adapter' if is_adapter(k) else 'frozen' for k in _flat(params)})
+def trainable(params, adapters_only: bool):
+  """(frozen, trained): what a train step holds fixed and what it differentiates. A LoRA run differentiates
+  its adapters alone, so no gradient of the frozen base is ever built (a float32 copy of the whole model
+  every step) and nothing the base does can make a step non-finite; otherwise every param trains."""
+  return split(params) if adapters_only else ({}, params)
 
 
-def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`tx` on the adapters; frozen params get zero updates and no optimizer state."""
-  return optax.multi_transform({'adapter': tx, 'frozen': optax.set_to_zero()}, labels)
+def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` on the adapters alone. `init` takes the whole params (what train/state.py's StateFactory passes)
+  and builds state for the adapters only; `update` takes the adapters' gradients and params (the train steps
+  differentiate nothing else: `trainable`) and returns their updates."""
+
+  def init(params):
+    return tx.init(split(params)[1])
+
+  def update(updates, state, params=None, **extra):
+    return tx.update(updates, state, params, **extra)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def merged(params, model_cfg):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import sharding
+from llm_jax.run import lora
 from llm_jax.train import optim
 from llm_jax.train.state import TrainState
 from llm_jax.models.outputs import token_nll
@@ -70,15 +71,18 @@ def make_dpo_step(model, tx: optax.GradientTransformation, lr_schedule: optax.Sc
                   state_shardings, batch_sharding, beta: float) -> Callable:
   """jit(dpo_step): (state, batch, ref_params) -> (state, metrics); the state is donated, ref_params not."""
 
+  adapters_only = model.cfg.lora.rank > 0
+
   def dpo_step(state: TrainState, batch: dict[str, Array], ref_params):
     with sharding.activation_sharding(mesh, rules):
       rng, _ = jax.random.split(state.rng)
+      frozen, trained = lora.trainable(state.params, adapters_only)  # LoRA: the adapters alone
       (loss, stats), grads = jax.value_and_grad(
-          lambda p: dpo_loss(model, p, ref_params, batch, beta), has_aux=True)(state.params)
+          lambda t: dpo_loss(model, lora.merge(frozen, t), ref_params, batch, beta), has_aux=True)(trained)
       grad_norm = optim.global_norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, finite=finite)
-      params = optax.apply_updates(state.params, updates)
+      updates, opt_state = tx.update(grads, state.opt_state, trained, finite=finite)
+      params = lora.merge(frozen, optax.apply_updates(trained, updates))
     metrics = {'loss': loss, 'z_loss': jnp.zeros((), jnp.float32), 'grad_norm': grad_norm,
                'param_norm': optim.global_norm(params), 'learning_rate': lr_schedule(state.step),
                'tokens': batch['loss_mask'].sum() + batch['rejected_loss_mask'].sum(), 'finite': finite,

@@ -137,7 +137,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   sinks = Sinks(workdir, cfg.train, config_json)
   progress = Progress(start, total)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+  flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len, cfg.data.target_len)
   peak = flops.device_peak_flops()
   profile = _Profile(cfg.train.profile_steps, os.path.join(workdir, TENSORBOARD_DIR), progress.write)
   _say(f'training {end - start} steps on {len(jax.devices())} device(s), mesh {dict(mesh.shape)}, '

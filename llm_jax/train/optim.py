@@ -104,17 +104,28 @@ class SkipState(NamedTuple):
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """Apply `inner` only when the gradients (and the loss, passed as `finite=`) are finite; otherwise leave
-  params and optimizer state as they were and count the skip. The count is part of the optimizer state, so
-  it is checkpointed and survives a resume."""
+  params and the optimizer's moments as they were and count the skip. The count is part of the optimizer
+  state, so it is checkpointed and survives a resume.
+
+  The learning-rate schedule's own count still advances on a skip: a skipped step uses up its place in the
+  schedule, so the rate applied at step s is schedule(s), the one the train step logs (it follows
+  state.step), and the decay ends at train.steps whatever was skipped. (Adam's count stays: it is the
+  moments' bias correction, and the moments did not move.)"""
 
   def init(params):
     return SkipState(inner.init(params), jnp.zeros((), jnp.int32))
+
+  def keep(new, old, ok):
+    if isinstance(new, optax.ScaleByScheduleState):
+      return new
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
   def update(updates, state, params=None, *, finite=True, **extra):
     ok = jnp.logical_and(finite, all_finite(updates))
     new_updates, new_inner = inner.update(updates, state.inner, params, **extra)
     new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
-    new_inner = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_inner, state.inner)
+    new_inner = jax.tree.map(lambda n, o: keep(n, o, ok), new_inner, state.inner,
+                             is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
     return new_updates, SkipState(new_inner, state.skipped + (~ok).astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import sharding
-from llm_jax.models import flops
+from llm_jax.models import family_of, flops
 from llm_jax.data import objectives, packing
 from llm_jax.errors import UserError
 from llm_jax.models import attention_kernels as kernels
@@ -173,7 +173,7 @@ def make_plan(cfg, devices, capacity: Capacity | None, top: int = 8, target: str
                    'device_bytes': math.prod(a.sharding.shard_shape(a.shape)) * itemsize})
   params = jax.tree.leaves(state.params)
   tokens = cfg.data.batch_size * cfg.data.seq_len
-  per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+  per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len, cfg.data.target_len)
   total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
       mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
   return {
@@ -205,7 +205,7 @@ def _attention_report(cfg, mesh, rules, compiled: str, target: str | None) -> di
     rows = _rows_per_device(cfg, mesh, rules) / cfg.train.microbatches
     heads = cfg.model.num_heads / _split(mesh, rules, 'heads')
     layers = cfg.model.num_layers + (cfg.model.num_decoder_layers or cfg.model.num_layers
-                                     if cfg.model.family == 'encdec' else 0)
+                                     if family_of(cfg.model).two_stacks else 0)
     report['scores'] = kernels.score_bytes(rows, heads, cfg.data.seq_len, layers)
   return report
 

@@ -49,29 +49,33 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
   """jit(train_step): (state, batch) -> (state, metrics); the state is donated and updated in place.
 
   Metrics (scalars): loss (mean cross-entropy, unsmoothed: the number eval reports too), z_loss (mean
-  log(Z)^2, whatever its weight), learning_rate, grad_norm (before clipping), param_norm (after the update),
+  log(Z)^2, whatever its weight), learning_rate, grad_norm (before clipping, of the params that train: a LoRA
+  run's adapters), param_norm (all params, after the update),
   tokens, finite (loss and gradients finite), and skipped (total skipped updates) with skip_nonfinite.
   """
 
-  def grads_and_sums(params, batch, dropout_rng, tokens):
+  adapters_only = model.cfg.lora.rank > 0
+  trained_shardings = lora.trainable(state_shardings.params, adapters_only)[1]
+
+  def grads_and_sums(frozen, trained, batch, dropout_rng, tokens):
     # Dividing by the whole batch's token count inside the objective (a constant to the gradient) makes
     # microbatch gradients add up to the batch's, with no extra pass over the gradients afterwards.
-    def objective(p):
-      sums = model_sums(model, p, batch, loss_cfg, rngs={'dropout': dropout_rng})
+    def objective(t):
+      sums = model_sums(model, lora.merge(frozen, t), batch, loss_cfg, rngs={'dropout': dropout_rng})
       return objective_sum(sums, loss_cfg) / tokens, sums
-    return jax.grad(objective, has_aux=True)(params)
+    return jax.grad(objective, has_aux=True)(trained)
 
-  def accumulate(params, batch, dropout_rng, tokens):
+  def accumulate(frozen, trained, batch, dropout_rng, tokens):
     micro = split_microbatches(batch, microbatches)
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    zero_grads = jax.tree.map(jnp.zeros_like, trained)
     zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
 
     def body(carry, xs):
       grads_acc, sums_acc = carry
       mb, i = xs
-      grads, sums = grads_and_sums(params, mb, jax.random.fold_in(dropout_rng, i), tokens)
+      grads, sums = grads_and_sums(frozen, trained, mb, jax.random.fold_in(dropout_rng, i), tokens)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-      grads_acc = jax.lax.with_sharding_constraint(grads_acc, state_shardings.params)
+      grads_acc = jax.lax.with_sharding_constraint(grads_acc, trained_shardings)
       return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
 
     (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), (micro, jnp.arange(microbatches)))
@@ -81,15 +85,16 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
     with sharding.activation_sharding(mesh, rules):
       rng, dropout_rng = jax.random.split(state.rng)
       tokens = jnp.maximum(batch['loss_mask'].astype(jnp.float32).sum(), 1.0)
+      frozen, trained = lora.trainable(state.params, adapters_only)
       if microbatches > 1:
-        grads, sums = accumulate(state.params, batch, dropout_rng, tokens)
+        grads, sums = accumulate(frozen, trained, batch, dropout_rng, tokens)
       else:
-        grads, sums = grads_and_sums(state.params, batch, dropout_rng, tokens)
+        grads, sums = grads_and_sums(frozen, trained, batch, dropout_rng, tokens)
       loss = sums['nll_sum'] / tokens
-      grad_norm = optim.global_norm(grads)
+      grad_norm = optim.global_norm(grads)  # of what trains: the norm clipping sees
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, finite=finite)
-      params = optax.apply_updates(state.params, updates)
+      updates, opt_state = tx.update(grads, state.opt_state, trained, finite=finite)
+      params = lora.merge(frozen, optax.apply_updates(trained, updates))
     metrics = {
         'loss': loss,
         'z_loss': sums['z_sum'] / tokens,
