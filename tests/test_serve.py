@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llm_jax.infer import inference
-from llm_jax.serve import server
+from llm_jax.serve import server, service
 from llm_jax.infer.sampling import SamplingParams
 from random_run import make_run
 
@@ -20,16 +20,13 @@ from random_run import make_run
 @pytest.fixture(scope='module')
 def served(tokenizer_path):
   run = make_run(tokenizer_path)
-  app = server.App(run, 'tiny', max_batch=8, batch_wait_s=0.3)
+  app = service.App(run, 'tiny', max_batch=8, batch_wait_s=0.3)
   sizes = []
   generate = app.batcher._generate
   app.batcher._generate = lambda group: sizes.append(len(group)) or generate(group)
-  httpd = server.make_server(app, '127.0.0.1', 0)
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  yield run, f'http://127.0.0.1:{httpd.server_address[1]}', sizes
-  httpd.shutdown()
-  httpd.server_close()
+  httpd = server.Server(server.make_app(app)).start()
+  yield run, httpd.url, sizes
+  httpd.stop()
   app.close()
 
 
@@ -114,3 +111,45 @@ def test_bad_requests_get_a_400_naming_the_problem_and_the_server_keeps_serving(
   assert status == 400 and needle in json.loads(text)['error']['message'], text
   status, _ = _post(f'{base}/v1/completions', {'prompt': 'x', 'max_tokens': 2})
   assert status == 200
+
+
+def test_api_key_is_required_as_a_bearer_token_and_bodies_are_limited(served):
+  run, _, _ = served
+  import httpx
+  app = service.App(run, 'tiny', max_batch=4, batch_wait_s=0.0)
+  httpd = server.Server(server.make_app(app, api_key='s3cret', max_body_bytes=1000)).start()
+  try:
+    body = {'prompt': 'x', 'max_tokens': 1}
+    with httpx.Client(base_url=httpd.url, timeout=120) as c:
+      for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': 's3cret'}):
+        r = c.post('/v1/completions', json=body, headers=headers)
+        assert r.status_code == 401 and 'API key' in r.json()['error']['message'], r.text
+      assert c.get('/v1/models').status_code == 401
+      assert c.get('/health').status_code == 200  # probes need no key
+      auth = {'Authorization': 'Bearer s3cret'}
+      assert c.post('/v1/completions', json=body, headers=auth).status_code == 200
+      r = c.post('/v1/completions', json={'prompt': 'x' * 2000}, headers=auth)
+      assert r.status_code == 413 and '1000' in r.json()['error']['message']
+      chunked = c.post('/v1/completions', content=iter([b'{"prompt": "', b'x' * 2000, b'"}']), headers=auth)
+      assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+      r = c.get('/v1/nowhere', headers=auth)
+      assert r.status_code == 404 and 'no such path' in r.json()['error']['message']
+  finally:
+    httpd.stop()
+    app.close()
+
+
+def test_hundreds_of_concurrent_connections_are_all_answered(served):
+  """More clients at once than the standard library server's listen queue (5) held: none is reset."""
+  import asyncio
+  import httpx
+  _, base, _ = served
+
+  async def main():
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)  # one connection each
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as c:
+      replies = await asyncio.gather(*[c.post('/v1/completions', json={'prompt': f'x = {i}', 'max_tokens': 2})
+                                       for i in range(300)])
+    return [r.status_code for r in replies]
+
+  assert asyncio.run(main()) == [200] * 300
