@@ -13,7 +13,6 @@ turns, which matters more at the lengths a tiny CPU model chats at.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from llm_jax import distributed
@@ -74,10 +73,8 @@ def run(args, overrides) -> int:
     raise UserError(f'--max_new_tokens={args.max_new_tokens} leaves no room for a conversation in the context '
                     f'of {cfg.data.seq_len} tokens (data.seq_len of the run)')
   distributed.initialize_from_args(args)
-  from llm_jax.data import chat
   run_ = inference.load_run(args.workdir)
-  template = chat.Template(run_.tokenizer, roles, cfg.data.add_bos)
-  params = dataclasses.replace(params, stop_tokens=(template.end_id,))
+  template = run_.chat_template
   user, reply_role = roles[-2], roles[-1]
   system = [(roles[0], args.system)] if args.system else []
   turns: list[list[tuple[str, str]]] = []
@@ -99,8 +96,6 @@ def run(args, overrides) -> int:
             file=sys.stderr, flush=True)
       turns.pop()
       continue
-    result = run_.engine.generate_one(ids, params)
-    tokens = [t for t in result.tokens if t != template.end_id and t != run_.tokenizer.eos_id]
-    text = run_.tokenizer.decode(tokens)
+    text = run_.chat(system + [m for turn in turns for m in turn], params)  # the ids fit() measured
     print(text, flush=True)
     turns[-1].append((reply_role, text))

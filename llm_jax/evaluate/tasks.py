@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from llm_jax.infer import loglik
 from llm_jax.errors import UserError
 
 
@@ -72,23 +71,13 @@ def encode_pair(tokenizer, context: str, choice: str, bos: list[int]) -> tuple[l
 
 
 def choice_logliks(run, items: list[Item], batch_size: int, progress=None) -> list[list[float]]:
-  """The log-likelihood of each item's choices after its context."""
-  bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []
-  sequences, starts = [], []  # per (item, choice): ids, and where the choice's tokens start
-  for n, item in enumerate(items):
-    for choice in item.choices:
-      context_ids, choice_ids = encode_pair(run.tokenizer, item.context, choice, bos)
-      if len(choice_ids) + 1 > run.context_len:
-        raise UserError(f'task item {n + 1}: a choice of {len(choice_ids)} tokens does not fit the context '
-                        f'of {run.context_len} tokens (data.seq_len)')
-      ids = context_ids + choice_ids
-      ids = ids[max(0, len(ids) - run.context_len):]  # left-truncate long contexts, as the harness does
-      sequences.append(ids)
-      starts.append(len(ids) - len(choice_ids))
-  scores = iter(loglik.score(run.engine, sequences, batch_size, progress=progress))
-  starts = iter(starts)
-  # Scores.logprobs[t] is the log-probability of token t + 1, so a choice starting at s is logprobs[s - 1:].
-  return [[sum(next(scores).logprobs[next(starts) - 1:]) for _ in item.choices] for item in items]
+  """The log-likelihood of each item's choices after its context (Run.score: the Python API's own)."""
+  try:
+    scores = iter(run.score([(item.context, c) for item in items for c in item.choices], batch_size=batch_size,
+                            progress=progress))
+  except UserError as e:
+    raise UserError(f'task: {e}') from None
+  return [[next(scores) for _ in item.choices] for item in items]
 
 
 def evaluate(run, items: list[Item], batch_size: int, progress=None) -> dict:

@@ -83,8 +83,7 @@ class Batcher:
               job.future.set_exception(e)
 
   def _generate(self, group):
-    return inference.complete(self.run, [j.tokens for j in group], [j.sampling for j in group],
-                              [j.sample for j in group])
+    return self.run.complete([j.tokens for j in group], [j.sampling for j in group], [j.sample for j in group])
 
   def _score(self, group):
     return loglik.score(self.run.engine, [j.tokens for j in group], batch_size=self.max_batch)
@@ -96,11 +95,7 @@ class App:
   def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005):
     self.run, self.model_name = run, model_name
     self.batcher = Batcher(run, max_batch, batch_wait_s)
-    self.template = None  # a fine-tuned run's chat template renders /v1/chat/completions
-    from llm_jax import config as config_lib
-    if run.cfg.data.objective in config_lib.CHAT_OBJECTIVES:
-      from llm_jax.data import chat
-      self.template = chat.Template(run.tokenizer, run.cfg.data.chat_roles, run.cfg.data.add_bos)
+    self.template = run.chat_template  # a fine-tuned run's renders /v1/chat/completions
     self._limiter = None  # threads waiting on the batcher: one per request in flight (made in the loop)
     tok = run.tokenizer
     self._special_ids = {tok.id_to_piece(i): i for i in (tok.bos_id, tok.eos_id, tok.pad_id)
