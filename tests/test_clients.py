@@ -17,14 +17,19 @@ openai = pytest.importorskip('openai')
 
 
 @pytest.fixture(scope='module')
-def served(tmp_path_factory, tokenizer_path):
+def served_app(tmp_path_factory, tokenizer_path):
   workdir = write_workdir(str(tmp_path_factory.mktemp('clients') / 'run'), tokenizer_path)
-  run = inference.load_run(workdir)
-  app = service.App(run, 'tiny')
+  app = service.App(inference.load_run(workdir), 'tiny')
   httpd = server.Server(server.make_app(app)).start()
-  yield run, httpd.url
+  yield app, httpd.url
   httpd.stop()
   app.close()
+
+
+@pytest.fixture(scope='module')
+def served(served_app):
+  app, url = served_app
+  return app.run, url
 
 
 def _greedy(run, prompt, n):
@@ -116,3 +121,55 @@ def test_lm_eval_local_completions_equals_eval_task_and_generates(served, tmp_pa
     context = items[sample['doc_id']]['context']
     want = _greedy(run, context, 8).text.split('\n')[0]
     assert sample['resps'][0][0] == want
+
+
+def test_openai_streaming_arrives_token_by_token_and_equals_the_whole_answer(served):
+  run, url = served
+  client = openai.OpenAI(base_url=f'{url}/v1', api_key='unused', max_retries=0)
+  whole = client.completions.create(model='tiny', prompt='def f(x):', max_tokens=12, temperature=0)
+  pieces = [c.choices[0].text for c in client.completions.create(
+      model='tiny', prompt='def f(x):', max_tokens=12, temperature=0, stream=True) if c.choices]
+  assert ''.join(pieces) == whole.choices[0].text
+  assert len([p for p in pieces if p]) >= 4  # not one event at the end
+  chat_whole = client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}],
+                                              max_tokens=10, temperature=0)
+  chunks = list(client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}],
+                                               max_tokens=10, temperature=0, stream=True))
+  text = ''.join(c.choices[0].delta.content or '' for c in chunks if c.choices)
+  assert text == chat_whole.choices[0].message.content
+  assert chunks[-1].usage.completion_tokens == chat_whole.usage.completion_tokens
+  # A stop string inside the greedy text: neither answer shows it or anything after it.
+  full = whole.choices[0].text  # (a random model's text: bytes that are not UTF-8 show as U+FFFD)
+  at = [i for i in range(1, len(full) - 1) if full[i:i + 2].isascii() and full[i:i + 2].strip()]
+  if at:
+    stop = full[at[len(at) // 2]:at[len(at) // 2] + 2]
+    streamed = ''.join(c.choices[0].text for c in client.completions.create(
+        model='tiny', prompt='def f(x):', max_tokens=12, temperature=0, stop=[stop], stream=True) if c.choices)
+    cut = client.completions.create(model='tiny', prompt='def f(x):', max_tokens=12, temperature=0, stop=[stop])
+    assert streamed == cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == 'stop'
+
+
+def test_a_client_that_leaves_frees_its_slot(served_app):
+  import time
+  import httpx
+  app, url = served_app
+  engine = app.engine
+  step = engine._generate
+  engine._generate = lambda *a, **k: time.sleep(0.02) or step(*a, **k)  # 60 steps take over a second
+  try:
+    seen = []
+    engine_submit = engine.submit
+    engine.submit = lambda job: seen.append(job) or engine_submit(job)
+    body = {'prompt': 'x', 'max_tokens': 60, 'temperature': 0, 'stream': True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+      with c.stream('POST', '/v1/completions', json=body) as r:
+        next(r.iter_lines())  # the job holds a slot; hang up
+    deadline = time.monotonic() + 20
+    while any(engine._active) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    [job] = seen
+    assert job.cancelled and not any(engine._active) and job.count < 40, job.count
+  finally:
+    engine._generate = step
+    engine.submit = engine_submit

@@ -18,9 +18,11 @@ def add_arguments(p) -> None:
   p.add_argument('--api_key', default=None,
                  help=f'every request must carry "Authorization: Bearer KEY" (default: ${API_KEY_ENV}; '
                       'none: no key asked)')
-  p.add_argument('--max_batch', type=int, default=32, help='requests decoded together at most')
+  p.add_argument('--max_batch', type=int, default=32,
+                 help='decode slots: requests decoded together at most (continuous batching: a new request '
+                      'takes a free slot between steps)')
   p.add_argument('--batch_wait_ms', type=float, default=5.0,
-                 help='how long the first request of a batch waits for others to join it')
+                 help='how long an idle server waits after a first request for others to start with it')
   p.add_argument('--verbose', action='store_true', help='log every request on standard error')
 
 

@@ -2,7 +2,8 @@
 (`/v1/completions`, `/v1/chat/completions`) into prompts and sampling params, and shaping the answers.
 
 Supported fields: model (ignored: the server serves one run), prompt (a string, a list of strings, a list of
-token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop, seed, stream, echo,
+token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop (up to 16), seed,
+stream (server-sent events as tokens arrive: service.App.stream), echo,
 logprobs (up to 5 alternatives), and the extensions top_k, min_p, repetition_penalty. A field of the
 wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
 
@@ -186,19 +187,3 @@ def choice(parsed: Parsed, index: int, text: str, finish_reason: str | None, log
     return {'index': index, 'message': {'role': 'assistant', 'content': text}, 'logprobs': logprobs,
             'finish_reason': finish_reason}
   return {'index': index, 'text': text, 'logprobs': logprobs, 'finish_reason': finish_reason}
-
-
-def stream_chunks(parsed: Parsed, full: dict) -> list[dict]:
-  """A whole answer as server-sent-event chunks (one per choice: text arrives at once, not token by token)."""
-  chunks = []
-  for c in full['choices']:
-    chunk = {k: full[k] for k in ('id', 'created', 'model')}
-    if parsed.chat:
-      chunk['object'] = 'chat.completion.chunk'
-      chunk['choices'] = [{'index': c['index'], 'delta': {'role': 'assistant', 'content': c['message']['content']},
-                           'logprobs': c['logprobs'], 'finish_reason': c['finish_reason']}]
-    else:
-      chunk['object'] = 'text_completion'
-      chunk['choices'] = [c]
-    chunks.append(chunk)
-  return chunks

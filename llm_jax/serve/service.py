@@ -1,102 +1,56 @@
-"""What `llm-jax serve` does with a request, apart from HTTP (server.py): the OpenAI body turned into engine
-work and the results into the OpenAI answer.
+"""What `llm-jax serve` does with a request, apart from HTTP (server.py): the OpenAI body checked and turned
+into engine jobs, and the tokens that come back turned into the OpenAI answer, whole or streamed.
 
-Each request becomes jobs (one per prompt and sample, plus a scoring job when `echo` or `logprobs` ask for log-probabilities) and waits. One worker thread owns the
-device: it takes the jobs that arrived within `batch_wait_s` of each other (up to `max_batch`) and runs them
-as one batch, so concurrent requests are decoded together. A request that is not valid JSON or has a bad
-field gets a 400 naming the problem (ApiError); a failure inside a batch fails only the requests in it (500);
-the server keeps serving either way.
+Every continuation (a prompt times `n`) is a job of the continuous-batching engine (infer/slots.py), which
+calls back with each new token; the request's coroutine receives them through an asyncio queue. A streamed
+choice shows its text as it grows, less what may still turn into a stop string; the final text is what
+inference.to_completion makes of the tokens, exactly as for the offline path, so streaming and not give the
+same text. `echo` + `logprobs` score the prompt through the same engine thread. A request that is not valid
+JSON or has a bad field is an ApiError (400) before any device work; a client that goes away cancels its jobs
+(their slots are freed before the next step); a failure on the device fails the requests in it (500) and the
+server keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import re
-import sys
-import threading
 import time
-import traceback
-from concurrent.futures import Future
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, field, replace
 
-from llm_jax.infer import inference, loglik
-from llm_jax.serve import openai_api
 from llm_jax.errors import UserError
+from llm_jax.infer import decode, inference, slots, stops
+from llm_jax.serve import openai_api
 from llm_jax.serve.openai_api import ApiError
 
+POLL_S = 0.5  # how often a waiting request checks that its client is still there
 
-@dataclass
-class _Job:
-  kind: str  # 'generate' | 'score'
-  tokens: list[int]
+
+@dataclass(eq=False)
+class _Choice:
+  index: int
+  prompt: object  # the prompt as sent: text or ids
+  ids: list[int]  # what the model reads
+  hidden: int  # leading ids the client did not send (an implicit BOS)
+  max_new: int
   sampling: object = None
-  sample: int = 0
-  future: Future = None
-
-
-class Batcher:
-  """Collects jobs from request threads and runs them in batches on one worker thread."""
-
-  def __init__(self, run: inference.Run, max_batch: int, batch_wait_s: float):
-    self.run, self.max_batch, self.wait = run, max_batch, batch_wait_s
-    self._queue: queue.Queue = queue.Queue()
-    self._thread = threading.Thread(target=self._work, name='llm-jax-batcher', daemon=True)
-    self._thread.start()
-
-  def submit(self, kind: str, tokens, sampling=None, sample: int = 0) -> Future:
-    job = _Job(kind, list(tokens), sampling, sample, Future())
-    self._queue.put(job)
-    return job.future
-
-  def close(self) -> None:
-    self._queue.put(None)
-    self._thread.join()
-
-  def _work(self) -> None:
-    while True:
-      first = self._queue.get()
-      if first is None:
-        return
-      jobs = [first]
-      deadline = time.monotonic() + self.wait
-      while len(jobs) < self.max_batch:
-        try:
-          job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-          break
-        if job is None:
-          self._queue.put(None)  # finish this batch, then stop
-          break
-        jobs.append(job)
-      for kind, run_batch in (('generate', self._generate), ('score', self._score)):
-        group = [j for j in jobs if j.kind == kind]
-        if not group:
-          continue
-        try:
-          for job, out in zip(group, run_batch(group)):
-            job.future.set_result(out)
-        except Exception as e:  # noqa: BLE001 - reported to each waiting request as a 500
-          traceback.print_exc(file=sys.stderr)
-          for job in group:
-            if not job.future.done():
-              job.future.set_exception(e)
-
-  def _generate(self, group):
-    return self.run.complete([j.tokens for j in group], [j.sampling for j in group], [j.sample for j in group])
-
-  def _score(self, group):
-    return loglik.score(self.run.engine, [j.tokens for j in group], batch_size=self.max_batch)
+  job: object = None
+  tokens: list = field(default_factory=list)
+  logprobs: list = field(default_factory=list)
+  tops: list = field(default_factory=list)  # (ids, logprobs) of the top alternatives at each new token
+  reason: str | None = None
+  shown: str = ''  # the text streamed so far
 
 
 class App:
-  """Turns parsed requests into jobs and jobs' results into OpenAI responses."""
+  """Turns requests into engine jobs and their tokens into OpenAI responses. `max_batch`: decode slots."""
 
   def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005):
     self.run, self.model_name = run, model_name
-    self.batcher = Batcher(run, max_batch, batch_wait_s)
+    self.engine = slots.SlotEngine(run.engine, run.context_len, max_batch, batch_wait_s)
     self.template = run.chat_template  # a fine-tuned run's renders /v1/chat/completions
-    self._limiter = None  # threads waiting on the batcher: one per request in flight (made in the loop)
     tok = run.tokenizer
     self._special_ids = {tok.id_to_piece(i): i for i in (tok.bos_id, tok.eos_id, tok.pad_id)
                          if 0 <= i < tok.vocab_size}
@@ -127,62 +81,189 @@ class App:
     except UserError as e:
       raise ApiError(400, str(e)) from None
 
-  def complete(self, body, chat: bool) -> tuple[openai_api.Parsed, dict]:
-    """The parsed request and its answer; an ApiError (400) for a bad request."""
+  def prepare(self, body, chat: bool) -> tuple[openai_api.Parsed, list[_Choice]]:
+    """The parsed request and its choices; an ApiError (400) for a bad request, before any device work."""
     parsed = openai_api.parse(body, chat, self.template)
-    tok = self.run.tokenizer
-    prompts = []
+    choices = []
     for p in parsed.prompts:
       ids, hidden = self._tokens(p, parsed.max_tokens)
       max_new = parsed.max_tokens if parsed.max_tokens is not None else self.run.context_len - len(ids)
       if max_new < 0 or (parsed.max_tokens is None and max_new < 1):
         raise ApiError(400, f'the prompt of {len(ids)} tokens leaves no room in the context of '
                             f'{self.run.context_len} tokens')
-      prompts.append((p, ids, max_new, hidden))
-    jobs = []  # (prompt index, sample, future of the completion or None)
-    for i, (_, ids, max_new, _) in enumerate(prompts):
-      for j in range(parsed.n):
+      for sample in range(parsed.n):
         sampling = replace(parsed.sampling, max_new_tokens=max_new) if max_new else None
-        jobs.append((i, j, self.batcher.submit('generate', ids, sampling, j) if max_new else None))
-    want_logprobs = parsed.logprobs is not None
-    choices, completion_tokens = [], 0
-    for index, (i, j, future) in enumerate(jobs):
-      text_prompt, ids, _, hidden = prompts[i]
-      done = future.result() if future is not None else None
-      new = done.tokens if done is not None else []
-      completion_tokens += len(new)
-      text = done.text if done is not None else ''
-      if parsed.echo:
-        text = (text_prompt if isinstance(text_prompt, str) else tok.decode(ids)) + text
-      logprobs = None
-      if want_logprobs and len(ids) + len(new) >= 2:
-        s = self.batcher.submit('score', ids + new).result()
-        first = hidden if parsed.echo else len(ids)
-        lps = [None] + s.logprobs
-        tops = [None] + s.top_logprobs
-        top_tokens = [None] + s.top_tokens
-        shown_prompt = text_prompt if isinstance(text_prompt, str) else tok.decode(ids)
-        logprobs = openai_api.logprobs_object(tok, (ids + new)[first:], lps[first:], top_tokens[first:],
-                                              tops[first:], parsed.logprobs, offset=0 if parsed.echo else len(shown_prompt))
-      reason = done.finish_reason if done is not None else 'length'
-      choices.append(openai_api.choice(parsed, index, text, reason, logprobs))
-    prompt_tokens = sum(len(ids) for _, ids, _, _ in prompts)
-    return parsed, openai_api.response(parsed, self.model_name, choices, prompt_tokens, completion_tokens)
+        choices.append(_Choice(len(choices), p, ids, hidden, max_new, sampling))
+    return parsed, choices
+
+  def _start(self, choices: list[_Choice], n: int, queue: asyncio.Queue) -> int:
+    """Submit every choice that generates; the number submitted. Events arrive on `queue`."""
+    loop = asyncio.get_running_loop()
+    started = 0
+    for c in choices:
+      if not c.max_new:
+        c.reason = 'length'
+        continue
+      put = lambda *event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
+      c.job = self.engine.submit(slots.Job(
+          c.ids, c.sampling, c.index % n,
+          on_token=lambda t, lp, top, top_lp, c=c, put=put: put('token', c, t, lp, top, top_lp),
+          on_done=lambda reason, error, c=c, put=put: put('done', c, reason, error)))
+      started += 1
+    return started
+
+  @staticmethod
+  def _cancel(choices) -> None:
+    for c in choices:
+      if c.job is not None:
+        c.job.cancel()
+
+  @staticmethod
+  def _take(event) -> _Choice:
+    """Apply one engine event to its choice; an error becomes this request's failure."""
+    kind, c, *rest = event
+    if kind == 'token':
+      token, lp, top, top_lp = rest
+      c.tokens.append(token)
+      c.logprobs.append(lp)
+      c.tops.append((top, top_lp))
+    else:
+      reason, error = rest
+      if error is not None:
+        raise error
+      c.reason = reason or 'length'
+    return c
+
+  async def answer(self, parsed, choices, disconnected=None) -> dict | None:
+    """The whole answer, or None if the client went away first (its jobs are cancelled)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    try:
+      remaining = self._start(choices, parsed.n, queue)
+      while remaining:
+        try:
+          event = await asyncio.wait_for(queue.get(), POLL_S)
+        except asyncio.TimeoutError:
+          if disconnected is not None and await disconnected():
+            return None
+          continue
+        remaining -= event[0] == 'done'
+        self._take(event)
+    finally:
+      self._cancel(choices)
+    out = [openai_api.choice(parsed, c.index, self._text(parsed, c), c.reason, await self._logprobs(parsed, c))
+           for c in choices]
+    return openai_api.response(parsed, self.model_name, out, self._prompt_tokens(parsed, choices),
+                               sum(len(c.tokens) for c in choices))
+
+  @staticmethod
+  def _prompt_tokens(parsed, choices) -> int:
+    return sum(len(c.ids) for c in choices[::parsed.n])
+
+  def _final(self, c: _Choice) -> str:
+    if not c.tokens:
+      return ''
+    result = decode.Result(c.tokens, c.logprobs, c.reason)
+    return inference.to_completion(self.run, result, c.sampling).text
+
+  def _shown_prompt(self, c: _Choice) -> str:
+    return c.prompt if isinstance(c.prompt, str) else self.run.text(c.ids[c.hidden:])
+
+  def _text(self, parsed, c: _Choice) -> str:
+    return (self._shown_prompt(c) if parsed.echo else '') + self._final(c)
+
+  async def _logprobs(self, parsed, c: _Choice) -> dict | None:
+    if parsed.logprobs is None:
+      return None
+    tokens, lps, tops = list(c.tokens), list(c.logprobs), [t for t in c.tops]
+    if parsed.echo:  # the prompt's own: scored by the model, the first token has no context
+      prompt_lps, prompt_tops = [None], [(None, None)]
+      if len(c.ids) >= 2:
+        [s] = await asyncio.wrap_future(self.engine.score([c.ids]))
+        prompt_lps += s.logprobs
+        prompt_tops += list(zip(s.top_tokens, s.top_logprobs))
+      tokens, lps, tops = (c.ids + tokens)[c.hidden:], (prompt_lps + lps)[c.hidden:], (prompt_tops + tops)[c.hidden:]
+    offset = 0 if parsed.echo else len(self._shown_prompt(c))
+    return openai_api.logprobs_object(self.run.tokenizer, tokens, lps, [t for t, _ in tops],
+                                      [lp for _, lp in tops], parsed.logprobs, offset=offset)
+
+  # -- streaming ---------------------------------------------------------------------------------------------
+
+  def _delta(self, c: _Choice, final: bool) -> str:
+    """The text of `c` not streamed yet: all of it at the end, else what can no longer become a stop string."""
+    if final:
+      text = self._final(c)
+    else:
+      text = self.run.text(c.tokens)
+      stop = c.sampling.stop_strings
+      if stop:
+        text, _ = stops.cut(text, stop)
+        text = text[:len(text) - stops.held_back(text, stop)]
+    if not text.startswith(c.shown):
+      return ''
+    delta, c.shown = text[len(c.shown):], text
+    return delta
+
+  async def stream(self, parsed, choices):
+    """Server-sent events: a chunk per new piece of text of each choice, its finish reason, then usage and
+    [DONE]. The jobs start when the response does; closing the stream (the client left) cancels them."""
+    queue: asyncio.Queue = asyncio.Queue()
+    head = {'id': f'{"chatcmpl" if parsed.chat else "cmpl"}-{uuid.uuid4().hex[:24]}', 'created': int(time.time()),
+            'model': self.model_name, 'object': 'chat.completion.chunk' if parsed.chat else 'text_completion'}
+
+    def event(c, text=None, reason=None, logprobs=None, role=False):
+      if parsed.chat:
+        delta = ({'role': 'assistant'} if role else {}) | ({'content': text} if text is not None else {})
+        one = {'index': c.index, 'delta': delta, 'logprobs': logprobs, 'finish_reason': reason}
+      else:
+        one = {'index': c.index, 'text': text or '', 'logprobs': logprobs, 'finish_reason': reason}
+      return f'data: {json.dumps({**head, "choices": [one]})}\n\n'
+
+    try:
+      remaining = self._start(choices, parsed.n, queue)
+      for c in choices:
+        if parsed.chat:
+          yield event(c, '', role=True)
+        if parsed.echo:
+          yield event(c, self._shown_prompt(c))
+        if c.job is None:
+          yield event(c, '', c.reason, await self._logprobs(parsed, c))
+      while remaining:
+        ev = await queue.get()
+        try:
+          c = self._take(ev)
+        except Exception as e:  # noqa: BLE001 - headers are sent: the failure goes into the stream
+          yield f'data: {json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "code": 500}})}\n\n'
+          return
+        if ev[0] == 'token':
+          delta = self._delta(c, final=False)
+          if delta:
+            yield event(c, delta)
+        else:
+          remaining -= 1
+          yield event(c, self._delta(c, final=True), c.reason, await self._logprobs(parsed, c))
+      prompt, completion = self._prompt_tokens(parsed, choices), sum(len(c.tokens) for c in choices)
+      usage = {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
+      yield f'data: {json.dumps({**head, "choices": [], "usage": usage})}\n\n'
+      yield 'data: [DONE]\n\n'
+    finally:
+      self._cancel(choices)
 
   async def respond(self, body, chat: bool, disconnected=None):
     """The answer to a request: a dict, or for `stream` an async iterator of server-sent-event lines."""
-    import anyio
-    if self._limiter is None:
-      self._limiter = anyio.CapacityLimiter(4096)
-    parsed, answer = await anyio.to_thread.run_sync(self.complete, body, chat, limiter=self._limiter)
-    if not parsed.stream:
-      return answer
+    parsed, choices = self.prepare(body, chat)
+    if parsed.stream:
+      return self.stream(parsed, choices)
+    answer = await self.answer(parsed, choices, disconnected)
+    if answer is None:
+      raise ApiError(499, 'the client closed the connection')
+    return answer
 
-    async def events():
-      for chunk in openai_api.stream_chunks(parsed, answer):
-        yield f'data: {json.dumps(chunk)}\n\n'
-      yield 'data: [DONE]\n\n'
-    return events()
+  def complete(self, body, chat: bool) -> tuple[openai_api.Parsed, dict]:
+    """The parsed request and its whole answer, from plain Python (tests, scripts)."""
+    async def run():
+      parsed, choices = self.prepare(body, chat)
+      return parsed, await self.answer(parsed, choices)
+    return asyncio.run(run())
 
   # -- the tokenizer, as lm-evaluation-harness's remote tokenizer (and vLLM's API) expose it ----------------
 
@@ -222,4 +303,4 @@ class App:
     return {'prompt': self.run.text(tokens)}
 
   def close(self) -> None:
-    self.batcher.close()
+    self.engine.close()
