@@ -4,7 +4,7 @@
 Supported fields: model (ignored: the server serves one run), prompt (a string, a list of strings, a list of
 token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop (up to 16), seed,
 stream (server-sent events as tokens arrive: service.App.stream), echo,
-logprobs (up to 5 alternatives), and the extensions top_k, min_p, repetition_penalty. A field of the
+logprobs (up to 5 alternatives), and the extensions top_k, min_p, repetition_penalty, ignore_eos. A field of the
 wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
 
 Chat messages of a run fine-tuned with a chat template (data.objective sft or dpo) are rendered by that
@@ -143,6 +143,7 @@ def parse(body, chat: bool, template=None) -> Parsed:
                                       'a positive number')),
       max_new_tokens=max(1, max_tokens or 1),
       seed=_field(body, 'seed', int, 0, lambda v: 0 <= v <= MAX_SEED, f'an integer in [0, {MAX_SEED}]'),
+      ignore_eos=_field(body, 'ignore_eos', bool, False, expected='a boolean'),  # vLLM's extension: benchmarks
       stop_strings=tuple(stop), stop_tokens=(template.end_id,) if chat and template else ())
   try:
     sampling.check(flag_prefix='')
