@@ -82,17 +82,31 @@ def test_eval_task_and_data_write_one_json(workdir, tmp_path):
   assert json.loads(out.read_text()) == result  # the failed run left the earlier result intact
 
 
-def test_serve_answers_on_its_port(workdir):
-  proc = subprocess.Popen([sys.executable, '-m', 'llm_jax.cli', 'serve', f'--workdir={workdir}', '--port=0'],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+def test_serve_answers_on_its_port_warns_without_a_key_and_finishes_requests_on_sigterm(workdir):
+  import signal
+  import time
+  env = {k: v for k, v in os.environ.items() if k != 'LLM_JAX_API_KEY'}
+  proc = subprocess.Popen([sys.executable, '-m', 'llm_jax.cli', 'serve', f'--workdir={workdir}', '--port=0',
+                           '--host=0.0.0.0'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env=env)
   try:
     line = proc.stdout.readline()
-    url = re.search(r'(http://127\.0\.0\.1:\d+/v1)', line).group(1)
-    body = json.dumps({'prompt': 'import', 'max_tokens': 3, 'temperature': 0}).encode()
-    req = urllib.request.Request(f'{url}/completions', data=body, headers={'Content-Type': 'application/json'})
-    with urllib.request.urlopen(req, timeout=120) as r:
-      answer = json.loads(r.read())
-    assert answer['object'] == 'text_completion' and answer['usage']['completion_tokens'] >= 1
+    port = re.search(r'http://0\.0\.0\.0:(\d+)/v1', line).group(1)
+    import http.client
+    answers = []
+    for last in (False, True):
+      conn = http.client.HTTPConnection('127.0.0.1', int(port), timeout=120)
+      body = json.dumps({'prompt': 'import', 'max_tokens': 48, 'temperature': 0})
+      conn.request('POST', '/v1/completions', body=body, headers={'Content-Type': 'application/json'})
+      if last:  # the first request compiled; SIGTERM while this one decodes: it is still answered
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+      answers.append(json.loads(conn.getresponse().read()))
+      conn.close()
+    for answer in answers:
+      assert answer['object'] == 'text_completion' and answer['usage']['completion_tokens'] >= 1
+    assert proc.wait(timeout=60) == 0
+    assert 'without an API key' in proc.stderr.read()
   finally:
-    proc.terminate()
+    proc.kill()
     proc.wait(timeout=30)

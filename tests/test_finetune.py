@@ -135,9 +135,9 @@ def test_sft_reproduces_the_seen_responses_and_skips_bad_records(sft_run, pretra
 def test_served_chat_completions_use_the_template_and_stop_at_its_end(sft_run):
   """/v1/chat/completions of a fine-tuned run: the same prompt ids and reply as the template gives the engine,
   and a role the template does not know is a 400 naming it."""
-  from llm_jax.serve import openai_api, server
+  from llm_jax.serve import openai_api, service
   run = inference.load_run(sft_run)
-  app = server.App(run, 'sft', max_batch=4, batch_wait_s=0.0)
+  app = service.App(run, 'sft', max_batch=4, batch_wait_s=0.0)
   try:
     for prompt, response in PAIRS[:2]:
       body = {'messages': [{'role': 'user', 'content': prompt}], 'max_tokens': 12, 'temperature': 0}

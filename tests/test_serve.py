@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llm_jax.infer import inference
-from llm_jax.serve import server
+from llm_jax.serve import server, service
 from llm_jax.infer.sampling import SamplingParams
 from random_run import make_run
 
@@ -20,16 +20,10 @@ from random_run import make_run
 @pytest.fixture(scope='module')
 def served(tokenizer_path):
   run = make_run(tokenizer_path)
-  app = server.App(run, 'tiny', max_batch=8, batch_wait_s=0.3)
-  sizes = []
-  generate = app.batcher._generate
-  app.batcher._generate = lambda group: sizes.append(len(group)) or generate(group)
-  httpd = server.make_server(app, '127.0.0.1', 0)
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  yield run, f'http://127.0.0.1:{httpd.server_address[1]}', sizes
-  httpd.shutdown()
-  httpd.server_close()
+  app = service.App(run, 'tiny', max_batch=8, batch_wait_s=0.3)
+  httpd = server.Server(server.make_app(app)).start()
+  yield run, httpd.url, app.engine
+  httpd.stop()
   app.close()
 
 
@@ -44,7 +38,7 @@ def _post(url, body, raw=None):
 
 
 def test_concurrent_completions_are_batched_and_equal_the_library(served):
-  run, base, sizes = served
+  run, base, engine = served
   prompts = ['import os\n', 'def f(x):', 'class A:']
   answers = [None] * 3
 
@@ -52,12 +46,12 @@ def test_concurrent_completions_are_batched_and_equal_the_library(served):
     answers[i] = _post(f'{base}/v1/completions', {'prompt': prompts[i], 'max_tokens': 6, 'temperature': 0})
 
   threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-  sizes.clear()
+  engine.most_active = 0
   for t in threads:
     t.start()
   for t in threads:
     t.join()
-  assert sizes == [3]  # one batch for the three requests
+  assert engine.most_active == 3  # the three requests were decoded together
   for prompt, (status, text) in zip(prompts, answers):
     assert status == 200, text
     body = json.loads(text)
@@ -94,7 +88,8 @@ def test_chat_and_streaming(served):
   status, text = _post(f'{base}/v1/chat/completions', {**body, 'stream': True})
   events = [line[len('data: '):] for line in text.splitlines() if line.startswith('data: ')]
   assert status == 200 and events[-1] == '[DONE]'
-  assert json.loads(events[0])['choices'][0]['delta']['content'] == content
+  chunks = [json.loads(e) for e in events[:-1]]
+  assert ''.join(c['choices'][0]['delta'].get('content', '') for c in chunks if c['choices']) == content
 
 
 @pytest.mark.parametrize('body,raw,needle', [
@@ -114,3 +109,45 @@ def test_bad_requests_get_a_400_naming_the_problem_and_the_server_keeps_serving(
   assert status == 400 and needle in json.loads(text)['error']['message'], text
   status, _ = _post(f'{base}/v1/completions', {'prompt': 'x', 'max_tokens': 2})
   assert status == 200
+
+
+def test_api_key_is_required_as_a_bearer_token_and_bodies_are_limited(served):
+  run, _, _ = served
+  import httpx
+  app = service.App(run, 'tiny', max_batch=4, batch_wait_s=0.0)
+  httpd = server.Server(server.make_app(app, api_key='s3cret', max_body_bytes=1000)).start()
+  try:
+    body = {'prompt': 'x', 'max_tokens': 1}
+    with httpx.Client(base_url=httpd.url, timeout=120) as c:
+      for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': 's3cret'}):
+        r = c.post('/v1/completions', json=body, headers=headers)
+        assert r.status_code == 401 and 'API key' in r.json()['error']['message'], r.text
+      assert c.get('/v1/models').status_code == 401
+      assert c.get('/health').status_code == 200  # probes need no key
+      auth = {'Authorization': 'Bearer s3cret'}
+      assert c.post('/v1/completions', json=body, headers=auth).status_code == 200
+      r = c.post('/v1/completions', json={'prompt': 'x' * 2000}, headers=auth)
+      assert r.status_code == 413 and '1000' in r.json()['error']['message']
+      chunked = c.post('/v1/completions', content=iter([b'{"prompt": "', b'x' * 2000, b'"}']), headers=auth)
+      assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+      r = c.get('/v1/nowhere', headers=auth)
+      assert r.status_code == 404 and 'no such path' in r.json()['error']['message']
+  finally:
+    httpd.stop()
+    app.close()
+
+
+def test_hundreds_of_concurrent_connections_are_all_answered(served):
+  """More clients at once than the standard library server's listen queue (5) held: none is reset."""
+  import asyncio
+  import httpx
+  _, base, _ = served
+
+  async def main():
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)  # one connection each
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as c:
+      replies = await asyncio.gather(*[c.post('/v1/completions', json={'prompt': f'x = {i}', 'max_tokens': 2})
+                                       for i in range(300)])
+    return [r.status_code for r in replies]
+
+  assert asyncio.run(main()) == [200] * 300

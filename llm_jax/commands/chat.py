@@ -14,7 +14,6 @@ turns, which matters more at the lengths a tiny CPU model chats at.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from llm_jax import distributed
@@ -52,7 +51,7 @@ def run(args, overrides) -> int:
   no_overrides('chat', overrides)
   if args.max_new_tokens is not None and args.max_new_tokens < 1:
     raise UserError(f'--max_new_tokens={args.max_new_tokens}: expected a positive integer')
-  from llm_jax.data import objectives
+  from llm_jax.data import chat, objectives
   from llm_jax.infer import inference
   from llm_jax.run import workdir as workdir_lib
   from llm_jax.infer.sampling import SamplingParams
@@ -76,10 +75,8 @@ def run(args, overrides) -> int:
     raise UserError(f'--max_new_tokens={args.max_new_tokens} leaves no room for a conversation in the context '
                     f'of {cfg.data.seq_len} tokens (data.seq_len of the run)')
   distributed.initialize_from_args(args)
-  from llm_jax.data import chat
   run_ = inference.load_run(args.workdir)
-  template = chat.template_for(cfg.data, run_.tokenizer, objectives.of(cfg.data).chat)
-  params = dataclasses.replace(params, stop_tokens=tuple(template.stop_ids))
+  template = run_.chat_template
   user, reply_role = roles[-2], roles[-1]
   system = [(roles[0], args.system)] if args.system else []
   turns: list[list[tuple[str, str]]] = []
@@ -106,8 +103,6 @@ def run(args, overrides) -> int:
             file=sys.stderr, flush=True)
       turns.pop()
       continue
-    result = run_.engine.generate_one(ids, params)
-    tokens = [t for t in result.tokens if t not in template.stop_ids and t != run_.tokenizer.eos_id]
-    text = run_.tokenizer.decode(tokens)
+    text = run_.chat(system + [m for turn in turns for m in turn], params)  # the ids fit() measured
     print(text, flush=True)
     turns[-1].append((reply_role, text))

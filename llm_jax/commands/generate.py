@@ -142,7 +142,7 @@ def run(args, overrides) -> int:
                                      name=f'prompt {i + 1}' if len(texts) > 1 else 'the prompt')
              for i, t in enumerate(texts)]
   records = _beam_records(run_, prompts, params, args) if args.num_beams else _sample_records(
-      run_, prompts, params, args)
+      run_, texts, params, args)
   records = [{'index': r['index'], 'prompt': texts[r['index']], **r} for r in records]
   if jax.process_index() != 0:  # every process decoded the same batches; one writes them
     return 0
@@ -161,17 +161,12 @@ def run(args, overrides) -> int:
   return 0
 
 
-def _sample_records(run_, prompts, params, args):
-  from llm_jax.infer import inference
-  jobs = [(i, s) for i in range(len(prompts)) for s in range(args.num_samples)]
-  records = []
-  for start in range(0, len(jobs), args.batch_size):
-    chunk = jobs[start:start + args.batch_size]
-    done = inference.complete(run_, [prompts[i] for i, _ in chunk], [params] * len(chunk), [s for _, s in chunk])
-    for (i, s), c in zip(chunk, done):
-      records.append({'index': i, 'sample': s, 'text': c.text, 'tokens': c.tokens,
-                      'finish_reason': c.finish_reason, 'prompt_tokens': len(prompts[i])})
-  return records
+def _sample_records(run_, texts, params, args):
+  done = run_.generate(texts, params, num_samples=args.num_samples, truncate=args.truncate,
+                       batch_size=args.batch_size)
+  jobs = [(i, s) for i in range(len(texts)) for s in range(args.num_samples)]
+  return [{'index': i, 'sample': s, 'text': c.text, 'tokens': c.tokens, 'finish_reason': c.finish_reason,
+           'prompt_tokens': c.prompt_tokens} for (i, s), c in zip(jobs, done)]
 
 
 def _beam_records(run_, prompts, params, args):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from llm_jax.infer import loglik
 from llm_jax.errors import UserError
 
 
@@ -73,30 +72,26 @@ def encode_pair(tokenizer, context: str, choice: str, bos: list[int]) -> tuple[l
 
 def score_choices(run, items: list[Item], batch_size: int, progress=None) -> tuple[list[list[float]], int]:
   """(the log-likelihood of each item's choices after its context, how many choices had a first token that
-  could not be scored). A choice's tokens are scored from the model's prediction after the token before
-  each; with an empty context and no BOS (data.add_bos false) its first token has none, so it is left out
-  of the sum and counted, as the output says."""
+  could not be scored). Scored by Run.score, the Python API's own: a choice's tokens from the model's
+  prediction after the token before each; with an empty context and no BOS (data.add_bos false) its first
+  token has none, so it is left out of the sum and counted, as the output says."""
   bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []
-  sequences, starts = [], []  # per (item, choice): ids, and where the choice's tokens start
+  unscored = 0
   for n, item in enumerate(items):
     for choice in item.choices:
       context_ids, choice_ids = encode_pair(run.tokenizer, item.context, choice, bos)
-      if len(choice_ids) + 1 > run.context_len:
-        raise UserError(f'task item {n + 1}: a choice of {len(choice_ids)} tokens does not fit the context '
-                        f'of {run.context_len} tokens (data.seq_len)')
-      ids = context_ids + choice_ids
-      ids = ids[max(0, len(ids) - run.context_len):]  # left-truncate long contexts, as the harness does
-      if len(ids) < 2:
-        raise UserError(f'task item {n + 1}: the choice {choice!r} is one token after an empty context and the '
-                        'run adds no BOS (data.add_bos=false): no token of it has a predecessor to be scored '
-                        'after; give the item a context')
-      sequences.append(ids)
-      starts.append(len(ids) - len(choice_ids))
-  scores = loglik.score(run.engine, sequences, batch_size, progress=progress)
-  # Scores.logprobs[t] is the log-probability of token t + 1, so a choice starting at s is logprobs[s - 1:];
-  # one starting at 0 (nothing before it) is logprobs[0:], every token of it but the first.
-  totals = iter(sum(sc.logprobs[max(s - 1, 0):]) for sc, s in zip(scores, starts))
-  return [[next(totals) for _ in item.choices] for item in items], sum(s == 0 for s in starts)
+      if not context_ids:
+        unscored += 1
+        if len(choice_ids) < 2:
+          raise UserError(f'task item {n + 1}: the choice {choice!r} is one token after an empty context and the '
+                          'run adds no BOS (data.add_bos=false): no token of it has a predecessor to be scored '
+                          'after; give the item a context')
+  try:
+    scores = iter(run.score([(item.context, c) for item in items for c in item.choices], batch_size=batch_size,
+                            progress=progress))
+  except UserError as e:
+    raise UserError(f'task: {e}') from None
+  return [[next(scores) for _ in item.choices] for item in items], unscored
 
 
 def choice_logliks(run, items: list[Item], batch_size: int, progress=None) -> list[list[float]]:

@@ -144,9 +144,7 @@ def _decode(adapter, mesh, rules, params, prompt_BP, lengths_B, max_new_B, knobs
       step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, i)
       token_B = sampling.next_tokens(logits_BV, step_keys_B, knobs, seen_BV, stages)
       token_B = jnp.where(done_B, 0, token_B)
-      logits32_BV = logits_BV.astype(jnp.float32)
-      chosen_B = jnp.take_along_axis(logits32_BV, token_B[:, None], axis=-1)[:, 0]
-      logprob_B = chosen_B - jax.nn.logsumexp(logits32_BV, axis=-1)
+      logprob_B = sampling.logprobs_of(logits_BV, token_B)
       count_B = count_B + (~done_B).astype(jnp.int32)
       stopped_B = jnp.any(token_B[:, None] == stop_ids_BK, axis=-1)
       if with_strings:

@@ -2,6 +2,9 @@
 text side of decoding (prompts to tokens within the context, tokens back to text cut at stop strings) that
 `generate`, `serve` and `chat` share.
 
+It is also the Python API (`llm_jax.load(workdir)` returns a Run): `generate` continues prompts, `score` gives
+log-likelihoods of continuations, `chat` answers messages. The commands go through these same methods.
+
 An encoder-decoder run (span corruption) reads its prompt as the encoder's input and writes its sentinels
 as T5 does, `<extra_id_0>`, `<extra_id_1>`, ..., in prompts and completions alike, so a prompt with a gap
 asks the model to fill it.
@@ -9,6 +12,7 @@ asks the model to fill it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -72,6 +76,88 @@ class Run:
       else:
         run_.append(i)
     return ''.join(out) + self.tokenizer.decode(run_)
+
+  # -- the Python API ---------------------------------------------------------------------------------------
+
+  def generate(self, prompts, params: SamplingParams | None = None, *, num_samples: int = 1,
+               truncate: bool = False, batch_size: int = 32, **knobs):
+    """Continue a prompt (a Completion: .text, .tokens, .logprobs, .finish_reason) or a list of prompts (a list with `num_samples` Completions per
+    prompt, prompt by prompt). Sampling knobs come as `params` or as keywords (SamplingParams' fields:
+    max_new_tokens=64, temperature=0 (greedy), top_k, top_p, min_p, repetition_penalty, seed, stop_strings,
+    ignore_eos)."""
+    one = isinstance(prompts, str)
+    texts = [prompts] if one else list(prompts)
+    params = params or SamplingParams(**knobs)
+    params.check(flag_prefix='')
+    ids = [prompt_tokens(self, t, params.max_new_tokens, truncate,
+                         name=f'prompt {i + 1}' if len(texts) > 1 else 'the prompt') for i, t in enumerate(texts)]
+    jobs = [(i, s) for i in range(len(ids)) for s in range(num_samples)]
+    out = []
+    for start in range(0, len(jobs), batch_size):
+      chunk = jobs[start:start + batch_size]
+      out += self.complete([ids[i] for i, _ in chunk], [params] * len(chunk), [s for _, s in chunk])
+    return out[0] if one and num_samples == 1 else out
+
+  def score(self, context, continuation=None, *, batch_size: int = 32, progress=None):
+    """log p(continuation | context) under the model: for one (context, continuation) pair a float, for a
+    list of pairs a list. Tokenised as lm-evaluation-harness does (evaluate/tasks.encode_pair), BOS first if
+    the run trains with it; a long context loses its oldest tokens."""
+    one = continuation is not None
+    pairs = [(context, continuation)] if one else list(context)
+    bos = [self.tokenizer.bos_id] if self.cfg.data.add_bos else []
+    from llm_jax.evaluate.tasks import encode_pair
+    sequences, starts = [], []
+    for n, (ctx, cont) in enumerate(pairs):
+      context_ids, cont_ids = encode_pair(self.tokenizer, ctx, cont, bos)
+      if len(cont_ids) + 1 > self.context_len:
+        raise UserError(f'continuation {n + 1}: {len(cont_ids)} tokens do not fit the context of '
+                        f'{self.context_len} tokens (data.seq_len)')
+      ids = context_ids + cont_ids
+      ids = ids[max(0, len(ids) - self.context_len):]
+      if len(ids) < 2:
+        raise UserError(f'continuation {n + 1} is one token after an empty context and the run adds no BOS '
+                        '(data.add_bos=false): nothing predicts it')
+      sequences.append(ids)
+      starts.append(len(ids) - len(cont_ids))
+    from llm_jax.infer import loglik
+    scores = loglik.score(self.engine, sequences, batch_size, progress=progress)
+    # Scores.logprobs[t] is the log-probability of token t + 1, so a continuation at s is logprobs[s - 1:];
+    # one at 0 (an empty context, no BOS) is logprobs[0:]: every token of it but the first, which nothing
+    # predicts (evaluate/tasks.py counts those).
+    out = [sum(sc.logprobs[max(start - 1, 0):]) for sc, start in zip(scores, starts)]
+    return out[0] if one else out
+
+  @functools.cached_property
+  def chat_template(self):
+    """The checkpoint's own chat template (tokenizer_config.json), else the built-in one of a run fine-tuned
+    with it (a chat objective), else None."""
+    from llm_jax.data import chat
+    return chat.template_for(self.cfg.data, self.tokenizer, objectives.of(self.cfg.data).chat)
+
+  def chat(self, messages, params: SamplingParams | None = None, **knobs) -> str:
+    """The reply to `messages` ((role, content) pairs or {"role", "content"} dicts) of a run fine-tuned with a
+    chat template, decoded until the template's end marker (knobs as in `generate`)."""
+    template = self.chat_template
+    if template is None:
+      raise UserError(f'chat: this run was trained with data.objective={self.cfg.data.objective!r} and has no chat '
+                      'template; fine-tune it first (--config=sft with --config.init_from)')
+    pairs = [(m['role'], m['content']) if isinstance(m, dict) else tuple(m) for m in messages]
+    for role, _ in pairs:
+      if role not in template.roles:
+        raise UserError(f'chat: role {role!r} is not one of this run\'s chat roles {list(template.roles)}')
+    params = dataclasses.replace(params or SamplingParams(**knobs), stop_tokens=tuple(template.stop_ids))
+    params.check(flag_prefix='')
+    ids = template.prompt(pairs)
+    if len(ids) + params.max_new_tokens > self.context_len:
+      raise UserError(f'chat: the conversation is {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} '
+                      f'it does not fit the context of {self.context_len} tokens (data.seq_len)')
+    [done] = self.complete([ids], [params])
+    return done.text
+
+  def complete(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+               samples: Sequence[int] | None = None) -> list['Completion']:
+    """Token-id prompts, each with its own sampling params, decoded together (what the others call)."""
+    return complete(self, prompts, params, samples)
 
   @functools.cached_property
   def engine(self) -> decode.Engine:
@@ -139,9 +225,10 @@ class Completion:
   tokens: list[int]
   logprobs: list[float]
   finish_reason: str  # 'stop' or 'length'
+  prompt_tokens: int = 0  # how many tokens the model read before these
 
 
-def to_completion(run: Run, result: decode.Result, params: SamplingParams) -> Completion:
+def to_completion(run: Run, result: decode.Result, params: SamplingParams, prompt_len: int = 0) -> Completion:
   tokens = result.tokens
   shown = tokens
   if result.finish_reason == 'stop' and tokens and (tokens[-1] in params.stop_tokens or
@@ -150,7 +237,7 @@ def to_completion(run: Run, result: decode.Result, params: SamplingParams) -> Co
   text = run.text(shown)
   if params.stop_strings:
     text, _ = stops.cut(text, params.stop_strings)
-  return Completion(text, tokens, result.logprobs, result.finish_reason)
+  return Completion(text, tokens, result.logprobs, result.finish_reason, prompt_len)
 
 
 def complete(run: Run, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
@@ -158,7 +245,7 @@ def complete(run: Run, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
   """One batch of prompts (token ids), each with its own sampling params, decoded together."""
   samples = samples or [0] * len(prompts)
   requests = [decode.Request(tuple(p), s, i) for p, s, i in zip(prompts, params, samples)]
-  return [to_completion(run, r, s) for r, s in zip(run.engine.generate(requests), params)]
+  return [to_completion(run, r, s, len(p)) for r, s, p in zip(run.engine.generate(requests), params, prompts)]
 
 
 def require_family(cfg, command: str, can: str, why: str = '') -> None:

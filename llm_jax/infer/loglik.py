@@ -16,14 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import sharding
-from llm_jax.models.outputs import forward, token_nll
+from llm_jax.models.outputs import forward
 
 
 @dataclass
 class Scores:
   logprobs: list[float]  # log p(token t | tokens before it), for t = 1 .. len - 1
-  top_tokens: list[int]  # the most likely token at each of those places
-  top_logprobs: list[float]
+  top_tokens: list[list[int]]  # the TOP most likely tokens at each of those places, most likely first
+  top_logprobs: list[list[float]]
+
+
+TOP = 5  # the most alternatives the OpenAI API's `logprobs` asks for
 
 
 def _score(model, mesh, rules, params, tokens_BT, positions_BT):
@@ -31,10 +34,12 @@ def _score(model, mesh, rules, params, tokens_BT, positions_BT):
     batch = {'inputs': tokens_BT[:, :-1], 'positions': positions_BT[:, :-1],
              'segment_ids': jnp.ones_like(tokens_BT[:, :-1])}
     logits_BTV = forward(model, params, batch).astype(jnp.float32)
-    logprob_BT = -token_nll(logits_BTV, tokens_BT[:, 1:])
-    top_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
-    top_logprob_BT = jnp.max(logits_BTV, axis=-1) - jax.nn.logsumexp(logits_BTV, axis=-1)
-    return logprob_BT, top_BT, top_logprob_BT
+    # One log-softmax for the chosen and the top tokens, so a chosen token that is the top one has exactly
+    # the top log-probability (harnesses test greediness by equality).
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    logprob_BT = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    top_logprob_BTk, top_BTk = jax.lax.top_k(logp_BTV, TOP)
+    return logprob_BT, top_BTk.astype(jnp.int32), top_logprob_BTk
 
 
 @functools.lru_cache(maxsize=16)

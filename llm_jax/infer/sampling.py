@@ -136,6 +136,18 @@ def next_tokens(logits_BV: Array, keys_B: Array, knobs: dict[str, Array], seen_B
   return jnp.where(temperature_B > 0, sampled_B, greedy_B)
 
 
+def logprobs_of(logits_BV: Array, token_B: Array, top: int = 0):
+  """log p(token) of each row under the model (the raw logits: before penalty, temperature, truncation), and
+  with `top` > 0 the `top` likeliest tokens' ids and log-probabilities too (one log-softmax for both, so a
+  chosen top token has exactly the top log-probability). The one log-probability code of every decoder."""
+  logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+  logprob_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+  if not top:
+    return logprob_B
+  top_logprob_Bk, top_Bk = jax.lax.top_k(logp_BV, top)
+  return logprob_B, top_Bk.astype(jnp.int32), top_logprob_Bk
+
+
 def sample_logits(logits_BV: Array, rng: Array, temperature, top_k, top_p, min_p=0.0) -> Array:
   """One set of knobs for every row (tests and one-off use); `rng` is split into one key per row."""
   B = logits_BV.shape[0]

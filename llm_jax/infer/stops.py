@@ -94,3 +94,32 @@ def cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
   """`text` up to the first stop string (not included), and whether one was found."""
   first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
   return (text[:first], True) if first >= 0 else (text, False)
+
+
+class Matcher:
+  """One request's stop strings stepped token by token on the host, with the same lifted automata as the
+  device tables (`TokenBytes.lift`): the slot engine (slots.py) sees every token as it streams it anyway."""
+
+  def __init__(self, vocab: TokenBytes, strings: Sequence[str]):
+    patterns = [s.encode('utf-8') for s in strings]
+    self.tables = [vocab.lift(p) for p in patterns]
+    self.ends = [len(p) for p in patterns]
+    self.states = [0] * len(patterns)
+
+  def advance(self, token: int) -> bool:
+    """Read one token; whether a stop string has now been completed."""
+    self.states = [int(t[q, token]) for t, q in zip(self.tables, self.states)]
+    return any(q == end for q, end in zip(self.states, self.ends))
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+  """How many characters at the end of `text` a stream must hold back: the longest end that may yet grow
+  into a stop string (never shown), and a trailing replacement character (a UTF-8 sequence cut mid-way)."""
+  keep = 0
+  for s in stops:
+    for n in range(min(len(s) - 1, len(text)), keep, -1):
+      if text.endswith(s[:n]):
+        keep = n
+        break
+  tail = len(text) - len(text.rstrip('\ufffd'))
+  return max(keep, tail)

@@ -1,2 +1,3 @@
-"""Serving: the HTTP server and its request batcher (server.py) and the OpenAI-compatible request and
-response bodies (openai_api.py). It drives llm_jax.infer; it decodes nothing itself."""
+"""Serving: the HTTP server (server.py: FastAPI + uvicorn, auth, limits), what a request does (service.py)
+and the OpenAI-compatible request and response bodies (openai_api.py). It drives llm_jax.infer; it decodes
+nothing itself."""

@@ -2,8 +2,9 @@
 (`/v1/completions`, `/v1/chat/completions`) into prompts and sampling params, and shaping the answers.
 
 Supported fields: model (ignored: the server serves one run), prompt (a string, a list of strings, a list of
-token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop, seed, stream, echo,
-logprobs (top-1 alternatives only), and the extensions top_k, min_p, repetition_penalty. A field of the
+token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop (up to 16), seed,
+stream (server-sent events as tokens arrive: service.App.stream), echo,
+logprobs (up to 5 alternatives), and the extensions top_k, min_p, repetition_penalty, ignore_eos. A field of the
 wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
 
 Chat messages of a run fine-tuned with a chat template (data.objective sft or dpo) are rendered by that
@@ -42,6 +43,7 @@ class Parsed:
 
 
 _NUMBER = (int, float)
+MAX_STOPS = 16
 
 
 def _field(body: dict, key: str, types, default, check=None, expected: str = ''):
@@ -123,8 +125,9 @@ def parse(body, chat: bool, template=None) -> Parsed:
     stop = []
   elif isinstance(stop, str):
     stop = [stop]
-  if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-    raise ApiError(400, '"stop" must be a non-empty string or a list of up to 4 of them')
+  # OpenAI allows 4; harnesses send more (lm-evaluation-harness: a task's `until` strings plus EOS).
+  if not (isinstance(stop, list) and len(stop) <= MAX_STOPS and all(isinstance(s, str) and s for s in stop)):
+    raise ApiError(400, f'"stop" must be a non-empty string or a list of up to {MAX_STOPS} of them')
   if chat and template is None:
     stop = stop + ['\nuser:']
   echo = _field(body, 'echo', bool, False, expected='a boolean')
@@ -145,6 +148,7 @@ def parse(body, chat: bool, template=None) -> Parsed:
                                       'a positive number')),
       max_new_tokens=max(1, max_tokens or 1),
       seed=_field(body, 'seed', int, 0, lambda v: 0 <= v <= MAX_SEED, f'an integer in [0, {MAX_SEED}]'),
+      ignore_eos=_field(body, 'ignore_eos', bool, False, expected='a boolean'),  # vLLM's extension: benchmarks
       stop_strings=tuple(stop), stop_tokens=tuple(template.stop_ids) if chat and template else ())
   try:
     sampling.check(flag_prefix='')
@@ -157,15 +161,17 @@ def parse(body, chat: bool, template=None) -> Parsed:
   return Parsed(prompts, sampling, max_tokens, n, echo, logprobs, stream, chat)
 
 
-def logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs, offset: int = 0) -> dict:
+def logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs, k: int, offset: int = 0) -> dict:
   """The completions API's `logprobs`: token strings, their log-probabilities (None for the first token of
-  an echoed prompt, which has no context), the top alternative at each place, text offsets."""
+  an echoed prompt, which has no context), the `k` top alternatives at each place (most likely first), text
+  offsets."""
   strings = [tokenizer.decode([t]) for t in tokens]
   offsets, at = [], offset
   for s in strings:
     offsets.append(at)
     at += len(s)
-  tops = [None if lp is None else {tokenizer.decode([t]): lp} for t, lp in zip(top_tokens, top_logprobs)]
+  tops = [None if lps is None else {tokenizer.decode([t]): lp for t, lp in zip(ts[:k][::-1], lps[:k][::-1])}
+          for ts, lps in zip(top_tokens, top_logprobs)]  # reversed: two ids decoding alike keep the likelier
   return {'tokens': strings, 'token_logprobs': token_logprobs, 'top_logprobs': tops, 'text_offset': offsets}
 
 
@@ -187,19 +193,3 @@ def choice(parsed: Parsed, index: int, text: str, finish_reason: str | None, log
     return {'index': index, 'message': {'role': 'assistant', 'content': text}, 'logprobs': logprobs,
             'finish_reason': finish_reason}
   return {'index': index, 'text': text, 'logprobs': logprobs, 'finish_reason': finish_reason}
-
-
-def stream_chunks(parsed: Parsed, full: dict) -> list[dict]:
-  """A whole answer as server-sent-event chunks (one per choice: text arrives at once, not token by token)."""
-  chunks = []
-  for c in full['choices']:
-    chunk = {k: full[k] for k in ('id', 'created', 'model')}
-    if parsed.chat:
-      chunk['object'] = 'chat.completion.chunk'
-      chunk['choices'] = [{'index': c['index'], 'delta': {'role': 'assistant', 'content': c['message']['content']},
-                           'logprobs': c['logprobs'], 'finish_reason': c['finish_reason']}]
-    else:
-      chunk['object'] = 'text_completion'
-      chunk['choices'] = [c]
-    chunks.append(chunk)
-  return chunks

@@ -1,0 +1,248 @@
+"""Continuous batching: a fixed number of decode slots, each with its own rows of one KV cache, that requests
+enter and leave between decode steps (the prefill / insert / generate split of JetStream).
+
+Letters as in decode.py; B slots (padded to what the mesh's batch shards divide), C the context (data.seq_len),
+P a prompt's padded length, k the top alternatives returned per token.
+
+  prefill + insert  one compiled program per prompt bucket (P a multiple of 64): runs the prompt through the
+                    model into a one-row cache of length C, writes that row into slot `slot` of the state and
+                    chooses the first new token. `slot` is traced: any slot, no recompiling.
+  generate          one compiled program: feeds every slot's last token at its own position and chooses each
+                    slot's next token. Free slots compute too (fixed shapes) and their output is ignored.
+
+Both are jitted under the run's mesh and logical rules, with the cache constrained to CACHE_AXES, and the state
+is donated so the cache is updated in place. Token choice is sampling.next_tokens with each slot's own knobs and
+key (the key folded with the slot's step count, as decode.py folds it, so a seeded request draws the same
+tokens on both paths), log-probabilities are sampling.logprobs_of; stop tokens, stop strings (stops.Matcher:
+decode.py's automata stepped on the host) and max_new_tokens end a request on the host, which reads every
+step's tokens anyway to stream them. A finished or cancelled request frees its slot at once; waiting ones
+enter free slots before the next step. Which sampling stages run is static (sampling.Stages): a few programs.
+
+One thread owns the device: it also runs the scoring jobs (loglik.score) that `echo` asks for between steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax import sharding
+from llm_jax.infer import decode, loglik, sampling, stops
+from llm_jax.infer.sampling import SamplingParams, Stages
+
+TOP = 5
+
+
+@dataclass(eq=False)
+class Job:
+  """One request for one continuation. `on_token(token, logprob, top_ids, top_logprobs)` is called for each new
+  token and `on_done(finish_reason or None, error or None)` once, both on the engine's thread."""
+  tokens: list[int]
+  params: SamplingParams
+  sample: int
+  on_token: Callable
+  on_done: Callable
+  cancelled: bool = False
+  count: int = 0
+  matcher: Any = None
+  stop_ids: frozenset = field(default_factory=frozenset)
+
+  def cancel(self) -> None:
+    self.cancelled = True  # the engine frees its slot before the next step
+
+
+def _init_state(adapter, mesh, rules, B: int, C: int, V: int):
+  with sharding.activation_sharding(mesh, rules):
+    knobs = {k: jnp.asarray(v) for k, v in sampling.knob_arrays([], B).items()}
+    return {'cache': adapter.init_cache(B, C, 0), 'token': jnp.zeros((B,), jnp.int32),
+            'pos': jnp.zeros((B,), jnp.int32), 'count': jnp.zeros((B,), jnp.int32),
+            'key': sampling.row_keys(jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)),
+            'seen': jnp.zeros((B, V), bool), 'knobs': knobs}
+
+
+def _choose(logits_BV, key_B, count_B, knobs, seen_BV, stages):
+  step_keys_B = jax.vmap(jax.random.fold_in)(key_B, count_B)
+  token_B = sampling.next_tokens(logits_BV, step_keys_B, knobs, seen_BV, stages)
+  logprob_B, top_Bk, top_logprob_Bk = sampling.logprobs_of(logits_BV, token_B, TOP)
+  return token_B, (token_B, logprob_B, top_Bk, top_logprob_Bk)
+
+
+def _prefill_insert(adapter, mesh, rules, C, params, state, prompt_1P, length, slot, knobs_1, seed, sample, *,
+                    stages):
+  with sharding.activation_sharding(mesh, rules):
+    P = prompt_1P.shape[1]
+    one = adapter.init_cache(1, C, 0)
+    logits_1V, one, start_1 = adapter.prefill(params, prompt_1P, length[None], one)
+    cache = jax.tree.map(lambda full, row: jax.lax.dynamic_update_slice_in_dim(full, row.astype(full.dtype), slot,
+                                                                                axis=1), state['cache'], one)
+    cache = jax.tree.map(lambda a: sharding.constrain(a, decode.CACHE_AXES), cache)
+    V = state['seen'].shape[1]
+    in_prompt_P = jnp.arange(P) < length
+    seen_1V = jnp.zeros((1, V), bool).at[0, prompt_1P[0]].max(in_prompt_P)
+    key_1 = sampling.row_keys(seed[None], sample[None])
+    token_1, out = _choose(logits_1V, key_1, jnp.zeros((1,), jnp.int32), knobs_1, seen_1V, stages)
+    seen_1V = seen_1V.at[0, token_1[0]].set(True)
+    put = lambda a, v: a.at[slot].set(v[0])  # noqa: E731
+    state = {'cache': cache, 'token': put(state['token'], token_1), 'pos': put(state['pos'], start_1),
+             'count': put(state['count'], jnp.ones((1,), jnp.int32)), 'key': put(state['key'], key_1),
+             'seen': put(state['seen'], seen_1V),
+             'knobs': {k: put(v, knobs_1[k]) for k, v in state['knobs'].items()}}
+    return state, out
+
+
+def _generate(adapter, mesh, rules, C, params, state, *, stages):
+  with sharding.activation_sharding(mesh, rules):
+    logits_BV, cache = adapter.step(params, state['token'], state['pos'], state['cache'])
+    token_B, out = _choose(logits_BV, state['key'], state['count'], state['knobs'], state['seen'], stages)
+    rows_B = jnp.arange(token_B.shape[0])
+    state = {**state, 'cache': cache, 'token': token_B, 'pos': jnp.minimum(state['pos'] + 1, C - 1),
+             'count': state['count'] + 1, 'seen': state['seen'].at[rows_B, token_B].set(True)}
+    return state, out
+
+
+class SlotEngine:
+  """`slots` requests decoded together; more wait their turn. `batch_wait_s`: an idle engine waits this long
+  after a first request for others to start with it."""
+
+  def __init__(self, engine: decode.Engine, context: int, slots: int = 16, batch_wait_s: float = 0.0):
+    if not isinstance(engine.adapter, decode.DecoderOnly):
+      raise ValueError('continuous batching is for decoder-only models')
+    self.engine, self.context, self.wait = engine, context, batch_wait_s
+    self.slots = engine.padded_rows(slots) if slots > 1 else engine.batch_shards()
+    self.usable = slots  # padding slots past `slots` stay free
+    statics = (engine.adapter, engine.mesh, engine.rules)
+    self._state = jax.jit(functools.partial(_init_state, *statics),
+                          static_argnums=(0, 1, 2))(self.slots, context, engine.model.cfg.vocab_size)
+    self._prefill = jax.jit(functools.partial(_prefill_insert, *statics, context), static_argnames=('stages',),
+                            donate_argnums=(1,))
+    self._generate = jax.jit(functools.partial(_generate, *statics, context), static_argnames=('stages',),
+                             donate_argnums=(1,))
+    self._active: list[Job | None] = [None] * self.slots
+    self._waiting: deque = deque()
+    self._scoring: deque = deque()  # (sequences, concurrent Future)
+    self._lock = threading.Condition()
+    self._closed = False
+    self.steps = 0  # generate steps run
+    self.most_active = 0  # the most slots busy in one step (tests, benchmarks)
+    self._thread = threading.Thread(target=self._work, name='llm-jax-slots', daemon=True)
+    self._thread.start()
+
+  # -- what request threads call ----------------------------------------------------------------------------
+
+  def submit(self, job: Job) -> Job:
+    with self._lock:
+      self._waiting.append(job)
+      self._lock.notify()
+    return job
+
+  def score(self, sequences):
+    from concurrent.futures import Future
+    future = Future()
+    with self._lock:
+      self._scoring.append((sequences, future))
+      self._lock.notify()
+    return future
+
+  def close(self) -> None:
+    with self._lock:
+      self._closed = True
+      self._lock.notify()
+    self._thread.join()
+
+  # -- the device thread --------------------------------------------------------------------------------------
+
+  def _work(self) -> None:
+    while True:
+      with self._lock:
+        while not (self._closed or self._waiting or self._scoring or any(self._active)):
+          self._lock.wait()
+        if self._closed:
+          for job in [j for j in self._active if j] + list(self._waiting):
+            job.on_done(None, RuntimeError('the server is shutting down'))
+          return
+        idle = not any(self._active)
+      if idle and self.wait and self._waiting:
+        time.sleep(self.wait)  # let requests sent together start together
+      try:
+        self._run_scoring()
+        self._admit()
+        if any(self._active):
+          self._step()
+      except Exception as e:  # noqa: BLE001 - a device failure fails the requests in flight, not the server
+        traceback.print_exc(file=sys.stderr)
+        for i, job in enumerate(self._active):
+          if job is not None:
+            self._active[i] = None
+            job.on_done(None, e)
+
+  def _run_scoring(self) -> None:
+    with self._lock:
+      jobs, self._scoring = list(self._scoring), deque()
+    for sequences, future in jobs:
+      try:
+        future.set_result(loglik.score(self.engine, sequences, batch_size=max(1, self.usable)))
+      except Exception as e:  # noqa: BLE001 - reported to the waiting request
+        future.set_exception(e)
+
+  def _admit(self) -> None:
+    while True:
+      free = [i for i in range(self.usable) if self._active[i] is None]
+      with self._lock:
+        if not free or not self._waiting:
+          return
+        job = self._waiting.popleft()
+      if job.cancelled:
+        job.on_done(None, None)
+        continue
+      self._insert(free[0], job)
+
+  def _insert(self, slot: int, job: Job) -> None:
+    eng, p = self.engine, job.params
+    job.stop_ids = frozenset(p.stop_tokens) | (frozenset() if p.ignore_eos else {eng.eos_id})
+    job.matcher = stops.Matcher(eng.vocab, p.stop_strings) if p.stop_strings else None
+    prompt_BP, length_B = eng.prompts([job.tokens], 1)
+    knobs = {k: eng.put(v, (None,)) for k, v in sampling.knob_arrays([p], 1).items()}
+    self._state, out = self._prefill(
+        eng.params, self._state, eng.put(prompt_BP, (None, None)), jnp.int32(length_B[0]), jnp.int32(slot),
+        knobs, jnp.int32(p.seed), jnp.int32(job.sample), stages=Stages.of([p]))
+    self._active[slot] = job
+    self._emit(slot, [np.asarray(a)[0] for a in sharding.fetch(out)])
+
+  def _step(self) -> None:
+    live = [j for j in self._active if j is not None]
+    self.most_active = max(self.most_active, len(live))
+    self._state, out = self._generate(self.engine.params, self._state,
+                                      stages=Stages.of([j.params for j in live]))
+    self.steps += 1
+    token_B, logprob_B, top_Bk, top_logprob_Bk = sharding.fetch(out)
+    for slot, job in enumerate(self._active):
+      if job is not None:
+        self._emit(slot, (token_B[slot], logprob_B[slot], top_Bk[slot], top_logprob_Bk[slot]))
+
+  def _emit(self, slot: int, out) -> None:
+    """Hand one new token to its job and end the job if it stops there (decode.py's order: a stop before
+    the length limit)."""
+    job = self._active[slot]
+    token, logprob, top, top_logprob = out
+    token = int(token)
+    job.count += 1
+    job.on_token(token, float(logprob), top.tolist(), top_logprob.tolist())
+    stopped = token in job.stop_ids
+    if job.matcher is not None:
+      stopped = job.matcher.advance(token) or stopped
+    reason = 'stop' if stopped else 'length' if job.count >= job.params.max_new_tokens else None
+    if reason is None and job.cancelled:
+      reason = 'cancelled'
+    if reason is not None:
+      self._active[slot] = None
+      job.on_done(reason if reason != 'cancelled' else None, None)

@@ -1,0 +1,309 @@
+"""What `llm-jax serve` does with a request, apart from HTTP (server.py): the OpenAI body checked and turned
+into engine jobs, and the tokens that come back turned into the OpenAI answer, whole or streamed.
+
+Every continuation (a prompt times `n`) is a job of the continuous-batching engine (infer/slots.py), which
+calls back with each new token; the request's coroutine receives them through an asyncio queue. A streamed
+choice shows its text as it grows, less what may still turn into a stop string; the final text is what
+inference.to_completion makes of the tokens, exactly as for the offline path, so streaming and not give the
+same text. `echo` + `logprobs` score the prompt through the same engine thread. A request that is not valid
+JSON or has a bad field is an ApiError (400) before any device work; a client that goes away cancels its jobs
+(their slots are freed before the next step); a failure on the device fails the requests in it (500) and the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+from llm_jax.errors import UserError
+from llm_jax.infer import decode, inference, slots, stops
+from llm_jax.serve import openai_api
+from llm_jax.serve.openai_api import ApiError
+
+POLL_S = 0.5  # how often a waiting request checks that its client is still there
+
+
+@dataclass(eq=False)
+class _Choice:
+  index: int
+  prompt: object  # the prompt as sent: text or ids
+  ids: list[int]  # what the model reads
+  hidden: int  # leading ids the client did not send (an implicit BOS)
+  max_new: int
+  sampling: object = None
+  job: object = None
+  tokens: list = field(default_factory=list)
+  logprobs: list = field(default_factory=list)
+  tops: list = field(default_factory=list)  # (ids, logprobs) of the top alternatives at each new token
+  reason: str | None = None
+  shown: str = ''  # the text streamed so far
+
+
+class App:
+  """Turns requests into engine jobs and their tokens into OpenAI responses. `max_batch`: decode slots."""
+
+  def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005):
+    self.run, self.model_name = run, model_name
+    self.engine = slots.SlotEngine(run.engine, run.context_len, max_batch, batch_wait_s)
+    self.template = run.chat_template  # a fine-tuned run's renders /v1/chat/completions
+    tok = run.tokenizer
+    self._special_ids = {tok.id_to_piece(i): i for i in (tok.bos_id, tok.eos_id, tok.pad_id)
+                         if 0 <= i < tok.vocab_size}
+    self._special_split = re.compile('(' + '|'.join(map(re.escape, self._special_ids)) + ')') \
+        if self._special_ids else None
+
+  def models(self) -> dict:
+    return {'object': 'list', 'data': [{'id': self.model_name, 'object': 'model', 'created': 0,
+                                        'owned_by': 'llm-jax'}]}
+
+  def _tokens(self, prompt, max_new: int | None) -> tuple[list[int], int]:
+    """(the ids the model reads, how many of them the client did not send). Token-id prompts of a run trained
+    with BOS first get it in front unless they start with it: the model only ever saw text after BOS, and
+    text prompts get it too (harnesses such as lm-evaluation-harness send contexts without it)."""
+    run = self.run
+    context = run.context_len
+    if isinstance(prompt, list):
+      vocab = run.cfg.model.vocab_size
+      if any(not 0 <= t < vocab for t in prompt):
+        raise ApiError(400, f'"prompt" holds a token id outside [0, {vocab})')
+      hidden = [run.tokenizer.bos_id] if run.cfg.data.add_bos and prompt[0] != run.tokenizer.bos_id else []
+      if len(hidden) + len(prompt) + (max_new or 0) > context:
+        raise ApiError(400, f'the prompt of {len(hidden) + len(prompt)} tokens plus "max_tokens"={max_new or 0} '
+                            f'exceeds the context of {context} tokens')
+      return hidden + prompt, len(hidden)
+    try:
+      return inference.prompt_tokens(run, prompt, max_new or 1, name='the prompt', flag='"max_tokens"'), 0
+    except UserError as e:
+      raise ApiError(400, str(e)) from None
+
+  def prepare(self, body, chat: bool) -> tuple[openai_api.Parsed, list[_Choice]]:
+    """The parsed request and its choices; an ApiError (400) for a bad request, before any device work."""
+    parsed = openai_api.parse(body, chat, self.template)
+    choices = []
+    for p in parsed.prompts:
+      ids, hidden = self._tokens(p, parsed.max_tokens)
+      max_new = parsed.max_tokens if parsed.max_tokens is not None else self.run.context_len - len(ids)
+      if max_new < 0 or (parsed.max_tokens is None and max_new < 1):
+        raise ApiError(400, f'the prompt of {len(ids)} tokens leaves no room in the context of '
+                            f'{self.run.context_len} tokens')
+      for sample in range(parsed.n):
+        sampling = replace(parsed.sampling, max_new_tokens=max_new) if max_new else None
+        choices.append(_Choice(len(choices), p, ids, hidden, max_new, sampling))
+    return parsed, choices
+
+  def _start(self, choices: list[_Choice], n: int, queue: asyncio.Queue) -> int:
+    """Submit every choice that generates; the number submitted. Events arrive on `queue`."""
+    loop = asyncio.get_running_loop()
+    started = 0
+    for c in choices:
+      if not c.max_new:
+        c.reason = 'length'
+        continue
+      put = lambda *event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
+      c.job = self.engine.submit(slots.Job(
+          c.ids, c.sampling, c.index % n,
+          on_token=lambda t, lp, top, top_lp, c=c, put=put: put('token', c, t, lp, top, top_lp),
+          on_done=lambda reason, error, c=c, put=put: put('done', c, reason, error)))
+      started += 1
+    return started
+
+  @staticmethod
+  def _cancel(choices) -> None:
+    for c in choices:
+      if c.job is not None:
+        c.job.cancel()
+
+  @staticmethod
+  def _take(event) -> _Choice:
+    """Apply one engine event to its choice; an error becomes this request's failure."""
+    kind, c, *rest = event
+    if kind == 'token':
+      token, lp, top, top_lp = rest
+      c.tokens.append(token)
+      c.logprobs.append(lp)
+      c.tops.append((top, top_lp))
+    else:
+      reason, error = rest
+      if error is not None:
+        raise error
+      c.reason = reason or 'length'
+    return c
+
+  async def answer(self, parsed, choices, disconnected=None) -> dict | None:
+    """The whole answer, or None if the client went away first (its jobs are cancelled)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    try:
+      remaining = self._start(choices, parsed.n, queue)
+      while remaining:
+        try:
+          event = await asyncio.wait_for(queue.get(), POLL_S)
+        except asyncio.TimeoutError:
+          if disconnected is not None and await disconnected():
+            return None
+          continue
+        remaining -= event[0] == 'done'
+        self._take(event)
+    finally:
+      self._cancel(choices)
+    out = [openai_api.choice(parsed, c.index, self._text(parsed, c), c.reason, await self._logprobs(parsed, c))
+           for c in choices]
+    return openai_api.response(parsed, self.model_name, out, self._prompt_tokens(parsed, choices),
+                               sum(len(c.tokens) for c in choices))
+
+  @staticmethod
+  def _prompt_tokens(parsed, choices) -> int:
+    return sum(len(c.ids) for c in choices[::parsed.n])
+
+  def _final(self, c: _Choice) -> str:
+    if not c.tokens:
+      return ''
+    result = decode.Result(c.tokens, c.logprobs, c.reason)
+    return inference.to_completion(self.run, result, c.sampling).text
+
+  def _shown_prompt(self, c: _Choice) -> str:
+    return c.prompt if isinstance(c.prompt, str) else self.run.text(c.ids[c.hidden:])
+
+  def _text(self, parsed, c: _Choice) -> str:
+    return (self._shown_prompt(c) if parsed.echo else '') + self._final(c)
+
+  async def _logprobs(self, parsed, c: _Choice) -> dict | None:
+    if parsed.logprobs is None:
+      return None
+    tokens, lps, tops = list(c.tokens), list(c.logprobs), [t for t in c.tops]
+    if parsed.echo:  # the prompt's own: scored by the model, the first token has no context
+      prompt_lps, prompt_tops = [None], [(None, None)]
+      if len(c.ids) >= 2:
+        [s] = await asyncio.wrap_future(self.engine.score([c.ids]))
+        prompt_lps += s.logprobs
+        prompt_tops += list(zip(s.top_tokens, s.top_logprobs))
+      tokens, lps, tops = (c.ids + tokens)[c.hidden:], (prompt_lps + lps)[c.hidden:], (prompt_tops + tops)[c.hidden:]
+    offset = 0 if parsed.echo else len(self._shown_prompt(c))
+    return openai_api.logprobs_object(self.run.tokenizer, tokens, lps, [t for t, _ in tops],
+                                      [lp for _, lp in tops], parsed.logprobs, offset=offset)
+
+  # -- streaming ---------------------------------------------------------------------------------------------
+
+  def _delta(self, c: _Choice, final: bool) -> str:
+    """The text of `c` not streamed yet: all of it at the end, else what can no longer become a stop string."""
+    if final:
+      text = self._final(c)
+    else:
+      text = self.run.text(c.tokens)
+      stop = c.sampling.stop_strings
+      if stop:
+        text, _ = stops.cut(text, stop)
+        text = text[:len(text) - stops.held_back(text, stop)]
+    if not text.startswith(c.shown):
+      return ''
+    delta, c.shown = text[len(c.shown):], text
+    return delta
+
+  async def stream(self, parsed, choices):
+    """Server-sent events: a chunk per new piece of text of each choice, its finish reason, then usage and
+    [DONE]. The jobs start when the response does; closing the stream (the client left) cancels them."""
+    queue: asyncio.Queue = asyncio.Queue()
+    head = {'id': f'{"chatcmpl" if parsed.chat else "cmpl"}-{uuid.uuid4().hex[:24]}', 'created': int(time.time()),
+            'model': self.model_name, 'object': 'chat.completion.chunk' if parsed.chat else 'text_completion'}
+
+    def event(c, text=None, reason=None, logprobs=None, role=False):
+      if parsed.chat:
+        delta = ({'role': 'assistant'} if role else {}) | ({'content': text} if text is not None else {})
+        one = {'index': c.index, 'delta': delta, 'logprobs': logprobs, 'finish_reason': reason}
+      else:
+        one = {'index': c.index, 'text': text or '', 'logprobs': logprobs, 'finish_reason': reason}
+      return f'data: {json.dumps({**head, "choices": [one]})}\n\n'
+
+    try:
+      remaining = self._start(choices, parsed.n, queue)
+      for c in choices:
+        if parsed.chat:
+          yield event(c, '', role=True)
+        if parsed.echo:
+          yield event(c, self._shown_prompt(c))
+        if c.job is None:
+          yield event(c, '', c.reason, await self._logprobs(parsed, c))
+      while remaining:
+        ev = await queue.get()
+        try:
+          c = self._take(ev)
+        except Exception as e:  # noqa: BLE001 - headers are sent: the failure goes into the stream
+          yield f'data: {json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "code": 500}})}\n\n'
+          return
+        if ev[0] == 'token':
+          delta = self._delta(c, final=False)
+          if delta:
+            yield event(c, delta)
+        else:
+          remaining -= 1
+          yield event(c, self._delta(c, final=True), c.reason, await self._logprobs(parsed, c))
+      prompt, completion = self._prompt_tokens(parsed, choices), sum(len(c.tokens) for c in choices)
+      usage = {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
+      yield f'data: {json.dumps({**head, "choices": [], "usage": usage})}\n\n'
+      yield 'data: [DONE]\n\n'
+    finally:
+      self._cancel(choices)
+
+  async def respond(self, body, chat: bool, disconnected=None):
+    """The answer to a request: a dict, or for `stream` an async iterator of server-sent-event lines."""
+    parsed, choices = self.prepare(body, chat)
+    if parsed.stream:
+      return self.stream(parsed, choices)
+    answer = await self.answer(parsed, choices, disconnected)
+    if answer is None:
+      raise ApiError(499, 'the client closed the connection')
+    return answer
+
+  def complete(self, body, chat: bool) -> tuple[openai_api.Parsed, dict]:
+    """The parsed request and its whole answer, from plain Python (tests, scripts)."""
+    async def run():
+      parsed, choices = self.prepare(body, chat)
+      return parsed, await self.answer(parsed, choices)
+    return asyncio.run(run())
+
+  # -- the tokenizer, as lm-evaluation-harness's remote tokenizer (and vLLM's API) expose it ----------------
+
+  def tokenizer_info(self) -> dict:
+    tok = self.run.tokenizer
+    piece = lambda i: tok.id_to_piece(i) if 0 <= i < tok.vocab_size else None  # noqa: E731
+    kind = 'huggingface' if getattr(tok, 'chat_template', None) is not None or type(tok).__name__ == 'HFTokenizer' \
+        else 'sentencepiece'
+    return {'tokenizer_class': kind, 'bos_token': piece(tok.bos_id), 'eos_token': piece(tok.eos_id),
+            'pad_token': piece(tok.pad_id), 'unk_token': piece(tok.unk_id), 'add_bos_token': bool(
+                self.run.cfg.data.add_bos), 'model_max_length': self.run.context_len,
+            'vocab_size': self.run.cfg.model.vocab_size,
+            'chat_template': getattr(tok, 'chat_template', None) or None}
+
+  def tokenize(self, body) -> dict:
+    if not isinstance(body, dict) or not isinstance(body.get('prompt'), str):
+      raise ApiError(400, '"prompt" must be a string')
+    special = body.get('add_special_tokens', True)
+    if not isinstance(special, bool):
+      raise ApiError(400, f'"add_special_tokens" must be a boolean, got {special!r}')
+    tok, text = self.run.tokenizer, body['prompt']
+    ids = []
+    # The special tokens' own strings (tokenizer_info's eos_token, ...) read as those tokens, as Hugging Face
+    # tokenizers read them: how a harness finds the EOS id from its string.
+    for i, part in enumerate(self._special_split.split(text) if self._special_split else [text]):
+      if i % 2:
+        ids.append(self._special_ids[part])
+      elif part:
+        ids.extend(self.run.encode(part))
+    if special and self.run.cfg.data.add_bos and tok.bos_id >= 0:
+      ids = [tok.bos_id] + ids
+    return {'tokens': ids, 'count': len(ids), 'max_model_len': self.run.context_len}
+
+  def detokenize(self, body) -> dict:
+    tokens = body.get('tokens') if isinstance(body, dict) else None
+    vocab = self.run.cfg.model.vocab_size
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                             for t in tokens)):
+      raise ApiError(400, f'"tokens" must be a list of token ids in [0, {vocab})')
+    return {'prompt': self.run.text(tokens)}
+
+  def close(self) -> None:
+    self.engine.close()

@@ -1,0 +1,175 @@
+"""`llm-jax serve` driven by the real clients on loopback: the official `openai` Python client and
+lm-evaluation-harness's `local-completions` model (with its own tokenizer detection, offline)."""
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from llm_jax.evaluate import tasks
+from llm_jax.infer import inference
+from llm_jax.infer.sampling import SamplingParams
+from llm_jax.serve import server, service
+from random_run import write_workdir
+
+openai = pytest.importorskip('openai')
+
+
+@pytest.fixture(scope='module')
+def served_app(tmp_path_factory, tokenizer_path):
+  workdir = write_workdir(str(tmp_path_factory.mktemp('clients') / 'run'), tokenizer_path)
+  app = service.App(inference.load_run(workdir), 'tiny')
+  httpd = server.Server(server.make_app(app)).start()
+  yield app, httpd.url
+  httpd.stop()
+  app.close()
+
+
+@pytest.fixture(scope='module')
+def served(served_app):
+  app, url = served_app
+  return app.run, url
+
+
+def _greedy(run, prompt, n):
+  [want] = inference.complete(run, [inference.prompt_tokens(run, prompt, n)], [SamplingParams(max_new_tokens=n)])
+  return want
+
+
+def test_openai_client_completions_chat_n_and_bad_requests(served):
+  run, url = served
+  client = openai.OpenAI(base_url=f'{url}/v1', api_key='unused', max_retries=0)
+  got = client.completions.create(model='tiny', prompt='import os', max_tokens=6, temperature=0)
+  want = _greedy(run, 'import os', 6)
+  assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.tokens)
+  many = client.completions.create(model='tiny', prompt=['def f(', 'class A'], max_tokens=4, temperature=1.0,
+                                   n=2, seed=3)
+  assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
+  assert many.usage.prompt_tokens > 0 and many.usage.total_tokens > many.usage.prompt_tokens
+  chat = client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}], max_tokens=5,
+                                        temperature=0)
+  assert chat.choices[0].message.role == 'assistant' and chat.usage.completion_tokens >= 1
+  scored = client.completions.create(model='tiny', prompt='import os', max_tokens=0, echo=True, logprobs=5)
+  lp = scored.choices[0].logprobs
+  assert scored.choices[0].text == 'import os' and lp.token_logprobs[0] is None
+  assert all(len(top) <= 5 and max(top.values()) >= chosen for top, chosen in
+             zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+  with pytest.raises(openai.BadRequestError, match='top_p'):
+    client.completions.create(model='tiny', prompt='x', max_tokens=2, top_p=1.5)
+  with pytest.raises(openai.BadRequestError, match='messages'):
+    client.chat.completions.create(model='tiny', messages=[])
+
+
+def test_lm_eval_local_completions_equals_eval_task_and_generates(served, tmp_path, monkeypatch):
+  run, url = served
+  lm_eval = pytest.importorskip('lm_eval')
+  from lm_eval.tasks import TaskManager
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+  items = [{'context': 'import ', 'choices': ['os', 'sys', 'json'], 'gold': 0},
+           {'context': 'def f(x):\n    return ', 'choices': ['x', 'None', 'x + 1'], 'gold': 2},
+           {'context': 'for i in ', 'choices': ['range(10):', 'items:'], 'gold': 0},
+           {'context': 'class A', 'choices': ['(object):', ':', '(Base):'], 'gold': 1},
+           {'context': 'x = ', 'choices': ['1', '[]', '{}', 'None'], 'gold': 3},
+           {'context': 'print(', 'choices': ['x)', '"hello")'], 'gold': 1}]
+  data = tmp_path / 'mc.jsonl'
+  data.write_text(''.join(json.dumps({**item, 'answer': ''}) + '\n' for item in items))
+  (tmp_path / 'tiny_mc.yaml').write_text(textwrap.dedent(f'''\
+      task: tiny_mc
+      dataset_path: json
+      dataset_kwargs:
+        data_files:
+          test: {data}
+      test_split: test
+      output_type: multiple_choice
+      doc_to_text: "{{{{context}}}}"
+      doc_to_choice: "{{{{choices}}}}"
+      doc_to_target: "{{{{gold}}}}"
+      target_delimiter: ""
+      metric_list:
+        - metric: acc
+      '''))
+  (tmp_path / 'tiny_gen.yaml').write_text(textwrap.dedent(f'''\
+      task: tiny_gen
+      dataset_path: json
+      dataset_kwargs:
+        data_files:
+          test: {data}
+      test_split: test
+      output_type: generate_until
+      doc_to_text: "{{{{context}}}}"
+      doc_to_target: "{{{{answer}}}}"
+      generation_kwargs:
+        until: ["\\n"]
+        max_gen_toks: 8
+        do_sample: false
+      metric_list:
+        - metric: exact_match
+      '''))
+  results = lm_eval.simple_evaluate(
+      model='local-completions', model_args=f'base_url={url}/v1/completions,model=tiny,max_length=64',
+      tasks=['tiny_mc', 'tiny_gen'], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+  ours = tasks.evaluate(run, tasks.read(str(data)), batch_size=8)  # what `llm-jax eval --task` reports
+  assert results['results']['tiny_mc']['acc,none'] == ours['accuracy']
+  harness = [[float(r[0][0]) for r in s['resps']] for s in sorted(results['samples']['tiny_mc'],
+                                                                   key=lambda s: s['doc_id'])]
+  mine = tasks.choice_logliks(run, tasks.read(str(data)), 8)
+  for h, m in zip(harness, mine):
+    assert h == pytest.approx(m, abs=1e-4)
+  for sample in results['samples']['tiny_gen']:
+    context = items[sample['doc_id']]['context']
+    want = _greedy(run, context, 8).text.split('\n')[0]
+    assert sample['resps'][0][0] == want
+
+
+def test_openai_streaming_arrives_token_by_token_and_equals_the_whole_answer(served):
+  run, url = served
+  client = openai.OpenAI(base_url=f'{url}/v1', api_key='unused', max_retries=0)
+  whole = client.completions.create(model='tiny', prompt='def f(x):', max_tokens=12, temperature=0)
+  pieces = [c.choices[0].text for c in client.completions.create(
+      model='tiny', prompt='def f(x):', max_tokens=12, temperature=0, stream=True) if c.choices]
+  assert ''.join(pieces) == whole.choices[0].text
+  assert len([p for p in pieces if p]) >= 4  # not one event at the end
+  chat_whole = client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}],
+                                              max_tokens=10, temperature=0)
+  chunks = list(client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}],
+                                               max_tokens=10, temperature=0, stream=True))
+  text = ''.join(c.choices[0].delta.content or '' for c in chunks if c.choices)
+  assert text == chat_whole.choices[0].message.content
+  assert chunks[-1].usage.completion_tokens == chat_whole.usage.completion_tokens
+  # A stop string inside the greedy text: neither answer shows it or anything after it.
+  full = whole.choices[0].text  # (a random model's text: bytes that are not UTF-8 show as U+FFFD)
+  at = [i for i in range(1, len(full) - 1) if full[i:i + 2].isascii() and full[i:i + 2].strip()]
+  if at:
+    stop = full[at[len(at) // 2]:at[len(at) // 2] + 2]
+    streamed = ''.join(c.choices[0].text for c in client.completions.create(
+        model='tiny', prompt='def f(x):', max_tokens=12, temperature=0, stop=[stop], stream=True) if c.choices)
+    cut = client.completions.create(model='tiny', prompt='def f(x):', max_tokens=12, temperature=0, stop=[stop])
+    assert streamed == cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == 'stop'
+
+
+def test_a_client_that_leaves_frees_its_slot(served_app):
+  import time
+  import httpx
+  app, url = served_app
+  engine = app.engine
+  step = engine._generate
+  engine._generate = lambda *a, **k: time.sleep(0.02) or step(*a, **k)  # 60 steps take over a second
+  try:
+    seen = []
+    engine_submit = engine.submit
+    engine.submit = lambda job: seen.append(job) or engine_submit(job)
+    body = {'prompt': 'x', 'max_tokens': 60, 'temperature': 0, 'stream': True}
+    with httpx.Client(base_url=url, timeout=60) as c:
+      with c.stream('POST', '/v1/completions', json=body) as r:
+        next(r.iter_lines())  # the job holds a slot; hang up
+    deadline = time.monotonic() + 20
+    while any(engine._active) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    [job] = seen
+    assert job.cancelled and not any(engine._active) and job.count < 40, job.count
+  finally:
+    engine._generate = step
+    engine.submit = engine_submit

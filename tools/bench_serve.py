@@ -1,0 +1,157 @@
+"""Serving under load: completion tokens/s and latency of `llm-jax serve` on loopback, with and without
+continuous batching, on the same model in one run.
+
+    python tools/bench_serve.py --workdir=runs/demo [--clients 1 16 64] [--requests=64] [--slots=32]
+
+Each configuration starts `llm-jax serve` in a subprocess: `--max_batch=1` (one request decoded at a time: no
+batching; the standard-library server this replaced is gone from the tree, so it stands in for "before") and
+`--max_batch=SLOTS` (continuous batching). For each number of clients, that many clients send `--requests`
+requests between them, back to back, greedy with `ignore_eos`, `max_tokens` drawn from 8, 16, 32, 64, 96
+(never past the context), prompts of mixed lengths. One JSON line per (server, clients):
+
+  tokens_per_sec       completion tokens of all requests / wall time
+  p50_s, p99_s         request latency
+  short_p99_s          p99 latency of the 8-token requests, beside `short_alone_s`: an 8-token request's
+                       median latency with nothing else running
+
+Without `--workdir`, `--random` builds a Quick-start-shaped run (configs/tiny.py, random params, a tokenizer
+trained on the built-in corpus) in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LENGTHS = (8, 16, 32, 64, 96)
+WORDS = 'def class import return for while if else print range len self value data list'.split()
+
+
+def random_workdir(path: str) -> str:
+  """configs/tiny.py's default shape with the seed's random params (decode speed does not depend on
+  training), beside a tokenizer trained on the built-in corpus."""
+  import shutil
+  from llm_jax import config as config_lib, sharding
+  from llm_jax.data import sources, tokenizer as tokenizer_lib
+  from llm_jax.models import build_model
+  from llm_jax.run import workdir as workdir_lib
+  from llm_jax.run.checkpoint import Checkpointer
+  from llm_jax.train import optim
+  from llm_jax.train.state import StateFactory
+  tok_path = os.path.join(path, 'tok.model')
+  cfg = config_lib.load(os.path.join(ROOT, 'configs', 'tiny.py'), [('data.tokenizer', tok_path)])
+  os.makedirs(path, exist_ok=True)
+  tok = tokenizer_lib.train(sources.texts(sources.open_source(cfg.data, 'train')), cfg.model.vocab_size,
+                            min(cfg.data.tokenizer_train_chars, 2_000_000), num_threads=2)
+  tokenizer_lib.save(tok, tok_path)
+  workdir = os.path.join(path, 'run')
+  os.makedirs(workdir)
+  config_lib.write_json_atomic(cfg, workdir_lib.config_path(workdir))
+  shutil.copyfile(tok_path, os.path.join(workdir, workdir_lib.TOKENIZER))
+  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+  factory = StateFactory(build_model(cfg.model), optim.make_optimizer(cfg.train), mesh, rules)
+  ckpt = Checkpointer(workdir, async_save=False)
+  ckpt.save(1, factory.init(cfg.seed), {}, cfg.to_dict())
+  ckpt.close()
+  return workdir
+
+
+def start_server(workdir: str, slots: int):
+  proc = subprocess.Popen([sys.executable, '-m', 'llm_jax.cli', 'serve', f'--workdir={workdir}', '--port=0',
+                           f'--max_batch={slots}', '--batch_wait_ms=0'], stdout=subprocess.PIPE, text=True,
+                          cwd=ROOT)
+  line = proc.stdout.readline()
+  match = re.search(r'(http://[\d.]+:\d+)/v1', line)
+  if not match:
+    proc.kill()
+    raise SystemExit(f'the server did not start: {line!r}')
+  return proc, match.group(1)
+
+
+def make_requests(n: int, context: int, rng: random.Random) -> list[dict]:
+  out = []
+  for _ in range(n):
+    max_tokens = rng.choice([m for m in LENGTHS if m + 24 <= context] or [8])
+    prompt = ' '.join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+    out.append({'prompt': prompt, 'max_tokens': max_tokens, 'temperature': 0, 'ignore_eos': True})
+  return out
+
+
+async def load(url: str, requests: list[dict], clients: int) -> tuple[float, list]:
+  import httpx
+  pending = list(enumerate(requests))
+  results = []
+
+  async def client(c):
+    while pending:
+      _, body = pending.pop()
+      start = time.perf_counter()
+      r = await c.post('/v1/completions', json=body)
+      r.raise_for_status()
+      results.append((body['max_tokens'], r.json()['usage']['completion_tokens'], time.perf_counter() - start))
+
+  limits = httpx.Limits(max_connections=clients)
+  async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+    start = time.perf_counter()
+    await asyncio.gather(*[client(c) for _ in range(clients)])
+    return time.perf_counter() - start, results
+
+
+def pct(values, q):
+  values = sorted(values)
+  return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--workdir', default=None)
+  p.add_argument('--random', action='store_true', help='a random Quick-start-shaped run in a temporary dir')
+  p.add_argument('--clients', type=int, nargs='+', default=[1, 16, 64])
+  p.add_argument('--requests', type=int, default=64, help='requests per (server, clients)')
+  p.add_argument('--slots', type=int, default=32)
+  args = p.parse_args()
+  if not args.workdir and not args.random:
+    raise SystemExit('give --workdir=DIR (a trained run) or --random')
+  tmp = tempfile.TemporaryDirectory() if args.random else None
+  workdir = args.workdir or random_workdir(tmp.name)
+  from llm_jax.run import workdir as workdir_lib
+  context = workdir_lib.load_config(workdir).data.seq_len
+  rng = random.Random(0)
+  for slots in (1, args.slots):
+    proc, url = start_server(workdir, slots)
+    try:
+      asyncio.run(load(url, make_requests(2 * max(args.clients), context, rng), max(args.clients)))  # compile
+      short = {'prompt': 'def f(x):', 'max_tokens': 8, 'temperature': 0, 'ignore_eos': True}
+      alone = statistics.median(asyncio.run(load(url, [short] * 7, 1))[1][i][2] for i in range(7))
+      for clients in args.clients:
+        requests = make_requests(max(args.requests, clients), context, rng)
+        wall, results = asyncio.run(load(url, requests, clients))
+        latencies = [r[2] for r in results]
+        shorts = [r[2] for r in results if r[0] == 8] or [float('nan')]
+        print(json.dumps({'server': 'no batching (--max_batch=1)' if slots == 1 else
+                          f'continuous batching (--max_batch={slots})', 'clients': clients,
+                          'requests': len(results), 'tokens_per_sec': round(sum(r[1] for r in results) / wall, 1),
+                          'p50_s': round(pct(latencies, 0.5), 3), 'p99_s': round(pct(latencies, 0.99), 3),
+                          'short_p99_s': round(pct(shorts, 0.99), 3), 'short_alone_s': round(alone, 3)}),
+              flush=True)
+    finally:
+      proc.terminate()
+      proc.wait(timeout=60)
+  if tmp is not None:
+    tmp.cleanup()
+
+
+if __name__ == '__main__':
+  main()
