@@ -11,7 +11,7 @@ import pytest
 from conftest import recipe_config
 
 from llm_jax.models import build_model, encdec
-from llm_jax.models.layers import relative_bucket
+from llm_jax.models.positions import relative_bucket
 from llm_jax.train.state import init_params
 
 B = 2

@@ -16,7 +16,6 @@ from llm_jax.config.schema import default_config
 from llm_jax.data import objectives
 from llm_jax.data.files import DECODE_ERRORS, TXT_MODES
 from llm_jax.data.mixture import check_weights
-from llm_jax.data.objectives import span_chunk_length
 from llm_jax.errors import UserError
 from llm_jax.models.layers import (ACTIVATIONS, ATTENTION_IMPLS, LORA_TARGETS, NORM_POSITIONS, NORM_TYPES, POSITION_TYPES,
                                    ROPE_SCALINGS)

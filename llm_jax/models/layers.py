@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.errors import UserError
 from llm_jax.models import attention_kernels as kernels
+from llm_jax.models.positions import relative_bucket, rope
 from llm_jax.sharding import constrain
 
 Array = jax.Array

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import Sequence
 
 import jax
 import numpy as np

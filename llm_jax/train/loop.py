@@ -76,8 +76,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
 
   # Built before the state exists: jit only traces at the first call, once the state is restored or made.
   setup = setup_train_step(cfg, mesh, rules)
-  train_step, lr_schedule, factory, batch_sharding = (setup.step, setup.lr_schedule, setup.factory,
-                                                      setup.batch_sharding)
+  train_step, factory, batch_sharding = setup.step, setup.factory, setup.batch_sharding
   eval_model = build_model(cfg.model)
   stream = pipeline.TrainStream(cfg.data, tok, seed=cfg.seed, model_cfg=cfg.model)
 
