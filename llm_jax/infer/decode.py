@@ -184,10 +184,6 @@ def _decode(adapter, mesh, rules, params, prompt_BP, lengths_B, max_new_B, knobs
     return carry[8], carry[9], carry[5], carry[7]
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def _pow2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
@@ -217,7 +213,7 @@ class Engine:
     return int(np.prod([self.mesh.shape[a] for a in axes]))
 
   def padded_rows(self, n: int) -> int:
-    return _round_up(_pow2(n), self.batch_shards())
+    return stops.round_up(_pow2(n), self.batch_shards())
 
   def put(self, array: np.ndarray, names: Sequence[str | None]):
     """A host array onto the mesh by logical names (or onto the default device without a mesh)."""
@@ -232,7 +228,7 @@ class Engine:
     limit = position_rows(self.model.cfg)
     if limit is not None and n > limit:
       raise ValueError(f'{n} tokens do not fit the {limit} positions of the model (model.max_positions)')
-    P = _round_up(n, 64)
+    P = stops.round_up(n, 64)
     return P if limit is None else min(P, limit)
 
   def prompts(self, token_lists: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -265,7 +261,7 @@ class Engine:
     params_list = [r.sampling for r in requests]
     rows = self.padded_rows(len(requests))
     prompt_BP, lengths_B = self.prompts([r.tokens for r in requests], rows)
-    steps = _round_up(max(p.max_new_tokens for p in params_list), 32)
+    steps = stops.round_up(max(p.max_new_tokens for p in params_list), 32)
     max_new_B = np.ones(rows, np.int32)
     max_new_B[:len(requests)] = [p.max_new_tokens for p in params_list]
     sample_B = np.zeros(rows, np.int32)

@@ -65,7 +65,8 @@ class TokenBytes:
     return out
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+  """n rounded up to a multiple: the padded sizes decode compiles for (stop tables here, prompts there)."""
   return -(-n // multiple) * multiple
 
 
@@ -75,7 +76,7 @@ def build(vocab: TokenBytes, stops_per_row: Sequence[Sequence[str]], rows: int):
   serve all requests."""
   strings = sorted({s.encode('utf-8') for row in stops_per_row for s in row})
   S = max(1, 1 << (len(strings) - 1).bit_length()) if strings else 1
-  Q = _round_up(max((len(s) for s in strings), default=0) + 1, 8)
+  Q = round_up(max((len(s) for s in strings), default=0) + 1, 8)
   V = vocab.array.shape[0]
   table = np.zeros((S, Q, V), np.int32)
   length = np.full(S, Q, np.int32)  # padded slots can never match
