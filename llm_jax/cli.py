@@ -1,8 +1,8 @@
 """The `llm-jax` command. Subcommands live in llm_jax/commands/, one module each.
 
 Config flags follow the JAX convention: `--config=tiny[:variant]` picks a recipe (a shipped one by name,
-`llm-jax recipes` lists them, or a file of your own) and `--config.section.key=value` overrides one key. A user mistake ends with one line on stderr and exit code 2,
-never a traceback.
+`llm-jax recipes` lists them, or a file of your own) and `--config.section.key=value` overrides one key.
+A user mistake ends with one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations

@@ -104,8 +104,9 @@ def test_the_wheel_trains_plans_evaluates_and_generates_from_any_directory(tmp_p
   with open(os.path.join(new_site, '_llm_jax_audit.pth'), 'w') as f:
     f.write('import _llm_jax_audit\n')
   log = str(tmp_path / 'opened_in_checkout.log')
+  allowed = [os.path.realpath(p) for p in [sys.prefix, *ours]]  # this environment (CI keeps it in the checkout)
   env.update(LLM_JAX_AUDIT_LOG=log, LLM_JAX_AUDIT_ROOT=os.path.realpath(ROOT),
-             LLM_JAX_AUDIT_ALLOWED=os.pathsep.join([os.path.realpath(sys.prefix)] + [os.path.realpath(p) for p in ours]))
+             LLM_JAX_AUDIT_ALLOWED=os.pathsep.join(allowed))
   work = tmp_path / 'elsewhere'
   work.mkdir()
   llm_jax = os.path.join(venv, 'bin', 'llm-jax')
