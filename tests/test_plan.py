@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, TINY, tiny_config
 
-from llm_jax import cli
+from llm_jax import cli, sharding
 from llm_jax.models import flops
 from llm_jax.train import plan
 from llm_jax.errors import UserError
@@ -148,8 +148,8 @@ def test_plan_names_the_attention_kernel_and_what_splash_saves_on_a_tpu():
   assert 'attention: xla compiled here' in text and 'attention on TPU: splash' in text
   assert 'score matrices splash never builds: 0.1 MiB per layer per device' in text
   # Planned for a GPU: its kernel, and no TPU figure; a named TPU kernel is planned as the XLA path it replaces.
-  gpu = plan.make_plan(cfg, jax.devices(), None, target='gpu')['attention']
-  assert gpu['target_impl'] == 'pallas_gpu' and gpu['scores'] is None
+  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+  assert plan.attention_on(cfg, mesh, rules, 'gpu') == ('pallas_gpu', None)
   splash = plan.make_plan(tiny_config(('mesh.data', '8'), ('model.attention_impl', 'splash')), jax.devices(), None,
                           target='tpu')['attention']
   assert (splash['compiled'], splash['target_impl']) == ('xla', 'splash')

@@ -95,7 +95,9 @@ def unsupported(name: str, shape: Shape, model_cfg, platform: str) -> str | None
   if name == 'cudnn':
     if shape.softcap:
       return "has no soft-capping (model.attn_logit_softcap); use 'xla' or 'auto'"
-    return None if _cudnn_fits(shape) else 'does not take these inputs (see layers._cudnn_supported)'
+    return None if _cudnn_fits(shape) else (
+        'needs bfloat16/float16 compute (model.dtype), model.head_dim a multiple of 8 up to 128, an even row '
+        "length, no relative-position bias and no context parallelism (mesh.sequence); use 'auto' or 'xla'")
   if not impl.kernel:
     return None
   if shape.has_bias:
