@@ -173,12 +173,13 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   if [n for n in left_out if 'pooler' in n]:
     say("left out the next-sentence pooler (pooler.*): llm-jax's encoder has no use for it")
 
-  _write_workdir(output, cfg, params, tok_path)
+  from llm_jax.retrieval import embeddings  # sentence-transformers' pooling files travel with the weights
+  _write_workdir(output, cfg, params, tok_path, embeddings.st_files(hf_dir))
   return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': bool(tok_path),
           'params': int(sum(np.size(a) for a in jax.tree.leaves(params)))}
 
 
-def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None:
+def _write_workdir(output: str, cfg, params: dict, tok_path: str | None, extra_files=None) -> None:
   from llm_jax import sharding
   from llm_jax.run import workdir as workdir_lib
   from llm_jax.run.checkpoint import Checkpointer
@@ -194,6 +195,10 @@ def _write_workdir(output: str, cfg, params: dict, tok_path: str | None) -> None
     config_lib.write_json_atomic(cfg, workdir_lib.config_path(tmp))
     if tok_path:
       shutil.copyfile(tok_path, os.path.join(tmp, workdir_lib.TOKENIZER))
+    for name, data in (extra_files or {}).items():
+      os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+      with open(os.path.join(tmp, name), 'wb') as f:
+        f.write(data)
     ckpt = Checkpointer(tmp, async_save=False)
     ckpt.save_params(0, on_mesh, cfg.to_dict())
     ckpt.close()

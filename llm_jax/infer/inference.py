@@ -35,6 +35,7 @@ class Run:
   mesh: Any
   rules: Any
   step: int
+  workdir: str | None = None  # where it was loaded from (an encoder's sentence-transformers files live there)
 
   @property
   def context_len(self) -> int:
@@ -76,6 +77,12 @@ class Run:
         run_.append(i)
     return ''.join(out) + self.tokenizer.decode(run_)
 
+  def embed(self, texts: Sequence[str]):
+    """Sentence embeddings of an encoder run: an array [len(texts), dim], one row per text
+    (retrieval/embeddings.py)."""
+    from llm_jax.retrieval import embeddings
+    return embeddings.embed(self, texts)
+
   @functools.cached_property
   def engine(self) -> decode.Engine:
     return decode.Engine(self.model, self.params, eos_id=self.tokenizer.eos_id, mesh=self.mesh,
@@ -96,7 +103,7 @@ def load_run(workdir: str) -> Run:
     step, params = restore_params(cfg, ckpt, abstract_params(model, mesh, rules), mesh, rules)
   finally:
     ckpt.close()
-  return Run(cfg, tok, model, params, mesh, rules, step)
+  return Run(cfg, tok, model, params, mesh, rules, step, workdir)
 
 
 def restore_params(cfg, ckpt, abstract, mesh, rules) -> tuple[int, Any]:

@@ -93,8 +93,10 @@ class Batcher:
 class App:
   """Turns parsed requests into jobs and jobs' results into OpenAI responses."""
 
-  def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005):
+  def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005,
+               retriever=None):
     self.run, self.model_name = run, model_name
+    self.retriever = retriever  # retrieval/context.Retriever: passages go into prompts (serve --retrieve)
     self.batcher = Batcher(run, max_batch, batch_wait_s)
     self.template = None  # a fine-tuned run's chat template renders /v1/chat/completions
     from llm_jax import config as config_lib
@@ -125,6 +127,12 @@ class App:
   def complete(self, body, chat: bool) -> tuple[openai_api.Parsed, dict]:
     """The parsed request and its answer; an ApiError (400) for a bad request."""
     parsed = openai_api.parse(body, chat, self.template)
+    passages = None
+    if self.retriever is not None:
+      from llm_jax.retrieval import context
+      body, passages = context.augment_request(self.retriever, self.run, body, chat, parsed.max_tokens,
+                                               self.template)
+      parsed = openai_api.parse(body, chat, self.template)
     tok = self.run.tokenizer
     prompts = []
     for p in parsed.prompts:
@@ -161,6 +169,8 @@ class App:
                                               tops[first:], offset=0 if parsed.echo else len(shown_prompt))
       reason = done.finish_reason if done is not None else 'length'
       choices.append(openai_api.choice(parsed, index, text, reason, logprobs))
+      if passages is not None:  # the passages put into the prompt this choice answers
+        choices[-1]['passages'] = passages[i]
     prompt_tokens = sum(len(ids) for _, ids, _ in prompts)
     return parsed, openai_api.response(parsed, self.model_name, choices, prompt_tokens, completion_tokens)
 
