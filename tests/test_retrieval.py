@@ -199,3 +199,18 @@ def test_server_lists_the_passages_it_used(built_index, decoder):
     assert os.path.basename(answer['choices'][0]['passages'][0]['source']) == 'bread.txt'
   finally:
     app.close()
+
+
+def test_chat_with_retrieve_names_the_sources(built_index, tokenizer_path, tmp_path, monkeypatch, capsys):
+  import io
+  sft = write_workdir(str(tmp_path / 'sft'), tokenizer_path, ('data.objective', 'sft'), ('model.vocab_size', '516'),
+                      ('data.seq_len', '256'))
+  monkeypatch.setattr('sys.stdin', io.StringIO(DOCS['volcano.txt'] + DOCS['bread.txt']))
+  capsys.readouterr()
+  assert cli.main(['chat', f'--workdir={sft}', f'--retrieve={built_index}', '--retrieve_k=1',
+                   '--max_new_tokens=2']) == 0
+  out = capsys.readouterr()
+  lines = out.err.splitlines()
+  assert len(lines) == 2 and all(line.startswith('llm-jax: sources: [1] ') for line in lines), out.err
+  assert 'volcano.txt' in lines[0] and 'bread.txt' in lines[1]
+  assert len(out.out.splitlines()) == 2
