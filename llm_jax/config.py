@@ -492,8 +492,14 @@ def _validate_family(cfg) -> None:
              f'(data.seq_len={d.seq_len}, data.noise_density={d.noise_density})')
 
 
-def reserved_ids(data_cfg) -> int:
-  """Ids the objective takes after the tokenizer's pieces: the mask token, or the span sentinels."""
+def reserved_ids(data_cfg, tokenizer=None) -> int:
+  """Ids the objective takes after the tokenizer's pieces: the mask token, the span sentinels, or the chat
+  template's markers. None when the tokenizer has its own: a mask token (BERT's [MASK]), a chat template
+  (tokenizer_config.json's chat_template renders conversations with the tokenizer's own special tokens)."""
+  if tokenizer is not None and data_cfg.objective in CHAT_OBJECTIVES and tokenizer.chat_template:
+    return 0
+  if tokenizer is not None and data_cfg.objective == 'mlm' and tokenizer.mask_id >= 0:
+    return 0
   if data_cfg.objective in CHAT_OBJECTIVES:
     return len(data_cfg.chat_roles) + 1  # a marker per role, then <|end|>
   return {'mlm': 1, 'span': data_cfg.num_sentinels}.get(data_cfg.objective, 0)

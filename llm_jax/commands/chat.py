@@ -1,8 +1,9 @@
 """`llm-jax chat`: talk to a fine-tuned run in the terminal (or through a pipe).
 
 Each line read from standard input is one user turn; an empty line or end of input ends the conversation.
-The whole conversation is rendered with the run's chat template (data/chat.py) and the reply decoded with
-the KV-cache Engine until the template's <|end|> marker, EOS or --max_new_tokens. The conversation is kept
+The whole conversation is rendered with the run's chat template (data/chat.py: the checkpoint's own Jinja
+template when its tokenizer_config.json has one, else the built-in one of a fine-tuned run) and the reply
+decoded with the KV-cache Engine until the template's end marker, EOS or --max_new_tokens. The conversation is kept
 between turns; when it no longer fits the context (data.seq_len) with room for the reply, the oldest turns
 (after a --system message) are dropped, with a note on standard error.
 
@@ -64,7 +65,8 @@ def run(args, overrides) -> int:
   cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before anything is read
   inference.require_family(cfg, 'chat', ('decoder',), why='chat needs a decoder-only model fine-tuned with a '
                            'chat template (configs/sft.py)')
-  if cfg.data.objective not in config_lib.CHAT_OBJECTIVES:
+  has_own = bool(workdir_lib.load_tokenizer(args.workdir, cfg).chat_template)
+  if cfg.data.objective not in config_lib.CHAT_OBJECTIVES and not has_own:
     raise UserError(f'chat: this run was trained with data.objective={cfg.data.objective!r} and has no chat '
                     'template; fine-tune it first (configs/sft.py with --config.init_from)')
   roles = cfg.data.chat_roles
@@ -86,8 +88,8 @@ def run(args, overrides) -> int:
     from llm_jax.retrieval import context
     retriever = context.Retriever(args.retrieve, args.retrieve_k)
   run_ = inference.load_run(args.workdir)
-  template = chat.Template(run_.tokenizer, roles, cfg.data.add_bos)
-  params = dataclasses.replace(params, stop_tokens=(template.end_id,))
+  template = chat.template_for(cfg.data, run_.tokenizer)
+  params = dataclasses.replace(params, stop_tokens=tuple(template.stop_ids))
   user, reply_role = roles[-2], roles[-1]
   system = [(roles[0], args.system)] if args.system else []
   turns: list[list[tuple[str, str]]] = []
@@ -99,12 +101,17 @@ def run(args, overrides) -> int:
     if not line or not line.strip():
       return 0
     turns.append([(user, line.rstrip('\n'))])
-    if retriever is not None:  # passages for this turn alone: the conversation keeps the plain message
-      turns[-1], used = context.augment_messages(retriever, turns[-1], user,
-                                                 lambda m: len(template.prompt(system + m)), room)
-      print(f'llm-jax: sources: {context.sources_line(used) or "(none fitted the context)"}', file=sys.stderr,
-            flush=True)
-    ids, dropped = fit(template, system, turns, room)
+    try:
+      if retriever is not None:  # passages for this turn alone: the conversation keeps the plain message
+        turns[-1], used = context.augment_messages(retriever, turns[-1], user,
+                                                   lambda m: len(template.prompt(system + m)), room)
+        print(f'llm-jax: sources: {context.sources_line(used) or "(none fitted the context)"}', file=sys.stderr,
+              flush=True)
+      ids, dropped = fit(template, system, turns, room)
+    except chat.TemplateError as e:  # the checkpoint's template refused the conversation
+      print(f'llm-jax: note: {e}', file=sys.stderr, flush=True)
+      turns.pop()
+      continue
     if dropped:
       print(f'llm-jax: note: the conversation outgrew the context of {cfg.data.seq_len} tokens; dropped the '
             f'oldest {dropped} turn(s)', file=sys.stderr, flush=True)
@@ -115,7 +122,7 @@ def run(args, overrides) -> int:
       turns.pop()
       continue
     result = run_.engine.generate_one(ids, params)
-    tokens = [t for t in result.tokens if t != template.end_id and t != run_.tokenizer.eos_id]
+    tokens = [t for t in result.tokens if t not in template.stop_ids and t != run_.tokenizer.eos_id]
     text = run_.tokenizer.decode(tokens)
     print(text, flush=True)
     turns[-1] = [(user, line.rstrip('\n')), (reply_role, text)]

@@ -30,8 +30,7 @@ def run(args, overrides) -> int:
   convert.check_output(args.output)  # before reading gigabytes of weights
   if args.direction == 'from-hf':
     summary = convert.from_hf(args.hf_dir, args.output, overrides)
-    tokenizer = 'with its sentencepiece tokenizer' if summary['tokenizer'] else 'without a sentencepiece tokenizer'
-    print(f'{summary["architecture"]} ({summary["params"]:,} parameters) {tokenizer} -> {args.output}')
+    print(f'{summary["architecture"]} ({summary["params"]:,} parameters) {summary["tokenizer"]} -> {args.output}')
     return 0
   from llm_jax.commands.common import no_overrides
   no_overrides('convert to-hf', overrides)

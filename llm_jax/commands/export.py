@@ -42,6 +42,7 @@ def run(args, overrides) -> int:
   distributed.initialize_from_args(args)
   import ml_collections
   from llm_jax import config as config_lib
+  from llm_jax.data import tokenizer as tokenizer_lib
   from llm_jax.infer import inference
   from llm_jax.run import lora
   from llm_jax.run.checkpoint import Checkpointer
@@ -56,7 +57,7 @@ def run(args, overrides) -> int:
   try:
     os.makedirs(tmp)
     config_lib.write_json_atomic(plain, workdir_lib.config_path(tmp))
-    shutil.copyfile(os.path.join(args.workdir, workdir_lib.TOKENIZER), os.path.join(tmp, workdir_lib.TOKENIZER))
+    tokenizer_lib.write_files(run_.tokenizer, tmp)  # tokenizer.model, or tokenizer.json and its config
     ckpt = Checkpointer(tmp, async_save=False)
     ckpt.save_params(run_.step, merged, plain.to_dict())
     ckpt.close()

@@ -3,8 +3,8 @@ LLaMA, GPT-2, BERT or T5 into an llm-jax work directory; `to_hf` writes a run's 
 that transformers' `from_pretrained` loads. No torch: tensors go through safetensors' numpy API.
 
 An imported work directory is a normal run: config.json (the model the HF config describes, data settings
-for its family, plus any --config overrides), tokenizer.model when the checkpoint has a sentencepiece model
-(LLaMA's tokenizer.model, T5's spiece.model), and a checkpoint at step 0 holding the params alone, which
+for its family, plus any --config overrides), the checkpoint's tokenizer (tokenizer_files.py: LLaMA's
+tokenizer.model, T5's spiece.model, or tokenizer.json with its tokenizer_config.json), and a checkpoint at step 0 holding the params alone, which
 `eval` and `generate` read and `train` starts from. Either direction writes into a temporary directory
 beside the output and renames it into place at the end: a failure leaves nothing behind.
 """
@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from llm_jax import config as config_lib
-from llm_jax.convert import bert, gpt2, hf_files, llama, t5
+from llm_jax.convert import bert, gpt2, hf_files, llama, t5, tokenizer_files
 from llm_jax.convert.mapping import HFConfig, flatten, read_params, write_tensors
 from llm_jax.errors import UserError
 
@@ -152,9 +152,7 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   cfg = config_lib.load(None, overrides, base=cfg)
 
   from llm_jax.run import workdir as workdir_lib
-  from llm_jax.data import tokenizer as tokenizer_lib
-  tok_path = hf_files.tokenizer_file(hf_dir)
-  tok = tokenizer_lib.load(tok_path) if tok_path else None
+  tok = tokenizer_files.from_checkpoint(hf_dir)
   if tok is not None:
     workdir_lib.check_vocab(tok, cfg)
 
@@ -174,12 +172,12 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
     say("left out the next-sentence pooler (pooler.*): llm-jax's encoder has no use for it")
 
   from llm_jax.retrieval import embeddings  # sentence-transformers' pooling files travel with the weights
-  _write_workdir(output, cfg, params, tok_path, embeddings.st_files(hf_dir))
-  return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': bool(tok_path),
+  _write_workdir(output, cfg, params, tok, embeddings.st_files(hf_dir))
+  return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': tokenizer_files.describe(tok),
           'params': int(sum(np.size(a) for a in jax.tree.leaves(params)))}
 
 
-def _write_workdir(output: str, cfg, params: dict, tok_path: str | None, extra_files=None) -> None:
+def _write_workdir(output: str, cfg, params: dict, tok, extra_files=None) -> None:
   from llm_jax import sharding
   from llm_jax.run import workdir as workdir_lib
   from llm_jax.run.checkpoint import Checkpointer
@@ -193,8 +191,8 @@ def _write_workdir(output: str, cfg, params: dict, tok_path: str | None, extra_f
   on_mesh = jax.tree.map(lambda a, t: jax.device_put(np.asarray(a, dtype), t.sharding), params, targets)
   with _atomic_dir(output) as tmp:
     config_lib.write_json_atomic(cfg, workdir_lib.config_path(tmp))
-    if tok_path:
-      shutil.copyfile(tok_path, os.path.join(tmp, workdir_lib.TOKENIZER))
+    if tok is not None:
+      tokenizer_files.write(tmp, tok.files())
     for name, data in (extra_files or {}).items():
       os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
       with open(os.path.join(tmp, name), 'wb') as f:
@@ -219,8 +217,8 @@ def to_hf(workdir: str, output: str) -> dict:
     closest = min(reasons, key=lambda a: len(reasons[a]))
     raise UserError(f'{workdir}: this model has no Hugging Face architecture llm-jax writes; closest is {closest}, '
                     f'which differs in {", ".join(reasons[closest])}')
-  tok_path = os.path.join(workdir, workdir_lib.TOKENIZER)
-  tok = tokenizer_lib.load(tok_path) if os.path.isfile(tok_path) else None
+  tok_path = workdir_lib.tokenizer_path(workdir)
+  tok = tokenizer_lib.load(tok_path) if tok_path else None
 
   # Read on this machine's devices whatever mesh the run trained on.
   mesh_cfg = ml_collections.ConfigDict(cfg.mesh.to_dict())
@@ -241,7 +239,7 @@ def to_hf(workdir: str, output: str) -> dict:
   with _atomic_dir(output) as tmp:
     hf_files.write(tmp, config, tensors)
     if tok is not None:
-      shutil.copyfile(tok_path, os.path.join(tmp, 'spiece.model' if arch is t5 else 'tokenizer.model'))
+      tokenizer_files.write(tmp, tokenizer_files.export_files(tok, arch.MODEL_TYPE))
   return {'architecture': arch.ARCHITECTURE, 'output': output, 'step': step, 'tensors': len(tensors)}
 
 

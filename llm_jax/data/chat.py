@@ -18,12 +18,17 @@ loss (the model learns to stop), everything else is context. `{"prompt", "respon
 
 Bad records become `Skipped` (file:line and why), counted and reported by the pipeline; a conversation longer
 than a row is skipped too (cutting it would train on a reply without its question).
+
+A run whose tokenizer carries its own chat template (tokenizer_config.json's `chat_template`, as Llama 3,
+Qwen, Mistral and Gemma instruct checkpoints do) renders with that instead (chat_template.py): same roles, same
+trained tokens (the reply role's, through its end marker), no marker ids. `template_for` picks.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from llm_jax.data.chat_template import JinjaTemplate, TemplateError
 from llm_jax.data.files import Record, Skipped
 from llm_jax.data.objectives import Stream
 
@@ -31,10 +36,13 @@ from llm_jax.data.objectives import Stream
 class Template:
   """Rendering messages to ids, for training (with the trained-token flags) and for chat prompts."""
 
+  builtin = True
+
   def __init__(self, tokenizer, roles, add_bos: bool):
     self.tokenizer, self.roles, self.add_bos = tokenizer, tuple(roles), add_bos
     self.base = tokenizer.vocab_size
     self.end_id = self.base + len(self.roles)
+    self.stop_ids = (self.end_id,)  # what ends a reply
 
   def marker(self, role: str) -> int:
     return self.base + self.roles.index(role)
@@ -127,7 +135,10 @@ class SFT:
     messages = messages_of(record, self.template.roles)
     if isinstance(messages, Skipped):
       return messages
-    ids, trained = self.template.render(messages)
+    try:
+      ids, trained = self.template.render(messages)
+    except TemplateError as e:
+      return Skipped(record.where, 'template', str(e))
     if len(ids) - 1 > self.seq_len:
       return _too_long(record, len(ids), self.seq_len)
     return _shifted(ids, trained)
@@ -161,7 +172,10 @@ class DPO:
     roles = self.template.roles
     out = {}
     for prefix, reply in (('', chosen), ('rejected_', rejected)):
-      ids, trained = self.template.render([(roles[-2], prompt), (roles[-1], reply)])
+      try:
+        ids, trained = self.template.render([(roles[-2], prompt), (roles[-1], reply)])
+      except TemplateError as e:
+        return Skipped(record.where, 'template', str(e))
       if len(ids) - 1 > self.seq_len:
         return _too_long(record, len(ids), self.seq_len)
       out.update(_shifted(ids, trained, prefix))
@@ -178,7 +192,18 @@ def dpo_streams(seq_len: int) -> tuple[Stream, ...]:
                  split=False))
 
 
+def template_for(data_cfg, tokenizer):
+  """The tokenizer's own chat template when it has one; else the built-in template for a run fine-tuned
+  with it (data.objective sft / dpo); else None."""
+  if tokenizer.chat_template:
+    return JinjaTemplate(tokenizer, data_cfg.chat_roles, tokenizer.chat_template)
+  from llm_jax.config import CHAT_OBJECTIVES
+  if data_cfg.objective in CHAT_OBJECTIVES:
+    return Template(tokenizer, data_cfg.chat_roles, data_cfg.add_bos)
+  return None
+
+
 def for_config(data_cfg, tokenizer):
-  template = Template(tokenizer, data_cfg.chat_roles, data_cfg.add_bos)
+  template = template_for(data_cfg, tokenizer)
   cls = DPO if data_cfg.objective == 'dpo' else SFT
   return cls(template, data_cfg.seq_len)

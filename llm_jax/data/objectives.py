@@ -310,7 +310,8 @@ def for_config(data_cfg, tokenizer, model_cfg=None):
     pieces = tokenizer.vocab_size
     random_ids = np.array([i for i in range(pieces) if not tokenizer.is_special(i)], np.int32)
     table = whole_word_table(tokenizer, model_cfg.vocab_size) if d.whole_word_masking else None
-    return MaskedLM(tokenizer.bos_id, tokenizer.eos_id, d.add_bos, d.add_eos, mask_id=pieces,
+    mask_id = tokenizer.mask_id if tokenizer.mask_id >= 0 else pieces  # BERT's [MASK], or reserved
+    return MaskedLM(tokenizer.bos_id, tokenizer.eos_id, d.add_bos, d.add_eos, mask_id=mask_id,
                     random_ids=random_ids, rate=d.mask_rate, random_rate=d.mask_random_rate,
                     keep_rate=d.mask_keep_rate, word_table=table)
   if d.objective == 'span':

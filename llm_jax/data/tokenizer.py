@@ -1,4 +1,10 @@
-"""Sentencepiece tokenizers: trained on the training split when a workdir has none, or loaded from a file.
+"""The tokenizer registry and the sentencepiece backend: trained on the training split when a workdir has
+none, or loaded from a file. The other backend, Hugging Face `tokenizers` (tokenizer.json), is in
+hf_tokenizer.py; `load` picks one by the files present (BACKENDS), and `from_bytes` by the serialized bytes
+(how process 0 hands the tokenizer to other hosts and prepared datasets store it). Every backend has the
+interface of `Tokenizer` below: vocab_size, the special ids (-1 where none), encode / encode_array /
+encode_batch, decode, is_special, piece_bytes, id_to_piece, files, serialized, chat_template, and pickles as
+its bytes.
 
 Trained for text that is mostly code: BPE with byte fallback (any byte sequence encodes, decoding gives the
 text back exactly), no normalisation, whitespace kept as is, and '\\n' a piece of its own so line structure
@@ -8,13 +14,16 @@ survives. Ids of the ones trained here: 0 pad, 1 bos, 2 eos, 3 unk. A model impo
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from llm_jax.data import hf_tokenizer
 from llm_jax.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -25,6 +34,10 @@ _MAX_TRAIN_LINE = 1 << 14
 
 class Tokenizer:
   """A thin, picklable wrapper: grain worker processes receive the serialized model, not a file path."""
+
+  kind = 'sentencepiece'
+  mask_id = -1  # masked LM reserves its mask id after the pieces
+  chat_template = None  # sentencepiece files carry no chat template
 
   def __init__(self, model_proto: bytes):
     self._proto = model_proto
@@ -84,11 +97,79 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def piece_bytes(self, i: int) -> bytes:
+    """The bytes id `i` adds to decoded text: '▁' is a space, '<0xNN>' one raw byte, specials nothing."""
+    if self.is_special(i):
+      return b''
+    piece = self._sp.id_to_piece(int(i))
+    m = _BYTE_PIECE.match(piece)
+    return bytes([int(m.group(1), 16)]) if m else piece.replace('\u2581', ' ').encode('utf-8')
+
   def serialized(self) -> bytes:
     return self._proto
 
+  def files(self) -> dict[str, bytes]:
+    return {SENTENCEPIECE_FILE: self._proto}
 
-def load(path: str) -> Tokenizer:
+
+_BYTE_PIECE = re.compile(r'^<0x([0-9A-Fa-f]{2})>$')
+SENTENCEPIECE_FILE = 'tokenizer.model'
+# Looked for in this order in a directory (a work directory or a Hugging Face checkpoint): a checkpoint that
+# ships both (Llama 2) keeps its sentencepiece model, which T5's numbering of sentinels after the pieces
+# needs; tokenizer.json is the rest (GPT-2, BERT, Llama 3, Qwen...).
+BACKENDS = (('tokenizer.model', 'sentencepiece'), ('spiece.model', 'sentencepiece'),
+            (hf_tokenizer.TOKENIZER_JSON, 'hf'))
+
+
+def find(directory: str) -> str | None:
+  """The tokenizer file of a directory (BACKENDS' order), or None."""
+  for name, _ in BACKENDS:
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def from_bytes(data: bytes):
+  """The tokenizer `serialized()` gave these bytes, whichever backend."""
+  if data.startswith(hf_tokenizer.MAGIC):
+    return hf_tokenizer.HFTokenizer.from_serialized(data)
+  return Tokenizer(data)
+
+
+def load(path: str):
+  """A tokenizer from a sentencepiece .model, a tokenizer.json (its tokenizer_config.json and
+  special_tokens_map.json beside it are read too), or a directory holding either."""
+  if os.path.isdir(path):
+    found = find(path)
+    if found is None:
+      raise UserError(f'{path} holds no tokenizer ({", ".join(n for n, _ in BACKENDS)})')
+    path = found
+  if path.endswith('.json'):
+    if not os.path.isfile(path):
+      raise UserError(f'cannot read tokenizer {path}: {os.strerror(errno.ENOENT)}')
+    if os.path.basename(path) != hf_tokenizer.TOKENIZER_JSON:
+      raise UserError(f'{path}: a Hugging Face tokenizer is read from a file named '
+                      f'{hf_tokenizer.TOKENIZER_JSON} (its tokenizer_config.json beside it)')
+    return hf_tokenizer.load_dir(os.path.dirname(path) or '.')
+  return load_sentencepiece(path)
+
+
+def write_files(tok, directory: str) -> None:
+  """The tokenizer's files into `directory` (atomically each; unchanged files are not rewritten)."""
+  for name, data in tok.files().items():
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      with open(path, 'rb') as f:
+        if f.read() == data:
+          continue
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+
+
+def load_sentencepiece(path: str) -> Tokenizer:
   try:
     with open(path, 'rb') as f:
       proto = f.read()

@@ -12,27 +12,17 @@ Letters: S stop strings (padded), Q automaton states (max length + 1, padded), V
 from __future__ import annotations
 
 import functools
-import re
 from typing import Sequence
 
 import numpy as np
 
-_BYTE_PIECE = re.compile(r'^<0x([0-9A-Fa-f]{2})>$')
-
 
 def token_bytes(tokenizer, vocab_size: int) -> tuple[bytes, ...]:
-  """The bytes each id adds to decoded text (sentencepiece: '▁' is a space, '<0xNN>' one raw byte, the
-  special ids nothing). Ids past the tokenizer's vocabulary (model.vocab_size may be larger) add nothing."""
-  out = []
+  """The bytes each id adds to decoded text (each backend knows its pieces' spelling: sentencepiece's '▁'
+  and '<0xNN>', byte-level BPE's stand-in characters; special ids add nothing). Ids past the tokenizer's
+  vocabulary (model.vocab_size may be larger) add nothing."""
   n = tokenizer.vocab_size
-  for i in range(vocab_size):
-    if i >= n or tokenizer.is_special(i):  # pad, bos, eos, unk: dropped by Tokenizer.decode
-      out.append(b'')
-      continue
-    piece = tokenizer.id_to_piece(i)
-    m = _BYTE_PIECE.match(piece)
-    out.append(bytes([int(m.group(1), 16)]) if m else piece.replace('\u2581', ' ').encode('utf-8'))
-  return tuple(out)
+  return tuple(b'' if i >= n or tokenizer.is_special(i) else tokenizer.piece_bytes(i) for i in range(vocab_size))
 
 
 def _kmp_delta(pattern: bytes) -> np.ndarray:

@@ -61,13 +61,13 @@ def resolve(cfg):
   overrides = []
   tok_path = cfg.data.tokenizer
   if not tok_path:
-    tok_path = os.path.join(cfg.init_from, workdir_lib.TOKENIZER)
-    if not os.path.isfile(tok_path):
-      raise UserError(f'init_from={cfg.init_from} has no {workdir_lib.TOKENIZER}; give the one it was trained '
-                      'with (--config.data.tokenizer=PATH)')
+    tok_path = workdir_lib.tokenizer_path(cfg.init_from)
+    if tok_path is None:
+      raise UserError(f'init_from={cfg.init_from} has no tokenizer ({workdir_lib.TOKENIZER} or tokenizer.json); '
+                      'give the one it was trained with (--config.data.tokenizer=PATH)')
     overrides.append(('data.tokenizer', tok_path))
   tok = tokenizer_lib.load(tok_path)
-  need = tok.vocab_size + config_lib.reserved_ids(cfg.data)
+  need = tok.vocab_size + config_lib.reserved_ids(cfg.data, tok)
   vocab = max(pre.model.vocab_size, need)
   if vocab != cfg.model.vocab_size:
     overrides.append(('model.vocab_size', str(vocab)))

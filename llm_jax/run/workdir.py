@@ -1,7 +1,8 @@
 """A run's work directory: its resolved config, its tokenizer and its metrics, found with `--workdir` alone.
 
     WORKDIR/config.json       the resolved config (written at the start of training)
-    WORKDIR/tokenizer.model   the sentencepiece model every command of this run uses
+    WORKDIR/tokenizer.model   the tokenizer every command of this run uses: a sentencepiece model, or
+    WORKDIR/tokenizer.json    a Hugging Face tokenizer with its tokenizer_config.json (data/tokenizer.py)
     WORKDIR/checkpoints/      orbax steps (see checkpoint.py)
     WORKDIR/metrics.jsonl     one JSON object per logged step
 """
@@ -109,19 +110,12 @@ def prepare(workdir: str, cfg, tok: tokenizer_lib.Tokenizer) -> None:
   overrides then fails without touching its config.json, which eval and generate read."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, TOKENIZER)
   try:
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_json_atomic(cfg, config_path(workdir))
-    if not os.path.isfile(path) or _read_bytes(path) != tok.serialized():
-      tokenizer_lib.save(tok, path)
+    tokenizer_lib.write_files(tok, workdir)
   except OSError as e:
     raise UserError(f'cannot write to workdir {workdir}: {e.strerror}') from None
-
-
-def _read_bytes(path: str) -> bytes:
-  with open(path, 'rb') as f:
-    return f.read()
 
 
 def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
@@ -130,21 +124,22 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
 
   Process 0 makes it and hands the bytes to the others, so hosts need no shared filesystem.
   """
-  path = os.path.join(workdir, TOKENIZER)
   proto = b''
   if jax.process_index() == 0:
+    path = tokenizer_lib.find(workdir) if os.path.isdir(workdir) else None
     if cfg.data.tokenizer:
       tok = tokenizer_lib.load(cfg.data.tokenizer)
-    elif os.path.isfile(path):
+    elif path:
       tok = tokenizer_lib.load(path)
-    elif _has_checkpoints(workdir):  # e.g. imported from Hugging Face without a sentencepiece model
-      raise UserError(f'workdir {workdir} holds checkpoints but no {TOKENIZER}; a new tokenizer would not match '
-                      'their embeddings: give the one they were trained with (--config.data.tokenizer=PATH)')
+    elif _has_checkpoints(workdir):  # e.g. imported from a Hugging Face directory without tokenizer files
+      raise UserError(f'workdir {workdir} holds checkpoints but no tokenizer ({_TOKENIZER_NAMES}); a new one '
+                      'would not match their embeddings: give the one they were trained with '
+                      '(--config.data.tokenizer=PATH)')
     else:
       tok = prepared_tokenizer(cfg.data) or train_tokenizer(cfg)
     proto = tok.serialized()
   proto = _broadcast_bytes(proto)
-  tok = tokenizer_lib.Tokenizer(proto)
+  tok = tokenizer_lib.from_bytes(proto)
   check_vocab(tok, cfg)
   return tok
 
@@ -166,26 +161,35 @@ def prepared_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer | None:
   if len(set(protos.values())) > 1:
     raise UserError('the prepared sources of data.mixture were made with different tokenizers: '
                     + ', '.join(f'{spec} ({tfds_source.tokenizer_digest(p)})' for spec, p in protos.items()))
-  return tokenizer_lib.Tokenizer(next(iter(protos.values()))) if protos else None
+  return tokenizer_lib.from_bytes(next(iter(protos.values()))) if protos else None
 
 
-def load_tokenizer(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
-  path = os.path.join(workdir, TOKENIZER)
-  if not os.path.isfile(path):
-    raise UserError(f'workdir {workdir} has no {TOKENIZER} (a run imported from Hugging Face has one only when '
-                    'the checkpoint came with a sentencepiece model)')
+_TOKENIZER_NAMES = ' or '.join(name for name, _ in tokenizer_lib.BACKENDS)
+
+
+def tokenizer_path(workdir: str) -> str | None:
+  """The run's tokenizer file (tokenizer.model or tokenizer.json), or None."""
+  return tokenizer_lib.find(workdir)
+
+
+def load_tokenizer(workdir: str, cfg):
+  path = tokenizer_lib.find(workdir)
+  if path is None:
+    raise UserError(f'workdir {workdir} has no tokenizer ({_TOKENIZER_NAMES}); a run imported from Hugging '
+                    'Face has one when the checkpoint came with its tokenizer files')
   tok = tokenizer_lib.load(path)
   check_vocab(tok, cfg)
   return tok
 
 
 def check_vocab(tok, cfg) -> None:
-  reserved = config_lib.reserved_ids(cfg.data)
+  reserved = config_lib.reserved_ids(cfg.data, tok)
   if tok.vocab_size + reserved > cfg.model.vocab_size:
     extra = f' plus the {reserved} ids data.objective={cfg.data.objective!r} reserves' if reserved else ''
     raise UserError(f'config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer\'s '
                     f'{tok.vocab_size} pieces{extra}')
-  if cfg.data.add_bos and cfg.data.objective != 'span' and tok.bos_id < 0:
+  own_template = cfg.data.objective in config_lib.CHAT_OBJECTIVES and tok.chat_template  # writes bos itself
+  if cfg.data.add_bos and cfg.data.objective != 'span' and tok.bos_id < 0 and not own_template:
     raise UserError('config key data.add_bos=True, but the tokenizer has no BOS piece')
 
 

@@ -7,7 +7,8 @@ logprobs (top-1 alternatives only), and the extensions top_k, min_p, repetition_
 wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
 
 Chat messages of a run fine-tuned with a chat template (data.objective sft or dpo) are rendered by that
-template (data/chat.py: role markers, the reply role's marker last) and generation stops at its end marker;
+template (data/chat.py: role markers, the reply role's marker last), or by the checkpoint's own Jinja template
+when its tokenizer_config.json has one (data/chat_template.py), and generation stops at its end marker;
 a role the template does not know is a 400. Any other run's messages are rendered as `role: content` lines
 followed by `assistant:`, and generation also stops at a new `user:` line.
 """
@@ -98,7 +99,11 @@ def render_with_template(messages, template) -> list[int]:
     if role not in template.roles:
       raise ApiError(400, f'"messages"[{i}]: role {role!r} is not one of this run\'s chat roles '
                           f'{list(template.roles)}')
-  return template.prompt(pairs)
+  from llm_jax.data.chat_template import TemplateError
+  try:
+    return template.prompt(pairs)
+  except TemplateError as e:  # the checkpoint's template refused the conversation (raise_exception)
+    raise ApiError(400, f'"messages": {e}') from None
 
 
 def parse(body, chat: bool, template=None) -> Parsed:
@@ -140,7 +145,7 @@ def parse(body, chat: bool, template=None) -> Parsed:
                                       'a positive number')),
       max_new_tokens=max(1, max_tokens or 1),
       seed=_field(body, 'seed', int, 0, lambda v: 0 <= v <= MAX_SEED, f'an integer in [0, {MAX_SEED}]'),
-      stop_strings=tuple(stop), stop_tokens=(template.end_id,) if chat and template else ())
+      stop_strings=tuple(stop), stop_tokens=tuple(template.stop_ids) if chat and template else ())
   try:
     sampling.check(flag_prefix='')
   except UserError as e:

@@ -98,11 +98,9 @@ class App:
     self.run, self.model_name = run, model_name
     self.retriever = retriever  # retrieval/context.Retriever: passages go into prompts (serve --retrieve)
     self.batcher = Batcher(run, max_batch, batch_wait_s)
-    self.template = None  # a fine-tuned run's chat template renders /v1/chat/completions
-    from llm_jax import config as config_lib
-    if run.cfg.data.objective in config_lib.CHAT_OBJECTIVES:
-      from llm_jax.data import chat
-      self.template = chat.Template(run.tokenizer, run.cfg.data.chat_roles, run.cfg.data.add_bos)
+    # The checkpoint's own chat template, or a fine-tuned run's built-in one, renders /v1/chat/completions.
+    from llm_jax.data import chat
+    self.template = chat.template_for(run.cfg.data, run.tokenizer)
 
   def models(self) -> dict:
     return {'object': 'list', 'data': [{'id': self.model_name, 'object': 'model', 'created': 0,
