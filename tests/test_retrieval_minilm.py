@@ -149,4 +149,5 @@ def test_minilm_retrieval_against_bm25(minilm, tmp_path):
                     for q, *want in questions])
   print(f'\nrecall@5 over {len(questions)} docstring questions, {len(passages)} passages: '
         f'all-MiniLM-L6-v2 {dense:.3f}, BM25 {sparse:.3f}')
-  assert dense >= 0.5 and dense >= sparse - 0.1
+  # Measured 0.848 against 0.758 (33 questions, 145 passages; CPython 3.11's modules): BENCHMARKS.md.
+  assert dense >= 0.7 and dense >= sparse - 0.05
