@@ -179,6 +179,7 @@ class Embedder:
     self.pooling = pooling_of(getattr(run, 'workdir', None), run.cfg)
     spec = sharding.logical_to_spec(('batch', 'seq'), run.rules)
     shards = int(np.prod([run.mesh.shape[a] for a in sharding._axes(spec[0])])) if spec else 1
+    self._shards = shards
     self.batch_size = -(-max(batch_size, 1) // shards) * shards  # whole rows on every batch shard
     self._sharding = sharding.named_sharding(run.mesh, ('batch', None), run.rules)
     self._fn = jax.jit(functools.partial(_embed_step, run.model, run.mesh, run.rules, self.pooling.modes,
@@ -210,9 +211,11 @@ class Embedder:
     """Vectors [len(rows), dim] (float32) of model inputs made by `wrap`."""
     out = np.zeros((len(rows), self.dim), np.float32)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    B = self.batch_size
-    for start in range(0, len(order), B):
-      chunk = order[start:start + B]
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      # A short batch (one query) is padded to a power of two, not to the full batch: 64 rows for one
+      # query cost 64 times the work.
+      B = min(self.batch_size, -(-_bucket(len(chunk), 1 << 30, 1) // self._shards) * self._shards)
       T = _bucket(max(len(rows[i]) for i in chunk), self.pooling.max_len)
       tokens = np.zeros((B, T), np.int32)
       mask = np.zeros((B, T), np.int32)
@@ -234,8 +237,8 @@ class Embedder:
     return self.embed_ids([self.ids(t) for t in texts], progress)
 
 
-def _bucket(n: int, max_len: int) -> int:
-  size = _MIN_BUCKET
+def _bucket(n: int, max_len: int, smallest: int = _MIN_BUCKET) -> int:
+  size = smallest
   while size < n:
     size *= 2
   return min(size, max_len) if n <= max_len else n
