@@ -20,6 +20,7 @@ final top k is taken of those. Letters: Q queries, N passages, D width, S shards
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -161,23 +162,15 @@ def write(path: str, meta: dict, vectors: np.ndarray, passages: list[Passage]) -
     os.replace(tmp, os.path.join(path, MANIFEST))
   except OSError as e:
     for name in (meta['vectors'], meta['passages']):  # the old generation stays the index
-      with _quiet():
+      with contextlib.suppress(OSError):
         os.remove(os.path.join(path, name))
     if created:
       shutil.rmtree(path, ignore_errors=True)
     raise UserError(f'cannot write the index {path}: {e.strerror}') from None
   if old:
     for name in (old['vectors'], old['passages']):
-      with _quiet():
+      with contextlib.suppress(OSError):
         os.remove(os.path.join(path, name))
-
-
-class _quiet:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, value, tb):
-    return kind is not None and issubclass(kind, OSError)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""Documents cut into passages for an index: windows of the embedder's tokens that overlap, each keeping
-where it came from (the document's name, its character span and its lines).
+"""Documents cut into passages for an index: windows of the embedder's tokens that overlap, each keeping where it
+came from (the document's name, its character span and its lines).
 
-A window is `size` tokens and the next starts `size - overlap` tokens later, so a sentence cut at one
-window's end is whole at the next one's start; the last window ends at the document's end and is moved back
-to be whole (it overlaps its neighbour more) rather than a short tail. The passage's text is the document's own characters from
-its first token's start to its last token's end (not the tokens decoded: a lowercasing tokenizer would
+A window is `size` tokens and the next starts `size - overlap` tokens later, so a sentence cut at one window's
+end is whole at the next one's start; the last window ends at the document's end and is moved back to be whole
+(it overlaps its neighbour more) rather than a short tail. The passage's text is the document's own characters
+from its first token's start to its last token's end (not the tokens decoded: a lowercasing tokenizer would
 lose the case), and its vector is computed from the window's ids.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import Iterator
 
@@ -78,5 +79,4 @@ def cut(tokenizer, source: str, text: str, size: int, overlap: int) -> Iterator[
 
 
 def _line(line_starts: list[int], at: int) -> int:
-  import bisect
   return bisect.bisect_right(line_starts, at)
