@@ -44,3 +44,17 @@ def write_workdir(workdir: str, tokenizer_path: str, *overrides) -> str:
   ckpt.save(1, factory.init(cfg.seed), {}, cfg.to_dict())
   ckpt.close()
   return workdir
+
+
+def write_encoder_workdir(workdir: str, tokenizer_path: str, *overrides) -> str:
+  """An encoder run (configs/bert_base.py:tiny) holding its initial state: an embedder for retrieval tests."""
+  from conftest import recipe_config
+  cfg = recipe_config('bert_base', ('data.tokenizer', tokenizer_path), *overrides)
+  os.makedirs(workdir, exist_ok=True)
+  config_lib.write_json_atomic(cfg, workdir_lib.config_path(workdir))
+  shutil.copyfile(tokenizer_path, os.path.join(workdir, workdir_lib.TOKENIZER))
+  factory, *_ = _factory(cfg)
+  ckpt = Checkpointer(workdir, async_save=False)
+  ckpt.save(1, factory.init(cfg.seed), {}, cfg.to_dict())
+  ckpt.close()
+  return workdir

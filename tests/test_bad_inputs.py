@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, TINY
 from llm_jax import cli, commands
-from random_run import write_workdir
+from random_run import write_encoder_workdir, write_workdir
 
 KINDS = ('missing', 'empty', 'wrong_type', 'out_of_range', 'nonexistent', 'garbage')
 
@@ -89,6 +89,12 @@ CASES = {
         ('garbage', ['--workdir={bad_config}', '--prompt=hi']),
         ('garbage', ['--workdir={bad_tokenizer}', '--prompt=hi']),
         ('garbage', ['--workdir={bad_checkpoint}', '--prompt=hi', '--max_new_tokens=4']),
+        ('out_of_range', ['--workdir={run}', '--prompt=hi', '--retrieve={idx}', '--retrieve_k=0']),
+        ('nonexistent', ['--workdir={run}', '--prompt=hi', '--retrieve={missing}']),
+        ('wrong_type', ['--workdir={run}', '--prompt=hi', '--retrieve={enc}']),  # a run, not an index
+        ('garbage', ['--workdir={run}', '--prompt=hi', '--retrieve={bad_index}']),
+        # The index's embedder directory now holds another model: its vectors would not compare.
+        ('garbage', ['--workdir={run}', '--prompt=hi', '--max_new_tokens=2', '--retrieve={idx_stale}']),
     ],
     'serve': [
         ('missing', []),
@@ -103,6 +109,8 @@ CASES = {
         ('garbage', ['--workdir={bad_config}']),
         ('garbage', ['--workdir={bad_checkpoint}']),
         ('garbage', ['--workdir={run}', '--host=127.0.0.1', '--port={busy_port}']),
+        ('nonexistent', ['--workdir={run}', '--retrieve={missing}']),
+        ('out_of_range', ['--workdir={run}', '--retrieve={idx}', '--retrieve_k=0']),
     ],
     'prepare': [
         ('missing', []),
@@ -203,6 +211,7 @@ CASES = {
         ('nonexistent', ['--workdir={missing}']),
         ('garbage', ['--workdir={empty}']),
         ('garbage', ['--workdir={bad_config}']),
+        ('nonexistent', ['--workdir={run}', '--retrieve={missing}']),
     ],
     'export': [
         ('missing', []),
@@ -229,6 +238,42 @@ CASES = {
         ('garbage', ['{garbage_py}']),
         ('garbage', ['{binary}']),
         ('garbage', ['{empty}']),
+    ],
+    'embed': [
+        ('missing', []),
+        ('empty', ['--workdir=', '--text=hi']),
+        ('empty', ['--workdir={enc}', '--text=']),
+        ('wrong_type', ['--workdir={enc}', '--text=hi', '--batch_size=many']),
+        ('wrong_type', ['--workdir={run}', '--text=hi']),  # a decoder given as the embedder
+        ('wrong_type', ['--workdir={enc}', '--text=hi', '--output={new}.npy']),
+        ('out_of_range', ['--workdir={enc}', '--text=hi', '--batch_size=0']),
+        ('nonexistent', ['--workdir={missing}', '--text=hi']),
+        ('nonexistent', ['--workdir={enc}', '--input={missing}']),
+        ('nonexistent', ['--workdir={enc}', '--text=hi', '--output={missing}/e.jsonl']),
+        ('garbage', ['--workdir={enc}', '--input={binary}']),
+        ('garbage', ['--workdir={enc}', '--input={bad_jsonl}']),
+        ('garbage', ['--workdir={bad_config}', '--text=hi']),
+    ],
+    'index': [
+        ('missing', []),
+        ('missing', ['--embedder={enc}', '--data={docs_glob}']),
+        ('empty', ['--embedder=', '--data={docs_glob}', '--output={new}']),
+        ('empty', ['--embedder={enc}', '--data=', '--output={new}']),
+        ('wrong_type', ['--embedder={run}', '--data={docs_glob}', '--output={new}']),  # a decoder as the embedder
+        ('wrong_type', ['--embedder={enc}', '--data={docs_glob}', '--output={new}', '--passage_tokens=many']),
+        ('wrong_type', ['--embedder={enc}', '--data={docs_glob}', '--output={idx}']),  # an index: --append it
+        ('out_of_range', ['--embedder={enc}', '--data={docs_glob}', '--output={new}', '--passage_tokens=0']),
+        ('out_of_range', ['--embedder={enc}', '--data={docs_glob}', '--output={new}', '--passage_tokens=16',
+                          '--overlap=16']),
+        ('out_of_range', ['--embedder={enc}', '--data={docs_glob}', '--output={new}', '--passage_tokens=100000']),
+        # An index built by another embedder is never extended with this one.
+        ('out_of_range', ['--embedder={enc2}', '--data={docs_glob}', '--output={idx}', '--append']),
+        ('nonexistent', ['--embedder={missing}', '--data={docs_glob}', '--output={new}']),
+        ('nonexistent', ['--embedder={enc}', '--data={missing}/*.txt', '--output={new}']),
+        ('nonexistent', ['--embedder={enc}', '--data={docs_glob}', '--output={missing}', '--append']),
+        ('garbage', ['--embedder={enc}', '--data={binary_txt}', '--output={new}']),
+        ('garbage', ['--embedder={enc}', '--data={docs_glob}', '--output={bad_index}', '--append']),
+        ('garbage', ['--embedder={bad_config}', '--data={docs_glob}', '--output={new}']),
     ],
 }
 # Kinds a command has nothing to give, and why.
@@ -284,6 +329,22 @@ def sandbox(tmp_path_factory, tokenizer_path):
   (root / 'hf_no_weights' / 'model.safetensors').unlink()
   (root / 'bad_metrics').mkdir()
   (root / 'bad_metrics' / 'metrics.jsonl').write_text('not json\nat all\n')
+  # Retrieval: two encoder runs (different weights), a folder of documents, an index built by the first,
+  # a copy of it whose embedder directory now holds the second model, and a damaged index.
+  from llm_jax.infer import inference
+  from llm_jax.retrieval import build
+  write_encoder_workdir(str(root / 'enc'), tokenizer_path)
+  write_encoder_workdir(str(root / 'enc2'), tokenizer_path, ('seed', '1'))
+  (root / 'docs').mkdir()
+  (root / 'docs' / 'a.txt').write_text('Volcanoes erupt when magma rises.\n')
+  (root / 'docs' / 'b.txt').write_text('Bread rises when yeast ferments.\n')
+  build.build(inference.load_run(str(root / 'enc')), str(root / 'docs' / '*.txt'), str(root / 'idx'), say=print)
+  shutil.copytree(root / 'idx', root / 'idx_stale')
+  meta = json.loads((root / 'idx_stale' / 'index.json').read_text())
+  meta['embedder']['workdir'] = str(root / 'enc2')
+  (root / 'idx_stale' / 'index.json').write_text(json.dumps(meta))
+  shutil.copytree(root / 'idx', root / 'bad_index')
+  (root / 'bad_index' / 'index.json').write_text('{"format": ')
   return root
 
 
@@ -316,7 +377,7 @@ def _fill(argv, sandbox, tokenizer_path, busy_port):
   names.update(new=str(sandbox / 'new'), missing=str(sandbox / 'missing'), tok=tokenizer_path, recipe=TINY,
                binary=str(sandbox / 'binary.bin'), garbage_py=str(sandbox / 'garbage.py'),
                bad_jsonl=str(sandbox / 'bad.jsonl'), binary_txt=str(sandbox / 'binary_txt' / '*.txt'),
-               busy_port=busy_port, not_utf8='\udcff\udcfe')
+               busy_port=busy_port, not_utf8='\udcff\udcfe', docs_glob=str(sandbox / 'docs' / '*.txt'))
   return [a.format(**names) for a in argv]
 
 

@@ -8,4 +8,5 @@ User mistakes raise `llm_jax.errors.UserError`; cli.py turns them into one line 
 """
 
 # The order `llm-jax --help` lists them in.
-NAMES = ('train', 'eval', 'generate', 'chat', 'serve', 'prepare', 'plot', 'plan', 'convert', 'export', 'recipes')
+NAMES = ('train', 'eval', 'generate', 'chat', 'serve', 'prepare', 'plot', 'plan', 'convert', 'export', 'recipes',
+         'embed', 'index')

@@ -10,6 +10,10 @@ between turns; when it no longer fits the context (data.seq_len) with room for t
 Each turn is decoded from the full conversation: one prefill per turn. Keeping the cache between turns would
 save that prefill, but the Engine's cache is sized per request and its compiled programs are reused across
 turns, which matters more at the lengths a tiny CPU model chats at.
+
+With `--retrieve=INDEX_DIR`, the passages nearest to each user turn are put into that turn (the template of
+llm_jax/retrieval/context.py, trimmed to fit) and their sources said on standard error; later turns see the
+plain message, so old passages do not crowd the context.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import sys
 
 from llm_jax import distributed
-from llm_jax.commands.common import no_overrides
+from llm_jax.commands.common import add_retrieve_arguments, check_retrieve, no_overrides
 from llm_jax.errors import UserError
 
 HELP = 'chat with a fine-tuned run (one line per turn; an empty line ends)'
@@ -32,6 +36,7 @@ def add_arguments(p) -> None:
   p.add_argument('--temperature', type=float, default=0.0, help='0 is greedy')
   p.add_argument('--top_p', type=float, default=1.0, help='1 is off')
   p.add_argument('--seed', type=int, default=0)
+  add_retrieve_arguments(p)
   distributed.add_arguments(p)
 
 
@@ -49,6 +54,7 @@ def fit(template, system: list, turns: list, room: int) -> tuple[list[int], int]
 
 def run(args, overrides) -> int:
   no_overrides('chat', overrides)
+  check_retrieve(args)
   if args.max_new_tokens is not None and args.max_new_tokens < 1:
     raise UserError(f'--max_new_tokens={args.max_new_tokens}: expected a positive integer')
   from llm_jax.data import chat, objectives
@@ -75,6 +81,10 @@ def run(args, overrides) -> int:
     raise UserError(f'--max_new_tokens={args.max_new_tokens} leaves no room for a conversation in the context '
                     f'of {cfg.data.seq_len} tokens (data.seq_len of the run)')
   distributed.initialize_from_args(args)
+  retriever = None
+  if args.retrieve:
+    from llm_jax.retrieval import context
+    retriever = context.Retriever(args.retrieve, args.retrieve_k)
   run_ = inference.load_run(args.workdir)
   template = run_.chat_template
   user, reply_role = roles[-2], roles[-1]
@@ -89,6 +99,11 @@ def run(args, overrides) -> int:
       return 0
     turns.append([(user, line.rstrip('\n'))])
     try:
+      if retriever is not None:  # passages for this turn alone: the conversation keeps the plain message
+        turns[-1], used = context.augment_messages(retriever, turns[-1], user,
+                                                   lambda m: len(template.prompt(system + m)), room)
+        print(f'llm-jax: sources: {context.sources_line(used) or "(none fitted the context)"}', file=sys.stderr,
+              flush=True)
       ids, dropped = fit(template, system, turns, room)
     except chat.TemplateError as e:  # the checkpoint's template refused the conversation
       print(f'llm-jax: note: {e}', file=sys.stderr, flush=True)
@@ -105,4 +120,4 @@ def run(args, overrides) -> int:
       continue
     text = run_.chat(system + [m for turn in turns for m in turn], params)  # the ids fit() measured
     print(text, flush=True)
-    turns[-1].append((reply_role, text))
+    turns[-1] = [(user, line.rstrip('\n')), (reply_role, text)]

@@ -69,3 +69,20 @@ def write_jsonl(path: str, records) -> None:
         f.write(json.dumps(r, ensure_ascii=False) + '\n')
   except OSError as e:
     raise UserError(f'cannot write {path}: {e.strerror}') from None
+
+
+def add_retrieve_arguments(p) -> None:
+  """--retrieve and --retrieve_k (generate, chat and serve)."""
+  p.add_argument('--retrieve', default=None, metavar='INDEX_DIR',
+                 help='put the passages of this index (`llm-jax index`) nearest to the prompt before it')
+  p.add_argument('--retrieve_k', type=int, default=4, help='passages retrieved per prompt')
+
+
+def check_retrieve(args) -> None:
+  if args.retrieve is None:
+    return
+  nonempty('--retrieve', args.retrieve)
+  if args.retrieve_k < 1:
+    raise UserError(f'--retrieve_k={args.retrieve_k}: expected a positive integer')
+  from llm_jax.retrieval import index
+  index.read_manifest(args.retrieve, '--retrieve')  # a missing index fails before any model loads

@@ -4,6 +4,10 @@ Prompts come from `--prompt`, from `--prompts_file` (one prompt per line; a line
 its `prompt` field, and a `.jsonl` file must be all such lines; `-` is standard input), or from standard
 input when neither is given. Output is the text, or with `--jsonl` / `--output` one JSON object per
 completion: the prompt's index, the sample, the text, the new tokens and the finish reason.
+
+With `--retrieve=INDEX_DIR` the `--retrieve_k` passages of the index nearest to each prompt are put before
+it (llm_jax/retrieval/context.py: the template, trimmed to fit the context); the JSON lines list them under
+`passages` and the text output names their sources.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import json
 import sys
 
 from llm_jax import distributed
-from llm_jax.commands.common import check_output, no_overrides, nonempty, write_jsonl
+from llm_jax.commands.common import (add_retrieve_arguments, check_output, check_retrieve, no_overrides, nonempty,
+                                     write_jsonl)
 from llm_jax.errors import UserError
 
 HELP = 'continue prompts with the latest checkpoint'
@@ -41,6 +46,7 @@ def add_arguments(p) -> None:
   p.add_argument('--batch_size', type=int, default=32, help='prompts decoded together')
   p.add_argument('--jsonl', action='store_true', help='print JSON lines instead of text')
   p.add_argument('--output', default=None, help='write the JSON lines to this file')
+  add_retrieve_arguments(p)
   distributed.add_arguments(p)
 
 
@@ -114,6 +120,7 @@ def run(args, overrides) -> int:
   no_overrides('generate', overrides)
   nonempty('--workdir', args.workdir)
   check_output('--output', args.output)
+  check_retrieve(args)
   if args.num_samples < 1:
     raise UserError(f'--num_samples={args.num_samples}: expected a positive integer')
   if args.batch_size < 1:
@@ -137,13 +144,23 @@ def run(args, overrides) -> int:
   texts = read_prompts(args)
   distributed.initialize_from_args(args)
   import jax
+  retrieved = None
+  if args.retrieve:
+    from llm_jax.retrieval import context
+    retriever = context.Retriever(args.retrieve, args.retrieve_k)
   run_ = inference.load_run(args.workdir)
+  shown = texts
+  if args.retrieve:
+    retrieved = context.augment(retriever, run_, texts, args.max_new_tokens)
+    shown = [text for text, _ in retrieved]
   prompts = [inference.prompt_tokens(run_, t, args.max_new_tokens, args.truncate,
                                      name=f'prompt {i + 1}' if len(texts) > 1 else 'the prompt')
-             for i, t in enumerate(texts)]
+             for i, t in enumerate(shown)]
   records = _beam_records(run_, prompts, params, args) if args.num_beams else _sample_records(
       run_, texts, params, args)
   records = [{'index': r['index'], 'prompt': texts[r['index']], **r} for r in records]
+  if retrieved is not None:  # the prompt as asked; the passages put before it
+    records = [{**r, 'passages': retrieved[r['index']][1]} for r in records]
   if jax.process_index() != 0:  # every process decoded the same batches; one writes them
     return 0
   if args.output:
@@ -158,6 +175,8 @@ def run(args, overrides) -> int:
         print(f'--- prompt {r["index"] + 1}, sample {r["sample"] + 1} ({r["finish_reason"]})')
       # A decoder continues its prompt; an encoder-decoder's output stands alone (T5: the spans it filled).
       print(r['text'] if two_stacks else r['prompt'] + r['text'])
+      if retrieved is not None:
+        print(f'sources: {context.sources_line(r["passages"]) or "(none fitted the context)"}')
   return 0
 
 

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from llm_jax.commands.common import no_overrides, nonempty
+from llm_jax.commands.common import add_retrieve_arguments, check_retrieve, no_overrides, nonempty
 from llm_jax.errors import UserError
 
 HELP = 'serve the latest checkpoint over an OpenAI-compatible HTTP API'
@@ -24,6 +24,7 @@ def add_arguments(p) -> None:
   p.add_argument('--batch_wait_ms', type=float, default=5.0,
                  help='how long an idle server waits after a first request for others to start with it')
   p.add_argument('--verbose', action='store_true', help='log every request on standard error')
+  add_retrieve_arguments(p)
 
 
 def run(args, overrides) -> int:
@@ -38,6 +39,7 @@ def run(args, overrides) -> int:
   api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
   if args.api_key is not None and not args.api_key:
     raise UserError('--api_key is empty')
+  check_retrieve(args)
   from llm_jax.infer import inference
   from llm_jax.serve import server, service
   from llm_jax.run import workdir as workdir_lib
@@ -45,9 +47,13 @@ def run(args, overrides) -> int:
   inference.require_family(workdir_lib.load_config(args.workdir), 'serve', 'causal')
   sock_check = server.listen(args.host, args.port)  # a port in use fails before the model loads
   sock_check.close()
+  retriever = None
+  if args.retrieve:  # each prompt (or last user message) gets the index's nearest passages; responses list them
+    from llm_jax.retrieval import context
+    retriever = context.Retriever(args.retrieve, args.retrieve_k)
   run_ = inference.load_run(args.workdir)
   name = args.model_name or os.path.basename(os.path.abspath(args.workdir))
-  app = service.App(run_, name, args.max_batch, args.batch_wait_ms / 1000)
+  app = service.App(run_, name, args.max_batch, args.batch_wait_ms / 1000, retriever)
   try:
     httpd = server.Server(server.make_app(app, api_key), args.host, args.port, args.verbose)
     if api_key is None and args.host not in server.LOOPBACK:

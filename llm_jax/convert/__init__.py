@@ -144,7 +144,8 @@ def from_hf(hf_dir: str, output: str, overrides=(), say=print) -> dict:
   if [n for n in left_out if 'pooler' in n]:
     say("left out the next-sentence pooler (pooler.*): llm-jax's encoder has no use for it")
 
-  _write_workdir(output, cfg, params, tok)
+  from llm_jax.retrieval import embeddings  # sentence-transformers' pooling files travel with the weights
+  _write_workdir(output, cfg, params, tok, embeddings.st_files(hf_dir))
   return {'architecture': arch.ARCHITECTURE, 'output': output, 'tokenizer': tokenizer_files.describe(tok),
           'params': int(sum(np.size(a) for a in jax.tree.leaves(params)))}
 
@@ -158,7 +159,7 @@ def _flat_items(values: dict, prefix: str = ''):
       yield f'{prefix}{key}', value
 
 
-def _write_workdir(output: str, cfg, params: dict, tok) -> None:
+def _write_workdir(output: str, cfg, params: dict, tok, extra_files=None) -> None:
   from llm_jax import sharding
   from llm_jax.run import writer
   from llm_jax.models import build_model
@@ -170,7 +171,7 @@ def _write_workdir(output: str, cfg, params: dict, tok) -> None:
   dtype = jax.numpy.dtype(cfg.model.param_dtype)
   on_mesh = jax.tree.map(lambda a, t: jax.device_put(np.asarray(a, dtype), t.sharding), params, targets)
   check_output(output)
-  writer.write_run(output, cfg, on_mesh, 0, tok)
+  writer.write_run(output, cfg, on_mesh, 0, tok, extra_files)
 
 
 def to_hf(workdir: str, output: str) -> dict:

@@ -71,6 +71,22 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return self._sp.encode(list(texts))
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and the (start, end) character span of `text` each covers (the Hugging Face backend's call of
+    the same name): retrieval cuts passages at token boundaries and keeps where they came from. A character
+    split into byte pieces is covered by its last piece."""
+    proto = self._sp.encode(text, return_type='proto')
+    char_at = np.zeros(len(text.encode('utf-8')) + 1, np.int64)  # byte offset -> character offset
+    at = 0
+    for i, ch in enumerate(text):
+      n = len(ch.encode('utf-8'))
+      char_at[at:at + n] = i
+      at += n
+    char_at[at] = len(text)
+    return ([p.id for p in proto.pieces],
+            [(int(char_at[p.begin]), int(char_at[p.end]) if p.end > p.begin else int(char_at[p.begin]))
+             for p in proto.pieces])
+
   def is_special(self, i: int) -> bool:
     """Control pieces (pad, bos, eos), the unknown piece, and ids past the vocabulary (a model's table may
     be larger than its tokenizer): what `decode` leaves out."""

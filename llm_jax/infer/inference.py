@@ -36,6 +36,7 @@ class Run:
   mesh: Any
   rules: Any
   step: int
+  workdir: str | None = None  # where it was loaded from (an encoder's sentence-transformers files live there)
 
   @property
   def context_len(self) -> int:
@@ -158,6 +159,11 @@ class Run:
                samples: Sequence[int] | None = None) -> list['Completion']:
     """Token-id prompts, each with its own sampling params, decoded together (what the others call)."""
     return complete(self, prompts, params, samples)
+  def embed(self, texts: Sequence[str]):
+    """Sentence embeddings of an encoder run: an array [len(texts), dim], one row per text
+    (retrieval/embeddings.py)."""
+    from llm_jax.retrieval import embeddings
+    return embeddings.embed(self, texts)
 
   @functools.cached_property
   def engine(self) -> decode.Engine:
@@ -174,7 +180,7 @@ def load_run(workdir: str) -> Run:
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
   step, params = params_lib.restore(workdir, mesh, rules, cfg)
-  return Run(cfg, tok, build_model(cfg.model), params, mesh, rules, step)
+  return Run(cfg, tok, build_model(cfg.model), params, mesh, rules, step, workdir)
 
 
 def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = False,

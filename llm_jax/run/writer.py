@@ -8,6 +8,7 @@ with a fresh optimizer.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from llm_jax import atomic, config as config_lib
@@ -17,15 +18,20 @@ from llm_jax.run import workdir as workdir_lib
 from llm_jax.run.checkpoint import Checkpointer
 
 
-def write_run(output: str, cfg, params: Any, step: int, tokenizer=None, flag: str = '--output') -> None:
-  """Write the run `output`: `cfg` (validated), `params` (on the devices, laid out for cfg's mesh) and the
-  tokenizer's files (sentencepiece's tokenizer.model, or tokenizer.json and its config). Failures are one
-  line naming `flag`."""
+def write_run(output: str, cfg, params: Any, step: int, tokenizer=None, extra_files=None,
+              flag: str = '--output') -> None:
+  """Write the run `output`: `cfg` (validated), `params` (on the devices, laid out for cfg's mesh), the
+  tokenizer's files (sentencepiece's tokenizer.model, or tokenizer.json and its config) and `extra_files`
+  ({relative path: bytes}, e.g. a checkpoint's sentence-transformers files). Failures are one line naming
+  `flag`."""
   try:
     with atomic.new_directory(output) as tmp:
       config_lib.write_json_atomic(cfg, workdir_lib.config_path(tmp))
       if tokenizer is not None:
         tokenizer_lib.write_files(tokenizer, tmp)
+      for name, data in (extra_files or {}).items():
+        os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+        atomic.write_bytes(os.path.join(tmp, name), data)
       ckpt = Checkpointer(tmp, async_save=False)
       try:
         ckpt.save_params(step, params, cfg.to_dict())

@@ -42,13 +42,16 @@ class _Choice:
   tops: list = field(default_factory=list)  # (ids, logprobs) of the top alternatives at each new token
   reason: str | None = None
   shown: str = ''  # the text streamed so far
+  passages: list | None = None  # serve --retrieve: the passages put into this choice's prompt
 
 
 class App:
   """Turns requests into engine jobs and their tokens into OpenAI responses. `max_batch`: decode slots."""
 
-  def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005):
+  def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005,
+               retriever=None):
     self.run, self.model_name = run, model_name
+    self.retriever = retriever  # retrieval/context.Retriever: passages go into prompts (serve --retrieve)
     self.engine = slots.SlotEngine(run.engine, run.context_len, max_batch, batch_wait_s)
     self.template = run.chat_template  # a fine-tuned run's renders /v1/chat/completions
     tok = run.tokenizer
@@ -84,8 +87,14 @@ class App:
   def prepare(self, body, chat: bool) -> tuple[openai_api.Parsed, list[_Choice]]:
     """The parsed request and its choices; an ApiError (400) for a bad request, before any device work."""
     parsed = openai_api.parse(body, chat, self.template)
+    passages = None
+    if self.retriever is not None:
+      from llm_jax.retrieval import context
+      body, passages = context.augment_request(self.retriever, self.run, body, chat, parsed.max_tokens,
+                                               self.template)
+      parsed = openai_api.parse(body, chat, self.template)
     choices = []
-    for p in parsed.prompts:
+    for k, p in enumerate(parsed.prompts):
       ids, hidden = self._tokens(p, parsed.max_tokens)
       max_new = parsed.max_tokens if parsed.max_tokens is not None else self.run.context_len - len(ids)
       if max_new < 0 or (parsed.max_tokens is None and max_new < 1):
@@ -93,7 +102,8 @@ class App:
                             f'{self.run.context_len} tokens')
       for sample in range(parsed.n):
         sampling = replace(parsed.sampling, max_new_tokens=max_new) if max_new else None
-        choices.append(_Choice(len(choices), p, ids, hidden, max_new, sampling))
+        choices.append(_Choice(len(choices), p, ids, hidden, max_new, sampling,
+                               passages=None if passages is None else passages[k]))
     return parsed, choices
 
   def _start(self, choices: list[_Choice], n: int, queue: asyncio.Queue) -> int:
@@ -152,6 +162,9 @@ class App:
       self._cancel(choices)
     out = [openai_api.choice(parsed, c.index, self._text(parsed, c), c.reason, await self._logprobs(parsed, c))
            for c in choices]
+    for c, o in zip(choices, out):
+      if c.passages is not None:  # the passages put into the prompt this choice answers
+        o['passages'] = c.passages
     return openai_api.response(parsed, self.model_name, out, self._prompt_tokens(parsed, choices),
                                sum(len(c.tokens) for c in choices))
 
