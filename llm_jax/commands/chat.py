@@ -62,8 +62,9 @@ def run(args, overrides) -> int:
   from llm_jax.run import workdir as workdir_lib
   from llm_jax.infer.sampling import SamplingParams
   cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before anything is read
-  inference.require_family(cfg, 'chat', 'causal', why='chat needs a decoder-only model fine-tuned with a '
-                           'chat template (the sft recipe)')
+  from llm_jax import models
+  models.require_family(cfg, 'chat', 'causal', why='chat needs a decoder-only model fine-tuned with a '
+                        'chat template (the sft recipe)')
   has_own = bool(workdir_lib.load_tokenizer(args.workdir, cfg).chat_template)
   if not objectives.of(cfg.data).chat and not has_own:
     raise UserError(f'chat: this run was trained with data.objective={cfg.data.objective!r} and has no chat '

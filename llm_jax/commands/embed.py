@@ -79,8 +79,9 @@ def run(args, overrides) -> int:
     raise UserError(f'--batch_size={args.batch_size}: expected a positive integer')
   from llm_jax.infer import inference
   from llm_jax.run import workdir as workdir_lib
-  inference.require_family(workdir_lib.load_config(args.workdir), 'embed', ('encoder',),
-                           why='sentence embeddings come from an encoder (model.family=encoder)')
+  from llm_jax import models
+  models.require_family(workdir_lib.load_config(args.workdir), 'embed', 'embeds',
+                        why='sentence embeddings come from an encoder (model.family=encoder)')
   texts = read_texts(args)
   from llm_jax.retrieval import embeddings
   run_ = inference.load_run(args.workdir)

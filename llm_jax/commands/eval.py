@@ -39,8 +39,9 @@ def run(args, overrides) -> int:
   from llm_jax.infer import inference
   from llm_jax.run import workdir as workdir_lib
   if args.task:  # choices are ranked by their log-likelihood as a continuation: a decoder's
-    inference.require_family(workdir_lib.load_config(args.workdir), 'eval --task', 'causal',
-                             'multiple-choice tasks score continuations with a decoder-only model')
+    from llm_jax import models
+    models.require_family(workdir_lib.load_config(args.workdir), 'eval --task', 'causal',
+                          'multiple-choice tasks score continuations with a decoder-only model')
   task_items = {path: tasks.read(path) for path in args.task}  # bad task files fail before the model loads
   distributed.initialize_from_args(args)
   import jax

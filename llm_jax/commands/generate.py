@@ -133,7 +133,8 @@ def run(args, overrides) -> int:
   from llm_jax.models import family_of
   from llm_jax.run import workdir as workdir_lib
   cfg = workdir_lib.load_config(args.workdir)  # a missing run fails before prompts are read
-  inference.require_family(cfg, 'generate', 'generates')
+  from llm_jax import models
+  models.require_family(cfg, 'generate', 'generates')
   two_stacks = family_of(cfg.model).two_stacks
   if default_new and two_stacks:
     args.max_new_tokens = min(DEFAULT_NEW_TOKENS, cfg.data.target_len)

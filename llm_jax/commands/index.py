@@ -67,9 +67,10 @@ def run(args, overrides) -> int:
                          1 << 30)
   from llm_jax.infer import inference
   from llm_jax.run import workdir as workdir_lib
-  inference.require_family(workdir_lib.load_config(args.embedder), 'index --embedder', ('encoder',),
-                           why='passages are embedded by an encoder (model.family=encoder: a BERT run, or a '
-                           'sentence-transformers model converted with `llm-jax convert from-hf`)')
+  from llm_jax import models
+  models.require_family(workdir_lib.load_config(args.embedder), 'index --embedder', 'embeds',
+                        why='passages are embedded by an encoder (model.family=encoder: a BERT run, or a '
+                        'sentence-transformers model converted with `llm-jax convert from-hf`)')
   from llm_jax.retrieval import embeddings
   run_ = inference.load_run(args.embedder)
   run_.__dict__['_embedder'] = embeddings.Embedder(run_, args.batch_size)

@@ -44,7 +44,8 @@ def run(args, overrides) -> int:
   from llm_jax.serve import server, service
   from llm_jax.run import workdir as workdir_lib
   # The OpenAI-style API's context rules (prompt + new tokens in one window) and scoring are a decoder's.
-  inference.require_family(workdir_lib.load_config(args.workdir), 'serve', 'causal')
+  from llm_jax import models
+  models.require_family(workdir_lib.load_config(args.workdir), 'serve', 'causal')
   sock_check = server.listen(args.host, args.port)  # a port in use fails before the model loads
   sock_check.close()
   retriever = None

@@ -23,7 +23,7 @@ from llm_jax.infer import decode, stops
 from llm_jax.run import params as params_lib, workdir as workdir_lib
 from llm_jax.errors import UserError
 from llm_jax.data import objectives
-from llm_jax.models import FAMILIES, build_model, family_of
+from llm_jax.models import build_model, family_of
 from llm_jax.infer.sampling import SamplingParams
 
 
@@ -252,14 +252,3 @@ def complete(run: Run, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
   samples = samples or [0] * len(prompts)
   requests = [decode.Request(tuple(p), s, i) for p, s, i in zip(prompts, params, samples)]
   return [to_completion(run, r, s, len(p)) for r, s, p in zip(run.engine.generate(requests), params, prompts)]
-
-
-def require_family(cfg, command: str, can: str, why: str = '') -> None:
-  """A one-line error when the run's model family lacks the capability `can` (a models.Family field such
-  as 'generates' or 'causal') that `command` needs."""
-  family = family_of(cfg.model)
-  if getattr(family, can):
-    return
-  why = why or family.cannot_generate or (
-      f'{command} is for model.family {" or ".join(repr(f.name) for f in FAMILIES.values() if getattr(f, can))}')
-  raise UserError(f'{command}: this run has model.family={family.name!r}: {why}')

@@ -20,7 +20,7 @@ from llm_jax.models.encoder import Encoder
 from llm_jax.models.transformer import CACHE_AXES
 
 __all__ = ['CACHE_AXES', 'FAMILIES', 'Family', 'build_model', 'example_batch', 'family_of', 'init_cache',
-           'model_args']
+           'model_args', 'require_family']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Family:
   two_stacks: an encoder and a decoder, each with its own rows (the batch's `decoder_*` arrays, data.target_len);
   generates: decodes text (infer/decode.py has an adapter for it), else `cannot_generate` says why not;
   causal: one causal stack whose next-token log-likelihoods score any continuation (tasks, the server);
+  embeds: its hidden states pooled are sentence embeddings (retrieval/embeddings.py);
   lora: LoRA adapters are wired into its projections; decoder_layouts: the layout keys of Llama 3, Qwen,
   Mistral and Gemma (model.qkv_bias, qk_norm, sliding_window, soft-caps, norm_offset...) apply; output_bias: its output layer has a bias with
   model.use_bias (BERT's masked-LM head).
@@ -39,6 +40,7 @@ class Family:
   two_stacks: bool = False
   generates: bool = True
   causal: bool = False
+  embeds: bool = False
   cannot_generate: str = ''
   lora: bool = False
   decoder_layouts: bool = False
@@ -47,7 +49,7 @@ class Family:
 
 FAMILIES = {f.name: f for f in (
     Family('decoder', Decoder, causal=True, lora=True, decoder_layouts=True),
-    Family('encoder', Encoder, generates=False, output_bias=True,
+    Family('encoder', Encoder, generates=False, embeds=True, output_bias=True,
            cannot_generate='a masked-LM encoder does not generate text; `llm-jax eval` reports its masked-token '
                            'loss and accuracy'),
     Family('encdec', EncoderDecoder, two_stacks=True),
@@ -88,3 +90,16 @@ def example_batch(model_cfg, rows: int = 1, length: int = 8) -> dict:
   if family_of(model_cfg).two_stacks:
     batch.update(decoder_inputs=tokens, decoder_positions=positions, decoder_segment_ids=jnp.ones_like(tokens))
   return batch
+
+
+def require_family(cfg, command: str, can: str, why: str = '') -> None:
+  """A one-line error when the run's model family lacks the capability `can` (a Family field such as
+  'generates', 'causal' or 'embeds') that `command` needs."""
+  from llm_jax.errors import UserError
+  family = family_of(cfg.model)
+  if getattr(family, can):
+    return
+  if not why and can == 'generates':
+    why = family.cannot_generate
+  why = why or f'{command} is for model.family {" or ".join(repr(f.name) for f in FAMILIES.values() if getattr(f, can))}'
+  raise UserError(f'{command}: this run has model.family={family.name!r}: {why}')

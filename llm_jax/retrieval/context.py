@@ -52,7 +52,8 @@ class Retriever:
     if not os.path.isdir(where):
       raise UserError(f'{flag}={path}: its embedder {where} does not exist any more (moved? build the index '
                       'again with `llm-jax index --embedder=...`)')
-    inference.require_family(workdir_lib.load_config(where), 'embed', ('encoder',))
+    from llm_jax import models
+    models.require_family(workdir_lib.load_config(where), 'embed', 'embeds')
     self.run = inference.load_run(where)
     index_lib.check_embedder(self.index, self.run, flag)
     self.embedder = embeddings.embedder(self.run)

@@ -171,10 +171,10 @@ class Embedder:
   """An encoder run's text -> vector function, compiled once per padded length."""
 
   def __init__(self, run, batch_size: int = DEFAULT_BATCH):
-    from llm_jax.infer import inference
-    inference.require_family(run.cfg, 'embed', ('encoder',),
-                             why='sentence embeddings come from an encoder (model.family=encoder: a BERT run such '
-                             'as configs/bert_base.py, or one converted with `llm-jax convert from-hf`)')
+    from llm_jax import models
+    models.require_family(run.cfg, 'embed', 'embeds',
+                          why='sentence embeddings come from an encoder (model.family=encoder: a BERT run such '
+                          'as the bert_base recipe, or one converted with `llm-jax convert from-hf`)')
     self.run = run
     self.pooling = pooling_of(getattr(run, 'workdir', None), run.cfg)
     spec = sharding.logical_to_spec(('batch', 'seq'), run.rules)
