@@ -118,7 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.workers = 0  # worker processes that read and tokenize (0: in the training process)
   d.prefetch = 64  # documents read ahead per shard
   d.heldout_percent = 5  # share of documents held out, chosen by a hash of their name
-  d.tokenizer = ''  # path to a sentencepiece .model; '' trains one into WORKDIR/tokenizer.model
+  d.tokenizer = ''  # a sentencepiece .model, a tokenizer.json or a directory; '' trains a sentencepiece one
   d.tokenizer_train_chars = 20_000_000  # text the tokenizer is trained on, at most
   d.seq_len = 256
   d.batch_size = 16  # global, over all processes
