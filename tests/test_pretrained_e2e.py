@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-import hf_tokenizers  # noqa: E402
 from conftest import ROOT  # noqa: E402
+from llm_jax import convert  # noqa: E402
 from test_chat_template import make_chat_tokenizer  # noqa: E402
 
 NOTES = '\n\n'.join(
@@ -36,16 +36,19 @@ def test_minilm_converts_evaluates_trains_and_exports(tmp_path):
   workdir, export = str(tmp_path / 'minilm'), str(tmp_path / 'export')
   notes = tmp_path / 'notes.txt'
   notes.write_text(NOTES, encoding='utf-8')
-  out = _cli('convert', 'from-hf', model_dir, f'--output={workdir}')
-  assert 'Hugging Face tokenizer (WordPiece' in out
+  # The conversions run in this process (the command line's own tests are in test_convert.py); eval and
+  # train run as a user runs them. Eval comes after the short-row training: it reads the rows of 32 tokens
+  # the run was trained on, a seventh of the cost of the imported 512.
+  summary = convert.from_hf(model_dir, workdir, say=lambda msg: None)
+  assert 'Hugging Face tokenizer (WordPiece' in summary['tokenizer']
   assert sorted(n for n in os.listdir(workdir) if n.startswith('tokenizer')) == ['tokenizer.json',
                                                                                   'tokenizer_config.json']
-  out = _cli('eval', f'--workdir={workdir}', f'--data={notes}')
-  assert 'masked-token loss' in out
   _cli('train', f'--workdir={workdir}', f'--config.data.source={notes}', '--config.data.txt_mode=blocks',
        '--config.train.steps=2', '--config.eval.every=0', '--config.data.batch_size=8', '--config.data.seq_len=32',
        '--config.data.shards=1', '--config.data.heldout_percent=0', '--config.train.checkpoint_every=2')
-  _cli('convert', 'to-hf', f'--workdir={workdir}', f'--output={export}')
+  out = _cli('eval', f'--workdir={workdir}', f'--data={notes}')
+  assert 'masked-token loss' in out
+  convert.to_hf(workdir, export)
   tok = transformers.AutoTokenizer.from_pretrained(export)
   original = transformers.AutoTokenizer.from_pretrained(model_dir)
   text = 'JAX compiles the whole training step into one program.'
@@ -73,8 +76,8 @@ def llama3_style(tmp_path_factory):
 
 def test_a_llama3_style_checkpoint_fine_tunes_chats_and_exports(tmp_path, llama3_style):
   workdir, export = str(tmp_path / 'run'), str(tmp_path / 'export')
-  out = _cli('convert', 'from-hf', llama3_style, f'--output={workdir}')
-  assert 'Hugging Face tokenizer (BPE' in out
+  summary = convert.from_hf(llama3_style, workdir, say=lambda msg: None)
+  assert 'Hugging Face tokenizer (BPE' in summary['tokenizer']
   data = tmp_path / 'chat.jsonl'
   with open(data, 'w', encoding='utf-8') as f:
     for i in range(8):
@@ -90,7 +93,7 @@ def test_a_llama3_style_checkpoint_fine_tunes_chats_and_exports(tmp_path, llama3
   # chat renders with the checkpoint's template and stops at <|eot_id|>: a reply line, no header tokens.
   out = _cli('chat', f'--workdir={workdir}', '--max_new_tokens=6', stdin='What is 3 plus one?\n')
   assert len(out.splitlines()) == 1 and 'assistant' not in out
-  _cli('convert', 'to-hf', f'--workdir={workdir}', f'--output={export}')
+  convert.to_hf(workdir, export)
   tok = transformers.AutoTokenizer.from_pretrained(export)
   original = transformers.AutoTokenizer.from_pretrained(llama3_style)
   assert tok.chat_template == original.chat_template
