@@ -143,3 +143,15 @@ def test_a_broken_template_is_one_line(tmp_path):
   tok = tokenizer_lib.load(directory)
   with pytest.raises(UserError, match='chat_template: line 1'):
     chat.template_for(tiny_config(('data.objective', 'sft')).data, tok)
+
+
+def test_served_chat_completions_render_with_the_checkpoints_template(styled):
+  from llm_jax.serve import openai_api
+  style, _, tok, template = styled
+  msgs = [{'role': 'user', 'content': 'What is a café?'}]
+  parsed = openai_api.parse({'messages': msgs, 'max_tokens': 4}, chat=True, template=template)
+  assert parsed.prompts == [template.prompt([('user', 'What is a café?')])]
+  assert parsed.sampling.stop_tokens == template.stop_ids and tok.eos_id in template.stop_ids
+  if style == 'chatml':  # the template's raise_exception is the client's 400, in its words
+    with pytest.raises(openai_api.ApiError, match='must start with the user'):
+      openai_api.parse({'messages': [{'role': 'assistant', 'content': 'hi'}]}, chat=True, template=template)

@@ -109,3 +109,18 @@ def test_the_registry_picks_the_backend_by_the_files_present(trained, tmp_path, 
   (tmp_path / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
   with pytest.raises(UserError, match='is not a Hugging Face tokenizer.json'):
     tokenizer_lib.load(str(tmp_path))
+
+
+def test_a_workdir_holds_one_tokenizer_whichever_kind(trained, tmp_path, tokenizer_path):
+  from conftest import tiny_config
+  from llm_jax.run import workdir as workdir_lib
+  _, directory = trained
+  hf = tokenizer_lib.load(directory)
+  cfg = tiny_config(('model.vocab_size', str(hf.vocab_size + 1)), ('data.add_bos', 'false'))
+  workdir = str(tmp_path / 'run')
+  workdir_lib.prepare(workdir, cfg, tokenizer_lib.load(tokenizer_path))
+  assert workdir_lib.load_tokenizer(workdir, cfg).kind == 'sentencepiece'
+  workdir_lib.prepare(workdir, cfg, hf)  # data.tokenizer changed to a tokenizer.json: it replaces the model
+  assert not os.path.exists(os.path.join(workdir, 'tokenizer.model'))
+  again = workdir_lib.load_tokenizer(workdir, cfg)
+  assert again.kind == 'hf' and again.serialized() == hf.serialized()

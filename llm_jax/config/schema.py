@@ -109,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.encoding = 'utf-8'  # of .txt and .jsonl files (e.g. latin-1)
   d.decode_errors = 'strict'  # strict: a file that is not valid in data.encoding is skipped and reported;
   # replace: bad bytes become U+FFFD and the file is kept; ignore: they are dropped
-  d.tokenizer = ''  # path to a sentencepiece .model; '' trains one into WORKDIR/tokenizer.model
+  d.tokenizer = ''  # a sentencepiece .model, a tokenizer.json or a directory; '' trains a sentencepiece one
   d.tokenizer_train_chars = 20_000_000  # text the tokenizer is trained on, at most
   d.seq_len = 256
   d.batch_size = 16  # global, over all processes

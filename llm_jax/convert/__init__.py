@@ -5,9 +5,10 @@ through safetensors' numpy API.
 
 An imported work directory is a normal run: config.json (the model the HF config describes, data settings
 for its family, plus any --config overrides), the checkpoint's tokenizer (tokenizer_files.py: LLaMA's
-tokenizer.model, T5's spiece.model, or tokenizer.json with its tokenizer_config.json), and a checkpoint at step 0 holding the params alone, which
-`eval` and `generate` read and `train` starts from. Either direction writes into a temporary directory
-beside the output and renames it into place at the end: a failure leaves nothing behind.
+tokenizer.model, T5's spiece.model, or tokenizer.json with its tokenizer_config.json), and a checkpoint at
+step 0 holding the params alone, which `eval` and `generate` read and `train` starts from. Either direction
+writes into a temporary directory beside the output and renames it into place at the end: a failure leaves
+nothing behind.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A Hugging Face model directory on disk: `config.json`, weights as safetensors (one file, or shards named
-by `model.safetensors.index.json`), and a sentencepiece tokenizer if there is one. Read and written with the
+by `model.safetensors.index.json`); its tokenizer files are tokenizer_files.py's. Read and written with the
 `safetensors` package's numpy API: no torch.
 
 The reader opens the files lazily (names and shapes first, a tensor's data when asked for), remembers which
@@ -21,7 +21,6 @@ from llm_jax.errors import UserError
 CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
-TOKENIZER_FILES = ('tokenizer.model', 'spiece.model')  # LLaMA's and T5's sentencepiece models
 
 
 def read_config(hf_dir: str) -> dict:
@@ -40,14 +39,6 @@ def read_config(hf_dir: str) -> dict:
   if not isinstance(config, dict):
     raise UserError(f'{path}: expected a JSON object')
   return config
-
-
-def tokenizer_file(hf_dir: str) -> str | None:
-  for name in TOKENIZER_FILES:
-    path = os.path.join(hf_dir, name)
-    if os.path.isfile(path):
-      return path
-  return None
 
 
 class Weights:

@@ -195,8 +195,11 @@ def prompt_tokens(run: Run, text: str, max_new_tokens: int, truncate: bool = Fal
     raise UserError(f'{name} is not valid UTF-8 text') from None
   if family_of(run.cfg.model).two_stacks:
     return _encoder_prompt(run, text, max_new_tokens, truncate, name, flag)
-  bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos else []
-  ids = bos + run.tokenizer.encode(text)
+  body = run.tokenizer.encode(text)
+  # A prompt that writes the BOS token itself (a chat template's rendering does) gets no second one.
+  written = run.tokenizer.bos_id >= 0 and body[:1] == [run.tokenizer.bos_id]
+  bos = [run.tokenizer.bos_id] if run.cfg.data.add_bos or written else []
+  ids = bos + body[int(written):]
   context = run.context_len
   room = context - max_new_tokens
   if room < len(bos) + 1:

@@ -92,6 +92,9 @@ def prepare(workdir: str, cfg, tok: tokenizer_lib.Tokenizer) -> None:
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_json_atomic(cfg, config_path(workdir))
     tokenizer_lib.write_files(tok, workdir)
+    for name, _ in tokenizer_lib.BACKENDS:  # one tokenizer per run: a replaced one of the other kind goes
+      if name not in tok.files() and os.path.isfile(os.path.join(workdir, name)):
+        os.remove(os.path.join(workdir, name))
   except OSError as e:
     raise UserError(f'cannot write to workdir {workdir}: {e.strerror}') from None
 
