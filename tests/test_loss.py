@@ -108,3 +108,18 @@ def test_model_loss_is_the_same_chunked_and_with_bfloat16_logits_close():
   assert bf16.apply({'params': params}, *args)[0].dtype == jnp.bfloat16
   low, _ = loss_and_stats(bf16, params, batch, loss_cfg=LossConfig(chunk=16))
   np.testing.assert_allclose(plain, low, rtol=2e-2)
+
+
+def test_chunked_loss_soft_caps_the_logits_as_the_model_does():
+  cfg = tiny_config(('model.final_logit_softcap', '0.05'))  # below the initial logits' size: the cap bites
+  model = build_model(cfg.model)
+  params = init_params(model, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, cfg.data.seq_len), 4, cfg.model.vocab_size)
+  batch = {'inputs': tokens, 'targets': jnp.roll(tokens, -1, 1), 'loss_mask': jnp.ones_like(tokens),
+           'positions': jnp.broadcast_to(jnp.arange(cfg.data.seq_len), tokens.shape),
+           'segment_ids': jnp.ones_like(tokens)}
+  plain, _ = loss_and_stats(model, params, batch, loss_cfg=LossConfig())
+  chunked, _ = loss_and_stats(model, params, batch, loss_cfg=LossConfig(chunk=16))
+  uncapped, _ = loss_and_stats(build_model(tiny_config().model), params, batch, loss_cfg=LossConfig())
+  np.testing.assert_allclose(plain, chunked, rtol=1e-6)
+  assert abs(float(plain) - float(uncapped)) > 1e-3

@@ -156,7 +156,7 @@ INERT = frozenset({
     'max_length', 'min_length', 'do_sample', 'early_stopping', 'num_beams', 'temperature', 'top_k', 'top_p',
     'repetition_penalty', 'length_penalty', 'no_repeat_ngram_size', 'num_return_sequences', 'max_new_tokens',
     'tie_encoder_decoder', 'is_encoder_decoder', 'pruned_heads', 'use_return_dict', 'attn_implementation',
-    '_attn_implementation_autoset', 'cache_implementation'})
+    '_attn_implementation_autoset', 'cache_implementation', 'max_sequence_length'})
 _DROPOUT = ('dropout', '_pdrop', 'dropout_prob', 'dropout_rate')
 
 
