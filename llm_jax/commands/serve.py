@@ -47,7 +47,7 @@ def run(args, overrides) -> int:
   sock_check.close()
   run_ = inference.load_run(args.workdir)
   name = args.model_name or os.path.basename(os.path.abspath(args.workdir))
-  app = service.App(run_, name, args.max_batch, args.batch_wait_ms / 1000)
+  app = service.App(run_, name, args.max_batch, args.batch_wait_ms / 1000, warm=True)
   try:
     httpd = server.Server(server.make_app(app, api_key), args.host, args.port, args.verbose)
     if api_key is None and args.host not in server.LOOPBACK:

@@ -150,6 +150,19 @@ class SlotEngine:
     self._thread = threading.Thread(target=self._work, name='llm-jax-slots', daemon=True)
     self._thread.start()
 
+  def warm(self) -> None:
+    """Compile ahead what greedy requests use (every prompt bucket's prefill, every step width), so the first
+    clients do not wait for compiles. Call before serving: it writes only into free slots."""
+    eng, greedy = self.engine, Stages.of([SamplingParams()])
+    knobs = {k: eng.put(v, (None,)) for k, v in sampling.knob_arrays([SamplingParams()], 1).items()}
+    for P in range(64, -(-self.context // 64) * 64 + 1, 64):
+      self._state, _ = self._prefill(eng.params, self._state, eng.put(np.ones((1, P), np.int32), (None, None)),
+                                     jnp.int32(1), jnp.int32(0), knobs, jnp.int32(0), jnp.int32(0), stages=greedy)
+    rows = {min(self.slots, eng.padded_rows(n)) for n in range(1, self.usable + 1)}
+    for r in sorted(rows):
+      self._state, out = self._generate(eng.params, self._state, stages=greedy, rows=r)
+    jax.block_until_ready(self._state)
+
   # -- what request threads call ----------------------------------------------------------------------------
 
   def submit(self, job: Job) -> Job:
