@@ -132,10 +132,11 @@ def main() -> None:
   for slots in (1, args.slots):
     proc, url = start_server(workdir, slots)
     try:
-      asyncio.run(load(url, make_requests(2 * max(args.clients), context, rng), max(args.clients)))  # compile
       short = {'prompt': 'def f(x):', 'max_tokens': 8, 'temperature': 0, 'ignore_eos': True}
+      asyncio.run(load(url, [short] * 3, 1))
       alone = statistics.median(asyncio.run(load(url, [short] * 7, 1))[1][i][2] for i in range(7))
       for clients in args.clients:
+        asyncio.run(load(url, make_requests(2 * clients, context, rng), clients))  # warm up this level
         requests = make_requests(max(args.requests, clients), context, rng)
         wall, results = asyncio.run(load(url, requests, clients))
         latencies = [r[2] for r in results]

@@ -54,7 +54,7 @@ def run(args, overrides) -> int:
     retriever = context.Retriever(args.retrieve, args.retrieve_k)
   run_ = inference.load_run(args.workdir)
   name = args.model_name or os.path.basename(os.path.abspath(args.workdir))
-  app = service.App(run_, name, args.max_batch, args.batch_wait_ms / 1000, retriever)
+  app = service.App(run_, name, args.max_batch, args.batch_wait_ms / 1000, retriever, warm=True)
   try:
     httpd = server.Server(server.make_app(app, api_key), args.host, args.port, args.verbose)
     if api_key is None and args.host not in server.LOOPBACK:

@@ -7,8 +7,10 @@ P a prompt's padded length, k the top alternatives returned per token.
   prefill + insert  one compiled program per prompt bucket (P a multiple of 64): runs the prompt through the
                     model into a one-row cache of length C, writes that row into slot `slot` of the state and
                     chooses the first new token. `slot` is traced: any slot, no recompiling.
-  generate          one compiled program: feeds every slot's last token at its own position and chooses each
-                    slot's next token. Free slots compute too (fixed shapes) and their output is ignored.
+  generate          feeds each slot's last token at its own position and chooses each slot's next token,
+                    over the first R slots, R the power of two that covers the busy ones (new requests take
+                    the lowest free slot): one program per R, so one client does not pay for 32 slots. Free
+                    slots among them compute too (fixed shapes) and their output is ignored.
 
 Both are jitted under the run's mesh and logical rules, with the cache constrained to CACHE_AXES, and the state
 is donated so the cache is updated in place. Token choice is sampling.next_tokens with each slot's own knobs and
@@ -100,13 +102,24 @@ def _prefill_insert(adapter, mesh, rules, C, params, state, prompt_1P, length, s
     return state, out
 
 
-def _generate(adapter, mesh, rules, C, params, state, *, stages):
+def _generate(adapter, mesh, rules, C, params, state, *, stages, rows: int):
+  """One step of the first `rows` slots (the busy ones are kept low: a free slot is filled lowest first), so a
+  lightly loaded server pays for the rows it uses, not for every slot."""
   with sharding.activation_sharding(mesh, rules):
-    logits_BV, cache = adapter.step(params, state['token'], state['pos'], state['cache'])
-    token_B, out = _choose(logits_BV, state['key'], state['count'], state['knobs'], state['seen'], stages)
-    rows_B = jnp.arange(token_B.shape[0])
-    state = {**state, 'cache': cache, 'token': token_B, 'pos': jnp.minimum(state['pos'] + 1, C - 1),
-             'count': state['count'] + 1, 'seen': state['seen'].at[rows_B, token_B].set(True)}
+    head = lambda a: a[:rows]  # noqa: E731
+    cache = jax.tree.map(lambda a: a[:, :rows], state['cache'])
+    knobs = {k: head(v) for k, v in state['knobs'].items()}
+    logits_RV, cache = adapter.step(params, head(state['token']), head(state['pos']), cache)
+    seen_RV = head(state['seen'])
+    token_R, out = _choose(logits_RV, head(state['key']), head(state['count']), knobs, seen_RV, stages)
+    rows_R = jnp.arange(rows)
+    put = lambda a, v: a.at[:rows].set(v)  # noqa: E731
+    full = jax.tree.map(lambda a, v: sharding.constrain(a.at[:, :rows].set(v), decode.CACHE_AXES),
+                        state['cache'], cache)
+    state = {**state, 'cache': full, 'token': put(state['token'], token_R),
+             'pos': put(state['pos'], jnp.minimum(head(state['pos']) + 1, C - 1)),
+             'count': put(state['count'], head(state['count']) + 1),
+             'seen': put(state['seen'], seen_RV.at[rows_R, token_R].set(True))}
     return state, out
 
 
@@ -125,8 +138,8 @@ class SlotEngine:
                           static_argnums=(0, 1, 2))(self.slots, context, engine.model.cfg.vocab_size)
     self._prefill = jax.jit(functools.partial(_prefill_insert, *statics, context), static_argnames=('stages',),
                             donate_argnums=(1,))
-    self._generate = jax.jit(functools.partial(_generate, *statics, context), static_argnames=('stages',),
-                             donate_argnums=(1,))
+    self._generate = jax.jit(functools.partial(_generate, *statics, context),
+                             static_argnames=('stages', 'rows'), donate_argnums=(1,))
     self._active: list[Job | None] = [None] * self.slots
     self._waiting: deque = deque()
     self._scoring: deque = deque()  # (sequences, concurrent Future)
@@ -136,6 +149,19 @@ class SlotEngine:
     self.most_active = 0  # the most slots busy in one step (tests, benchmarks)
     self._thread = threading.Thread(target=self._work, name='llm-jax-slots', daemon=True)
     self._thread.start()
+
+  def warm(self) -> None:
+    """Compile ahead what greedy requests use (every prompt bucket's prefill, every step width), so the first
+    clients do not wait for compiles. Call before serving: it writes only into free slots."""
+    eng, greedy = self.engine, Stages.of([SamplingParams()])
+    knobs = {k: eng.put(v, (None,)) for k, v in sampling.knob_arrays([SamplingParams()], 1).items()}
+    for P in range(64, -(-self.context // 64) * 64 + 1, 64):
+      self._state, _ = self._prefill(eng.params, self._state, eng.put(np.ones((1, P), np.int32), (None, None)),
+                                     jnp.int32(1), jnp.int32(0), knobs, jnp.int32(0), jnp.int32(0), stages=greedy)
+    rows = {min(self.slots, eng.padded_rows(n)) for n in range(1, self.usable + 1)}
+    for r in sorted(rows):
+      self._state, out = self._generate(eng.params, self._state, stages=greedy, rows=r)
+    jax.block_until_ready(self._state)
 
   # -- what request threads call ----------------------------------------------------------------------------
 
@@ -221,11 +247,13 @@ class SlotEngine:
   def _step(self) -> None:
     live = [j for j in self._active if j is not None]
     self.most_active = max(self.most_active, len(live))
+    last = max(i for i, j in enumerate(self._active) if j is not None)
+    rows = min(self.slots, self.engine.padded_rows(last + 1))  # a power of two: a few programs
     self._state, out = self._generate(self.engine.params, self._state,
-                                      stages=Stages.of([j.params for j in live]))
+                                      stages=Stages.of([j.params for j in live]), rows=rows)
     self.steps += 1
     token_B, logprob_B, top_Bk, top_logprob_Bk = sharding.fetch(out)
-    for slot, job in enumerate(self._active):
+    for slot, job in enumerate(self._active[:rows]):
       if job is not None:
         self._emit(slot, (token_B[slot], logprob_B[slot], top_Bk[slot], top_logprob_Bk[slot]))
 

@@ -49,10 +49,12 @@ class App:
   """Turns requests into engine jobs and their tokens into OpenAI responses. `max_batch`: decode slots."""
 
   def __init__(self, run: inference.Run, model_name: str, max_batch: int = 32, batch_wait_s: float = 0.005,
-               retriever=None):
+               retriever=None, warm: bool = False):
     self.run, self.model_name = run, model_name
     self.retriever = retriever  # retrieval/context.Retriever: passages go into prompts (serve --retrieve)
     self.engine = slots.SlotEngine(run.engine, run.context_len, max_batch, batch_wait_s)
+    if warm:  # before the engine's thread has work: nothing else touches the state yet
+      self.engine.warm()
     self.template = run.chat_template  # a fine-tuned run's renders /v1/chat/completions
     tok = run.tokenizer
     self._special_ids = {tok.id_to_piece(i): i for i in (tok.bos_id, tok.eos_id, tok.pad_id)

@@ -1,0 +1,40 @@
+"""Continuous batching (infer/slots.py) decodes what the offline engine decodes: the same tokens for greedy and
+seeded sampling, with stop tokens, stop strings and penalties, while requests enter and leave the slots."""
+
+import threading
+
+import pytest
+
+from llm_jax.infer import inference, slots
+from llm_jax.infer.sampling import SamplingParams as SP
+from random_run import make_run
+
+
+@pytest.fixture(scope='module')
+def run(tokenizer_path):
+  return make_run(tokenizer_path)
+
+
+def test_slots_equal_the_offline_engine_while_requests_come_and_go(run):
+  prompts = ['import os\n', 'def f(x):', 'class A:', 'x = 1', 'for i in range(3):', 'print(']
+  params = [SP(max_new_tokens=9), SP(max_new_tokens=3), SP(max_new_tokens=14, temperature=0.9, seed=5),
+            SP(max_new_tokens=6, top_k=5, temperature=1.2, seed=2), SP(max_new_tokens=11, repetition_penalty=1.5),
+            SP(max_new_tokens=7, stop_strings=('e',))]
+  ids = [inference.prompt_tokens(run, p, 16) for p in prompts]
+  want = run.complete(ids, params, [0, 0, 1, 0, 0, 0])
+  engine = slots.SlotEngine(run.engine, run.context_len, slots=2)  # four requests wait for a free slot
+  try:
+    got = [[] for _ in prompts]
+    reasons = [None] * len(prompts)
+    done = threading.Semaphore(0)
+    for i, (p, sp) in enumerate(zip(ids, params)):
+      engine.submit(slots.Job(p, sp, 1 if i == 2 else 0, on_token=lambda t, *_, i=i: got[i].append(t),
+                              on_done=lambda r, e, i=i: (reasons.__setitem__(i, (r, e)), done.release())))
+    for _ in prompts:
+      assert done.acquire(timeout=300)
+    assert engine.most_active == 2
+    for i, w in enumerate(want):
+      assert got[i] == w.tokens, i
+      assert reasons[i] == (w.finish_reason, None), i
+  finally:
+    engine.close()
