@@ -46,7 +46,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from conftest import ROOT, recipe_config, tiny_config  # noqa: E402
 
-from llm_jax import config as config_lib, convert, sharding  # noqa: E402
+from llm_jax import atomic, config as config_lib, convert, sharding  # noqa: E402
 from llm_jax.run import workdir as workdir_lib
 from llm_jax.run.checkpoint import Checkpointer, open_for_reading  # noqa: E402
 from llm_jax.errors import UserError  # noqa: E402
@@ -263,10 +263,10 @@ def test_a_sharded_checkpoint_reads_like_one_file(tmp_path, gpt2_hf):
 
 def test_a_failed_conversion_leaves_none_of_the_directories_it_made(tmp_path):
   with pytest.raises(RuntimeError):
-    with convert._atomic_dir(str(tmp_path / 'a' / 'b' / 'out')) as tmp:
+    with atomic.new_directory(str(tmp_path / 'a' / 'b' / 'out')) as tmp:
       open(os.path.join(tmp, 'half.safetensors'), 'w').close()
       raise RuntimeError('the write failed half way')
   assert os.listdir(tmp_path) == []
-  with convert._atomic_dir(str(tmp_path / 'a' / 'b' / 'out')) as tmp:  # a success keeps them
+  with atomic.new_directory(str(tmp_path / 'a' / 'b' / 'out')) as tmp:  # a success keeps them
     open(os.path.join(tmp, 'model.safetensors'), 'w').close()
   assert os.listdir(tmp_path / 'a' / 'b' / 'out') == ['model.safetensors']

@@ -113,7 +113,8 @@ def test_a_lora_dpo_step_differentiates_the_adapters_alone():
   from llm_jax import sharding
   from llm_jax.run import lora
   from llm_jax.train.dpo import dpo_loss, make_dpo_step
-  from llm_jax.train.step import global_norm, setup_train_step
+  from llm_jax.train.optim import global_norm
+  from llm_jax.train.step import setup_train_step
   cfg = tiny_config(('data.objective', 'dpo'), ('model.lora.rank', '2'))
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
   setup = setup_train_step(cfg, mesh, rules)

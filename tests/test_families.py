@@ -213,7 +213,7 @@ def test_encoder_decoder_flops_count_each_stack_by_its_own_length():
   from conftest import ROOT
   from llm_jax import config as config_lib
   from llm_jax.models import flops
-  cfg = config_lib.load(os.path.join(ROOT, 'configs', 't5_small.py'))  # the full shapes
+  cfg = config_lib.load('t5_small')  # the full shapes
   m, S, T = cfg.model, cfg.data.seq_len, cfg.data.target_len
   assert (m.embed_dim, m.num_heads * m.head_dim, m.mlp_dim, m.vocab_size, S, T) == (512, 512, 2048, 32128, 512, 114)
   d, a, F, V = 512, 512, 2048, 32128

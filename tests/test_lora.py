@@ -18,7 +18,8 @@ from llm_jax.models import build_model, example_batch
 from llm_jax.train import loop, optim
 from llm_jax.train.state import StateFactory
 from llm_jax.models.outputs import forward
-from llm_jax.train.step import global_norm, loss_and_stats, make_train_step
+from llm_jax.train.optim import global_norm
+from llm_jax.train.step import loss_and_stats, make_train_step
 
 SFT = 'sft'
 

@@ -153,7 +153,7 @@ def test_unsplit_streams_keep_each_example_whole_and_resume_inside_a_document():
   packer = _packer(docs, streams)
   packer.fill(empty_batch(streams, 1), 0)
   state = packer.state()
-  assert state == {'index': 0, 'part': 1, 'offsets': [0, 0]}
+  assert state == {'index': 0, 'part': 1, 'offsets': [0, 0], 'dry': 0}
   resumed = _packer(docs, streams)
   resumed.restore(state)
   again = empty_batch(streams, 1)

@@ -51,7 +51,7 @@ def random_workdir(path: str) -> str:
   from llm_jax.train import optim
   from llm_jax.train.state import StateFactory
   tok_path = os.path.join(path, 'tok.model')
-  cfg = config_lib.load(os.path.join(ROOT, 'configs', 'tiny.py'), [('data.tokenizer', tok_path)])
+  cfg = config_lib.load('tiny', [('data.tokenizer', tok_path)])
   os.makedirs(path, exist_ok=True)
   tok = tokenizer_lib.train(sources.texts(sources.open_source(cfg.data, 'train')), cfg.model.vocab_size,
                             min(cfg.data.tokenizer_train_chars, 2_000_000), num_threads=2)

@@ -72,8 +72,8 @@ def _search(adapter, mesh, rules, params, prompt_RP, lengths_R, live_R, stop_ids
       top_score_RC, top_idx_RC = jax.lax.top_k(cand_RWV.reshape(R, W * V), 2 * W)
       parent_RC, token_RC = top_idx_RC // V, (top_idx_RC % V).astype(jnp.int32)
       seq_RCN = jnp.take_along_axis(seq_RWN, parent_RC[:, :, None], axis=1)
-      seq_RCN = jnp.where(jnp.arange(N) == i, token_RC[:, :, None], seq_RCN)
-      stop_RC = jnp.any(token_RC[:, :, None] == stop_ids_K, axis=-1) & (top_score_RC > NEG / 2)
+      seq_RCN = jnp.where((jnp.arange(N) == i)[None, None, :], token_RC[:, :, None], seq_RCN)
+      stop_RC = jnp.any(token_RC[:, :, None] == stop_ids_K[None, None, :], axis=-1) & (top_score_RC > NEG / 2)
       # Finished: merge the stopping candidates into the finished set, keep the W best.
       norm_RC = jnp.where(stop_RC, top_score_RC / _penalty(i + 1.0, alpha), NEG)
       all_score = jnp.concatenate([fin_score_RW, norm_RC], axis=1)

@@ -57,6 +57,12 @@ def _param(module: nn.Module, name: str, init, names: tuple[str, ...], shape: tu
   return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(cfg.param_dtype))
 
 
+def leading(a: Array, ndim: int) -> Array:
+  """`a` with leading axes of size 1 up to `ndim`: the explicit broadcast of a weight over batch and length
+  (the suite runs with jax_numpy_rank_promotion='raise', so an implicit one is a shape mistake)."""
+  return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
 def _bias(module: nn.Module, name: str, names: tuple[str, ...], shape: tuple[int, ...], cfg) -> Array:
   return _param(module, name, nn.initializers.zeros, names, shape, cfg)
 
@@ -258,7 +264,7 @@ class Attention(nn.Module):
     if delta is not None:
       y = y + delta
     if c.use_bias or (c.qkv_bias and name in ('q', 'k', 'v')):
-      y = y + _bias(self, f'{name}_bias', (axis, 'head_dim'), (heads, c.head_dim), c).astype(dtype)
+      y = y + leading(_bias(self, f'{name}_bias', (axis, 'head_dim'), (heads, c.head_dim), c).astype(dtype), y.ndim)
     return y
 
   @nn.compact
@@ -329,7 +335,7 @@ class Attention(nn.Module):
     if delta is not None:
       out_BTD = out_BTD + delta
     if c.use_bias:
-      out_BTD = out_BTD + _bias(self, 'o_bias', ('embed',), (c.embed_dim,), c).astype(dtype)
+      out_BTD = out_BTD + _bias(self, 'o_bias', ('embed',), (c.embed_dim,), c).astype(dtype)[None, None, :]
     return out_BTD, cache
 
 
@@ -346,7 +352,7 @@ class Mlp(nn.Module):
     if delta is not None:
       y = y + delta
     if c.use_bias:
-      y = y + _bias(self, f'{name}_bias', names[1:], shape[1:], c).astype(dtype)
+      y = y + leading(_bias(self, f'{name}_bias', names[1:], shape[1:], c).astype(dtype), y.ndim)
     return y
 
   @nn.compact

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, relative_bias, softcap
+from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, leading, relative_bias, softcap
 from llm_jax.sharding import constrain
 
 Array = jax.Array
@@ -167,7 +167,7 @@ def embed(parent: nn.Module, cfg, tokens_BT: Array, positions_BT: Array, embeddi
   if c.type_vocab_size:
     types_YD = _param(parent, f'{prefix}type_embedding', init, ('table', 'embed'),
                       (c.type_vocab_size, c.embed_dim), c)
-    x_BTD = x_BTD + types_YD[0].astype(dtype)
+    x_BTD = x_BTD + types_YD[0].astype(dtype)[None, None, :]
   if c.norm_position == 'post':
     x_BTD = Norm(c, name=f'{prefix}embed_norm', parent=parent)(x_BTD)
   return constrain(x_BTD, ('batch', 'seq', 'embed')), embedding_VD
@@ -191,7 +191,7 @@ def logits(parent: nn.Module, cfg, x_BTD: Array, embedding_VD: Array, output_bia
     return x_BTD, unembed_DV
   logits_BTV = project(x_BTD, unembed_DV, jnp.dtype(c.logits_dtype), c.final_logit_softcap)
   if bias_V is not None:
-    logits_BTV = logits_BTV + bias_V.astype(logits_BTV.dtype)
+    logits_BTV = logits_BTV + leading(bias_V.astype(logits_BTV.dtype), logits_BTV.ndim)
   return logits_BTV
 
 
