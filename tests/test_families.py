@@ -209,8 +209,6 @@ def test_encoder_decoder_flops_count_each_stack_by_its_own_length():
   """t5_small by hand: the encoder and the cross-attention keys and values run on the 512 input tokens, the
   rest of the decoder and the tied output layer on the 114 targets; three attentions (issue 15: every weight
   on every input token and no decoder attention overstated MFU about 1.84x)."""
-  import os
-  from conftest import ROOT
   from llm_jax import config as config_lib
   from llm_jax.models import flops
   cfg = config_lib.load('t5_small')  # the full shapes
