@@ -42,7 +42,7 @@ class Encoder(nn.Module):
     h_BTD = x_BTD @ _param(self, 'head_dense', nn.initializers.normal(c.init_std), ('embed', 'mlp'),
                            (c.embed_dim, c.embed_dim), c).astype(x_BTD.dtype)
     if c.use_bias:
-      h_BTD = h_BTD + _bias(self, 'head_dense_bias', ('mlp',), (c.embed_dim,), c).astype(x_BTD.dtype)
+      h_BTD = h_BTD + _bias(self, 'head_dense_bias', ('mlp',), (c.embed_dim,), c).astype(x_BTD.dtype)[None, None, :]
     h_BTD = Norm(c, name='head_norm')(ACTIVATIONS[c.mlp_activation](constrain(h_BTD, ('batch', 'seq', 'mlp'))))
     return logits(self, c, h_BTD, embedding_VD, output_bias=c.use_bias, return_hidden=return_hidden), None
 
