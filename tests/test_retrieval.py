@@ -183,18 +183,22 @@ def test_choose_trims_passages_to_the_budget():
 
 
 def test_server_lists_the_passages_it_used(built_index, decoder):
-  from llm_jax.serve import server
+  import asyncio
+  from llm_jax.serve import service
   retriever = context.Retriever(built_index, k=1)
-  app = server.App(inference.load_run(decoder), 'm', max_batch=2, retriever=retriever)
+  app = service.App(inference.load_run(decoder), 'm', max_batch=2, retriever=retriever)
+
+  def complete(body, chat):
+    return asyncio.run(app.answer(*app.prepare(body, chat)))
+
   try:
-    _, answer = app.complete({'prompt': DOCS['chess.txt'], 'max_tokens': 2}, chat=False)
+    answer = complete({'prompt': DOCS['chess.txt'], 'max_tokens': 2}, chat=False)
     (used,) = answer['choices'][0]['passages']
     assert os.path.basename(used['source']) == 'chess.txt'
     assert answer['usage']['prompt_tokens'] > 40
-    _, answer = app.complete({'messages': [{'role': 'user', 'content': 'hello'},
-                                           {'role': 'assistant', 'content': 'hi'},
-                                           {'role': 'user', 'content': DOCS['bread.txt']}], 'max_tokens': 2},
-                             chat=True)
+    answer = complete({'messages': [{'role': 'user', 'content': 'hello'},
+                                    {'role': 'assistant', 'content': 'hi'},
+                                    {'role': 'user', 'content': DOCS['bread.txt']}], 'max_tokens': 2}, chat=True)
     assert os.path.basename(answer['choices'][0]['passages'][0]['source']) == 'bread.txt'
   finally:
     app.close()

@@ -158,7 +158,7 @@ def run(args, overrides) -> int:
                                      name=f'prompt {i + 1}' if len(texts) > 1 else 'the prompt')
              for i, t in enumerate(shown)]
   records = _beam_records(run_, prompts, params, args) if args.num_beams else _sample_records(
-      run_, texts, params, args)
+      run_, shown, params, args)
   records = [{'index': r['index'], 'prompt': texts[r['index']], **r} for r in records]
   if retrieved is not None:  # the prompt as asked; the passages put before it
     records = [{**r, 'passages': retrieved[r['index']][1]} for r in records]

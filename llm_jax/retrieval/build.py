@@ -41,7 +41,8 @@ def read_documents(source: str, text_field: str = 'text', txt_mode: str = 'file'
   """(name, text) of every readable document of `source`; bad records are counted and said once."""
   from llm_jax.data import sources
   from llm_jax.data.files import Record, Skipped
-  docs = sources.open_source(data_config(source, text_field, txt_mode), 'train')
+  # Whole documents, in their files' places: not cut into pieces for data shards, not split for held-out.
+  docs = sources.open_whole(data_config(source, text_field, txt_mode), source, '--data')
   out, skipped = [], []
   for i in range(len(docs)):
     text = sources.doc_text(docs, i)
