@@ -23,8 +23,6 @@ import io
 import os
 import posixpath
 import shutil
-from typing import IO
-
 from llm_jax.errors import UserError
 
 _FILE = 'file://'
@@ -207,34 +205,33 @@ def free_bytes(path: str) -> int | None:
 
 
 class Appender:
-  """A file that grows by records (metrics.jsonl, TensorBoard events); `flush` makes what was written so far
-  durable. Locally an append-mode file. On a URL there is no append: the bytes are kept here, the existing
-  object's first, and each flush rewrites the object whole (a single object write, atomic: readers never
-  see a torn record). Logs are small, a few hundred bytes per logged step, so the rewrite stays cheap."""
+  """A file that grows by records (metrics.jsonl, TensorBoard events); `flush` makes what was written since
+  durable. Locally each flush appends to the file (opened for that flush alone, as a one-off `open('a')`
+  would: a file that a flush cannot reach fails that flush). On a URL there is no append: the bytes are kept
+  here, the existing object's first, and each flush rewrites the object whole (a single object write,
+  atomic: readers never see a torn record). Logs are small, a few hundred bytes per logged step, so the
+  rewrite stays cheap."""
 
   def __init__(self, path: str):
     self.path = path
     self._url = is_url(path)
-    if self._url:
-      self._data = bytearray(read_bytes(path) if exists(path) else b'')
-      self._file: IO[bytes] | None = None
-    else:
-      self._file = io.open(_local(path), 'ab')
+    self._data = bytearray(read_bytes(path) if self._url and exists(path) else b'')
+    self._pending = bytearray()
 
   def write(self, data: bytes) -> None:
-    if self._url:
-      self._data += data
-    else:
-      self._file.write(data)
+    self._pending += data
 
   def flush(self) -> None:
+    """A failed flush raises once and drops its records (as a failed `open('a')` would have): `close` after
+    it does not raise the same failure again."""
+    pending, self._pending = self._pending, bytearray()
     if self._url:
-      write_object(self.path, bytes(self._data))
-    else:
-      self._file.flush()
+      write_object(self.path, bytes(self._data + pending))
+      self._data += pending
+    elif pending:
+      with io.open(_local(self.path), 'ab') as f:
+        f.write(pending)
 
   def close(self) -> None:
-    if self._url:
+    if self._pending:
       self.flush()
-    else:
-      self._file.close()
