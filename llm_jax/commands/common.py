@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from llm_jax import atomic
+from llm_jax import atomic, storage
 from llm_jax.errors import UserError
 
 _RECIPE_HELP = ('NAME[:variant] of a shipped recipe (--config=list or `llm-jax recipes` lists them; default '
@@ -46,9 +46,11 @@ def check_output(flag: str, path: str | None) -> None:
   if path is None:
     return
   nonempty(flag, path)
-  parent = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
+  if storage.isdir(path):
     raise UserError(f'{flag}={path} is a directory')
+  if storage.is_url(path):
+    return  # an object store has no directories to be missing: the write makes the object's name
+  parent = os.path.dirname(os.path.abspath(storage.local_path(path)))
   if not os.path.isdir(parent):
     raise UserError(f'{flag}={path}: directory {parent} does not exist')
 
@@ -68,7 +70,7 @@ def write_jsonl(path: str, records) -> None:
       for r in records:
         f.write(json.dumps(r, ensure_ascii=False) + '\n')
   except OSError as e:
-    raise UserError(f'cannot write {path}: {e.strerror}') from None
+    raise UserError(f'cannot write {path}: {e.strerror or e}') from None
 
 
 def add_retrieve_arguments(p) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from llm_jax import atomic
+from llm_jax import atomic, storage
 from llm_jax.commands.common import no_overrides, nonempty
 from llm_jax.errors import UserError
 
@@ -24,15 +24,15 @@ def add_arguments(p) -> None:
 
 def read_metrics(workdir: str) -> dict[str, dict[int, dict]]:
   """{'train': {step: record}, 'eval': {step: record}} of a run; one-line errors for what is missing."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(workdir):
+  path = storage.join(workdir, 'metrics.jsonl')
+  if not storage.exists(workdir):
     raise UserError(f'workdir {workdir} does not exist')
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise UserError(f'workdir {workdir} is not a directory')
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise UserError(f'workdir {workdir} has no metrics.jsonl (not an llm-jax run, or not trained yet)')
   series: dict[str, dict[int, dict]] = {'train': {}, 'eval': {}}
-  with open(path, encoding='utf-8') as f:
+  with storage.open(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue

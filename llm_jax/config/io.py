@@ -10,7 +10,7 @@ import ml_collections
 from llm_jax.config.load import check_schema, fill_defaults
 from llm_jax.config.schema import default_config
 from llm_jax.config.validate import validate
-from llm_jax import atomic
+from llm_jax import atomic, storage
 from llm_jax.errors import UserError
 
 
@@ -20,8 +20,7 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
   try:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
+    data = json.loads(storage.read_bytes(path))
   except OSError as e:
     raise UserError(f'cannot read {path}: {e.strerror}') from None
   except json.JSONDecodeError as e:

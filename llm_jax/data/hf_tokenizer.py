@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from llm_jax import storage
 from llm_jax.errors import UserError
 
 MAGIC = b'llm-jax hf-tokenizer 1\n'  # starts serialized(): never the first bytes of a sentencepiece proto
@@ -232,28 +232,27 @@ class HFTokenizer:
 def read_files(directory: str) -> tuple[bytes, dict]:
   """tokenizer.json's bytes and the tokenizer config (special_tokens_map.json's entries and
   chat_template.jinja folded in) of a Hugging Face model directory or a work directory."""
-  path = os.path.join(directory, TOKENIZER_JSON)
+  path = storage.join(directory, TOKENIZER_JSON)
   try:
-    with open(path, 'rb') as f:
-      raw = f.read()
+    raw = storage.read_bytes(path)
   except OSError as e:
-    raise UserError(f'cannot read tokenizer {path}: {e.strerror}') from None
-  config = _read_json(os.path.join(directory, CONFIG))
-  for key, value in _read_json(os.path.join(directory, SPECIAL_MAP)).items():
+    raise UserError(f'cannot read tokenizer {path}: {e.strerror or e}') from None
+  config = _read_json(storage.join(directory, CONFIG))
+  for key, value in _read_json(storage.join(directory, SPECIAL_MAP)).items():
     if key.endswith('_token') and key not in config:
       config[key] = value
-  template_path = os.path.join(directory, TEMPLATE_FILE)
-  if 'chat_template' not in config and os.path.isfile(template_path):
-    with open(template_path, encoding='utf-8') as f:
+  template_path = storage.join(directory, TEMPLATE_FILE)
+  if 'chat_template' not in config and storage.isfile(template_path):
+    with storage.open(template_path) as f:
       config['chat_template'] = f.read()
   return raw, config
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return {}
   try:
-    with open(path, encoding='utf-8') as f:
+    with storage.open(path) as f:
       value = json.load(f)
   except (OSError, UnicodeDecodeError) as e:
     raise UserError(f'cannot read {path}: {e}') from None
@@ -266,7 +265,7 @@ def _read_json(path: str) -> dict:
 
 def load_dir(directory: str) -> HFTokenizer:
   raw, config = read_files(directory)
-  tok = HFTokenizer(raw, config, os.path.join(directory, TOKENIZER_JSON))
+  tok = HFTokenizer(raw, config, storage.join(directory, TOKENIZER_JSON))
   if tok.vocab_size <= len(tok._special):
     raise UserError(f'{tok.where}: a tokenizer of {tok.vocab_size} tokens is too small')
   return tok

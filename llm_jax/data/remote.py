@@ -1,27 +1,21 @@
 """File sources at URLs (`gs://bucket/corpus/*.txt`, `s3://...`, any fsspec protocol), read through fsspec:
 a multi-host job keeps its data in a bucket that every host reads. Globs, sizes and byte ranges are asked
-of the store, so a document read is one ranged read, as on a local disk. gs:// needs gcsfs installed
+of the store, so a document read is one ranged read, as on a local disk. The filesystem behind a URL
+is storage.py's, the same one a work directory at a URL is written through. gs:// needs gcsfs installed
 (`pip install 'llm-jax[gcs]'`); the tests use fsspec's in-memory store as the stand-in.
 """
 
 from __future__ import annotations
 
+from llm_jax import storage
 from llm_jax.errors import UserError
+
+_fs = storage.fs  # the one fsspec entry point, shared with work directories at URLs
 
 
 def is_url(path: str) -> bool:
+  """`file://` included: a data source given as one is read through fsspec like any URL."""
   return '://' in path
-
-
-def _fs(url: str):
-  try:
-    import fsspec
-  except ImportError:
-    raise UserError(f"{url}: URL paths need fsspec: pip install 'llm-jax[gcs]'") from None
-  try:
-    return fsspec.core.url_to_fs(url)
-  except (ImportError, ValueError) as e:  # the protocol's package (gcsfs, s3fs) is missing, or unknown
-    raise UserError(f'{url}: cannot open this URL ({e})') from None
 
 
 def glob(pattern: str) -> list[str]:

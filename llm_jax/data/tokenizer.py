@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from llm_jax import atomic
+from llm_jax import atomic, storage
 from llm_jax.data import hf_tokenizer
 from llm_jax.errors import UserError
 
@@ -125,8 +125,8 @@ BACKENDS = (('tokenizer.model', 'sentencepiece'), ('spiece.model', 'sentencepiec
 def find(directory: str) -> str | None:
   """The tokenizer file of a directory (BACKENDS' order), or None."""
   for name, _ in BACKENDS:
-    path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    path = storage.join(directory, name)
+    if storage.isfile(path):
       return path
   return None
 
@@ -141,38 +141,35 @@ def from_bytes(data: bytes):
 def load(path: str):
   """A tokenizer from a sentencepiece .model, a tokenizer.json (its tokenizer_config.json and
   special_tokens_map.json beside it are read too), or a directory holding either."""
-  if os.path.isdir(path):
+  if storage.isdir(path):
     found = find(path)
     if found is None:
       raise UserError(f'{path} holds no tokenizer ({", ".join(n for n, _ in BACKENDS)})')
     path = found
   if path.endswith('.json'):
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise UserError(f'cannot read tokenizer {path}: {os.strerror(errno.ENOENT)}')
-    if os.path.basename(path) != hf_tokenizer.TOKENIZER_JSON:
+    if storage.basename(path) != hf_tokenizer.TOKENIZER_JSON:
       raise UserError(f'{path}: a Hugging Face tokenizer is read from a file named '
                       f'{hf_tokenizer.TOKENIZER_JSON} (its tokenizer_config.json beside it)')
-    return hf_tokenizer.load_dir(os.path.dirname(path) or '.')
+    return hf_tokenizer.load_dir(storage.dirname(path) or '.')
   return load_sentencepiece(path)
 
 
 def write_files(tok, directory: str) -> None:
   """The tokenizer's files into `directory` (atomically each; unchanged files are not rewritten)."""
   for name, data in tok.files().items():
-    path = os.path.join(directory, name)
-    if os.path.isfile(path):
-      with open(path, 'rb') as f:
-        if f.read() == data:
-          continue
+    path = storage.join(directory, name)
+    if storage.isfile(path) and storage.read_bytes(path) == data:
+      continue
     atomic.write_bytes(path, data)
 
 
 def load_sentencepiece(path: str) -> Tokenizer:
   try:
-    with open(path, 'rb') as f:
-      proto = f.read()
+    proto = storage.read_bytes(path)
   except OSError as e:
-    raise UserError(f'cannot read tokenizer {path}: {e.strerror}') from None
+    raise UserError(f'cannot read tokenizer {path}: {e.strerror or e}') from None
   try:
     tok = Tokenizer(proto)
   except Exception:  # sentencepiece raises RuntimeError/OSError variants on a bad proto

@@ -17,6 +17,10 @@ Faults (see checkpoint_files.py for what orbax does on disk):
   reads, with a warning naming the step and the file; training moves it aside to `N.damaged`;
 - a save that fails (disk full, read-only filesystem) is one line naming the step and the reason; the
   previous checkpoint is untouched (orbax deletes old steps only after a new one is committed).
+
+The workdir may be a URL: orbax writes gs:// and s3:// itself (etils.epath and tensorstore); llm-jax's own
+files beside its steps go through storage.py. A bucket has no free-space figure, so the space checks are
+skipped there.
 """
 
 from __future__ import annotations
@@ -24,13 +28,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
-from llm_jax import distributed
+from llm_jax import distributed, storage
 from llm_jax.run import checkpoint_files as files
 from llm_jax.run import lora
 from llm_jax.errors import UserError
@@ -58,7 +61,7 @@ _QUIET = _QuietIOFailures()
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return storage.join(storage.absolute(workdir), 'checkpoints')
 
 
 class Checkpointer:
@@ -84,15 +87,16 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=self._seal) if create else None)
-    self._mgr = ocp.CheckpointManager(self.directory, options=options)
+    self._mgr = ocp.CheckpointManager(files.orbax_directory(self.directory), options=options)
 
   def _prepare_directory(self) -> None:
     if jax.process_index() == 0:
       try:
-        os.makedirs(self.directory, exist_ok=True)
+        storage.makedirs(self.directory)
       except OSError as e:
         raise UserError(f'cannot write checkpoints to {self.directory}: {e.strerror or e}') from None
-      why = unwritable(self.directory)
+      # A bucket has no permission bits to ask: a refused write is reported when it happens.
+      why = None if storage.is_url(self.directory) else unwritable(storage.local_path(self.directory))
       if why:
         raise UserError(f'cannot write checkpoints to {self.directory}: {why}')
       leftovers = files.incomplete_saves(self.directory)
@@ -115,8 +119,8 @@ class Checkpointer:
   def check_space(self, abstract_state: Any) -> None:
     """A clear error before training when not even one checkpoint fits on the workdir's filesystem."""
     need = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_state))
-    free = shutil.disk_usage(self.directory).free
-    if free < need:
+    free = storage.free_bytes(self.directory)
+    if free is not None and free < need:
       raise UserError(f'{self.directory} has {_mb(free)} free; one checkpoint of this run needs about '
                       f'{_mb(need)} (parameters and optimizer state): free some space or use another --workdir')
 
@@ -136,7 +140,7 @@ class Checkpointer:
                _tree_bytes(params))
 
   def has_train_state(self, step: int) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), 'train'))
+    return storage.isdir(storage.join(self.directory, str(step), 'train'))
 
   def _save(self, step: int, args: ocp.args.Composite, nbytes: int) -> None:
     self.wait()  # a failure of the previous save surfaces here, named after its own step
@@ -154,8 +158,8 @@ class Checkpointer:
     """A save that cannot fit is refused before orbax starts it. Orbax would fail part-way instead, and the
     tensorstore writes still in flight when it gives up then print tracebacks ('Event loop is closed') from
     their threads: the one-line error would arrive buried under them."""
-    free = shutil.disk_usage(self.directory).free
-    if free >= nbytes:
+    free = storage.free_bytes(self.directory)
+    if free is None or free >= nbytes:
       return
     good = self._mgr.latest_step()
     kept = (f'the newest complete checkpoint, step {good}, is intact' if good is not None
@@ -304,9 +308,9 @@ def _mb(n: int) -> str:
 
 def open_for_reading(workdir: str) -> Checkpointer:
   """The checkpointer of an existing run, or a one-line error saying what is missing."""
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise UserError(f'workdir {workdir} does not exist')
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not storage.isdir(checkpoint_dir(workdir)):
     raise UserError(f'workdir {workdir} has no checkpoints (run `llm-jax train --workdir={workdir}` first)')
   ckpt = Checkpointer(workdir, create=False)
   if ckpt.latest_step() is None:

@@ -14,20 +14,23 @@ process, after all processes wrote their part). The rename commits data and mani
 whose files do not match its manifest is damaged, and the manifest names the file. A step without a
 manifest (written before manifests existed, or one whose deletion was interrupted) is trusted only if it
 restores.
+
+At a gs:// URL orbax renames nothing (an object store cannot rename a directory atomically): it writes the
+step straight into `checkpoints/N` and commits it with `commit_success.txt`; the manifest is then written
+into `N` itself, before that commit. Every file operation here goes through storage.py, so the same code
+reads a bucket.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
-import shutil
 import sys
 
 import jax
 
-from llm_jax import atomic
+from llm_jax import atomic, storage
+from llm_jax.errors import UserError
 
 MANIFEST = 'llm_jax_files.json'
 TMP_MARK = '.orbax-checkpoint-tmp'  # orbax's suffix of a step still being written
@@ -41,38 +44,44 @@ def warn(msg: str) -> None:
     print(f'llm-jax: warning: {msg}', file=sys.stderr, flush=True)
 
 
+def orbax_directory(directory: str) -> str:
+  """What orbax is given for a checkpoint directory: a local path (also for a URL whose fsspec backend is
+  the local disk), or a gs:// or s3:// URL, which orbax hands to etils.epath and to tensorstore's own
+  drivers. orbax opens paths itself and knows no other store: another protocol is one line, before any
+  work."""
+  local = storage.local_path(directory)
+  if local is not None:
+    return local
+  if storage.protocol(directory) in ('gs', 's3'):
+    return directory
+  raise UserError(f'{directory}: checkpoints are written by orbax, which writes to local paths, gs:// and '
+                  's3:// only')
+
+
 def step_dir(directory: str, step: int) -> str:
-  return os.path.join(directory, str(step))
+  return storage.join(directory, str(step))
 
 
 def _files(root: str) -> dict[str, int]:
-  out = {}
-  for dirpath, _, names in os.walk(root):
-    for name in names:
-      path = os.path.join(dirpath, name)
-      rel = os.path.relpath(path, root)
-      if rel in _COMMIT_FILES or rel == MANIFEST:
-        continue
-      out[rel] = os.path.getsize(path)
-  return out
+  return {rel: size for rel, size in storage.files_under(root).items()
+          if rel not in _COMMIT_FILES and rel != MANIFEST}
 
 
 def write_manifest(directory: str, step: int) -> None:
   """Record the files of `step` while it is still in its temporary directory (the final one if the save
   already renamed it, as a different orbax atomicity mode would)."""
-  pending = glob.glob(os.path.join(glob.escape(directory), f'{step}{TMP_MARK}*'))
-  root = pending[0] if len(pending) == 1 else step_dir(directory, step)
+  pending = [name for name in storage.listdir(directory) if name.startswith(f'{step}{TMP_MARK}')]
+  root = storage.join(directory, pending[0]) if len(pending) == 1 else step_dir(directory, step)
   body = json.dumps({'step': step, 'files': _files(root)}, indent=0, sort_keys=True)
-  atomic.write_text(os.path.join(root, MANIFEST), body, fsync=True)
+  atomic.write_text(storage.join(root, MANIFEST), body, fsync=True)
 
 
 def check_step(directory: str, step: int) -> tuple[bool, str | None]:
   """(whether a manifest vouches for the step, what is wrong with it or None)."""
   root = step_dir(directory, step)
-  path = os.path.join(root, MANIFEST)
+  path = storage.join(root, MANIFEST)
   try:
-    with open(path, encoding='utf-8') as f:
-      manifest = json.load(f)
+    manifest = json.loads(storage.read_bytes(path))
     expected = manifest['files']
     if not isinstance(expected, dict):
       raise TypeError
@@ -82,7 +91,7 @@ def check_step(directory: str, step: int) -> tuple[bool, str | None]:
     return False, f'{MANIFEST} is unreadable'
   for rel, size in sorted(expected.items()):
     try:
-      actual = os.path.getsize(os.path.join(root, rel))
+      actual = storage.size(storage.join(root, rel))
     except OSError:
       return True, f'{rel} is missing'
     if actual != size:
@@ -92,26 +101,29 @@ def check_step(directory: str, step: int) -> tuple[bool, str | None]:
 
 def incomplete_saves(directory: str) -> list[str]:
   """Names of saves that never finished (killed mid-write, or a write that failed)."""
-  if not os.path.isdir(directory):
+  try:
+    return sorted(name for name in storage.listdir(directory) if TMP_MARK in name)
+  except (FileNotFoundError, NotADirectoryError):
     return []
-  return sorted(name for name in os.listdir(directory) if TMP_MARK in name)
 
 
 def remove_incomplete(directory: str, names: list[str]) -> None:
   for name in names:
-    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    storage.rmtree(storage.join(directory, name))
 
 
 def move_aside(directory: str, step: int) -> str:
   """Rename a damaged step out of orbax's sight (`N.damaged`, `N.damaged.2`, ...) rather than delete what
-  may be the only copy of something; the training that follows writes step N afresh."""
+  may be the only copy of something; the training that follows writes step N afresh. On an object store the
+  move is a copy then a delete: interrupted, it leaves the step where it was (read again, found damaged
+  again) or a copy beside it, never less than there was."""
   base = step_dir(directory, step) + DAMAGED_MARK
   target, n = base, 1
-  while os.path.exists(target):
+  while storage.exists(target):
     n += 1
     target = f'{base}.{n}'
-  os.rename(step_dir(directory, step), target)
-  return os.path.relpath(target, os.path.dirname(directory))
+  storage.rename(step_dir(directory, step), target)
+  return f'{storage.basename(directory)}/{storage.basename(target)}'
 
 
 def describe_error(e: BaseException) -> str:

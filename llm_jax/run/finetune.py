@@ -17,13 +17,12 @@ the frozen base params it never copies (lora.py).
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import jax
 import ml_collections
 
-from llm_jax import config as config_lib
+from llm_jax import config as config_lib, storage
 from llm_jax.run import params as params_lib, workdir as workdir_lib
 from llm_jax.data import objectives, tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
@@ -35,12 +34,12 @@ def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tup
   """The config of a training run: the recipe (default `tiny`) plus overrides, or, when resuming
   a workdir without --config, its saved config plus overrides (e.g. more steps)."""
   saved = workdir_lib.config_path(workdir)
-  if spec is None and os.path.isfile(saved):
+  if spec is None and storage.isfile(saved):
     return resolve(config_lib.load(None, overrides, base=config_lib.from_json_file(saved)))
   if spec is None:
     spec = workdir_lib.default_recipe()
   cfg = resolve(config_lib.load(spec, overrides))
-  if os.path.isfile(saved):
+  if storage.isfile(saved):
     changed = config_lib.model_differences(config_lib.from_json_file(saved), cfg)
     if changed and workdir_lib.has_checkpoints(workdir):
       raise UserError(f'workdir {workdir} holds checkpoints of a different model ({", ".join(changed)} '

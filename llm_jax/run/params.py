@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from llm_jax import storage
 from llm_jax.errors import UserError
 from llm_jax.models import build_model
 from llm_jax.run import lora
@@ -42,8 +43,7 @@ def restore(workdir: str, mesh, rules, cfg=None, merge_lora: bool = False) -> tu
 
 def pretrained_config(path: str):
   """The config of the run `init_from` names, with a one-line error naming the key when it is not a run."""
-  import os
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise UserError(f'config key init_from={path!r}: the workdir does not exist')
   return workdir_lib.load_config(path)
 

@@ -5,6 +5,8 @@
     WORKDIR/tokenizer.json    a Hugging Face tokenizer with its tokenizer_config.json (data/tokenizer.py)
     WORKDIR/checkpoints/      orbax steps (see checkpoint.py)
     WORKDIR/metrics.jsonl     one JSON object per logged step
+
+WORKDIR may be a URL (`gs://bucket/run`): every file here is read and written through storage.py.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import os
 import jax
 import numpy as np
 
-from llm_jax import config as config_lib
+from llm_jax import config as config_lib, storage
 from llm_jax.data import objectives, sources, tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
+from llm_jax.run import checkpoint_files
 
 CONFIG = 'config.json'
 TOKENIZER = 'tokenizer.model'
@@ -26,17 +29,19 @@ METRICS = 'metrics.jsonl'
 
 
 def config_path(workdir: str) -> str:
-  return os.path.join(workdir, CONFIG)
+  return storage.join(workdir, CONFIG)
 
 
 def load_config(workdir: str):
   """The config a run was trained with; a one-line error when the workdir is not a run."""
-  if not os.path.exists(workdir):
-    raise UserError(f'workdir {workdir} does not exist')
-  if not os.path.isdir(workdir):
-    raise UserError(f'workdir {workdir} is not a directory')
   path = config_path(workdir)
-  if not os.path.isfile(path):
+  if storage.isfile(path):  # one request for the common case, on a bucket as on a disk
+    return config_lib.from_json_file(path)
+  if not storage.exists(workdir):
+    raise UserError(f'workdir {workdir} does not exist')
+  if not storage.isdir(workdir):
+    raise UserError(f'workdir {workdir} is not a directory')
+  if not storage.isfile(path):
     raise UserError(f'workdir {workdir} has no {CONFIG} (not an llm-jax run?)')
   return config_lib.from_json_file(path)
 
@@ -48,8 +53,11 @@ def default_recipe() -> str:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  d = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+  d = storage.join(workdir, 'checkpoints')
+  try:
+    return any(name.isdigit() for name in storage.listdir(d))
+  except (FileNotFoundError, NotADirectoryError):
+    return False
 
 
 def unwritable(path: str) -> str | None:
@@ -70,16 +78,32 @@ def check_writable(workdir: str) -> None:
   without writing anything: the run's files change only once its inputs are known to be good (`prepare`)."""
   if jax.process_index() != 0:
     return
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if storage.is_url(workdir):
+    _check_url(workdir)
+    return
+  local = storage.local_path(workdir)
+  if os.path.exists(local) and not os.path.isdir(local):
     raise UserError(f'workdir {workdir} is not a directory')
-  existing = os.path.abspath(workdir)
+  existing = local
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   why = unwritable(existing) if os.path.isdir(existing) else 'not a directory'
-  if why and existing == os.path.abspath(workdir):
+  if why and existing == local:
     raise UserError(f'cannot write to workdir {workdir}: {why}')
   if why:
     raise UserError(f'cannot create workdir {workdir}: {existing}: {why}')
+
+
+def _check_url(workdir: str) -> None:
+  """A workdir at a URL: its store must have an fsspec backend and orbax must be able to write checkpoints
+  there; a file in the way is refused. Permissions cannot be asked of a bucket without writing to it (no
+  access bits, no read-only flag): a bucket that refuses writes fails at the first one, as one line."""
+  try:
+    if storage.isfile(workdir):
+      raise UserError(f'workdir {workdir} is not a directory')
+  except OSError as e:
+    raise UserError(f'cannot reach workdir {workdir}: {e.strerror or e}') from None
+  checkpoint_files.orbax_directory(storage.join(workdir, 'checkpoints'))
 
 
 def prepare(workdir: str, cfg, tok: tokenizer_lib.Tokenizer) -> None:
@@ -89,12 +113,12 @@ def prepare(workdir: str, cfg, tok: tokenizer_lib.Tokenizer) -> None:
   if jax.process_index() != 0:
     return
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     config_lib.write_json_atomic(cfg, config_path(workdir))
     tokenizer_lib.write_files(tok, workdir)
     for name, _ in tokenizer_lib.BACKENDS:  # one tokenizer per run: a replaced one of the other kind goes
-      if name not in tok.files() and os.path.isfile(os.path.join(workdir, name)):
-        os.remove(os.path.join(workdir, name))
+      if name not in tok.files() and storage.isfile(storage.join(workdir, name)):
+        storage.remove(storage.join(workdir, name))
   except OSError as e:
     raise UserError(f'cannot write to workdir {workdir}: {e.strerror}') from None
 
@@ -107,7 +131,7 @@ def tokenizer_for_training(workdir: str, cfg) -> tokenizer_lib.Tokenizer:
   """
   proto = b''
   if jax.process_index() == 0:
-    path = tokenizer_lib.find(workdir) if os.path.isdir(workdir) else None
+    path = tokenizer_lib.find(workdir) if storage.isdir(workdir) else None
     if cfg.data.tokenizer:
       tok = tokenizer_lib.load(cfg.data.tokenizer)
     elif path:
@@ -189,26 +213,37 @@ def _broadcast_bytes(data: bytes) -> bytes:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl (process 0 only)."""
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl (process 0 only), flushed per record:
+a crash loses nothing already logged."""
 
   def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, METRICS)
+    self._path = storage.join(workdir, METRICS)
     self._enabled = jax.process_index() == 0
+    self._file = None
     if self._enabled:
       _drop_partial_last_line(self._path)
+      self._file = storage.Appender(self._path)
 
   def write(self, record: dict) -> None:
     if not self._enabled:
       return
     line = json.dumps({k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
                        for k, v in record.items()})
-    with open(self._path, 'a', encoding='utf-8') as f:
-      f.write(line + '\n')
+    self._file.write((line + '\n').encode('utf-8'))
+    self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file, f = None, self._file
+      f.close()
 
 
 def _drop_partial_last_line(path: str) -> None:
   """A run killed in the middle of appending a record (or stopped by a full disk) can leave a last line
-  without its newline; the resumed run's first record would be glued onto it, corrupting both."""
+  without its newline; the resumed run's first record would be glued onto it, corrupting both. An object
+  at a URL is always whole records (storage.Appender rewrites it whole), so there is nothing to drop."""
+  if storage.is_url(path):
+    return
   try:
     with open(path, 'rb+') as f:
       size = f.seek(0, os.SEEK_END)

@@ -9,14 +9,13 @@ a state that went non-finite.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from llm_jax import sharding
+from llm_jax import sharding, storage
 from llm_jax.evaluate import heldout as heldout_eval
 from llm_jax.run import finetune, workdir as workdir_lib
 from llm_jax.models import flops
@@ -138,7 +137,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len, cfg.data.target_len)
   peak = flops.device_peak_flops()
-  profile = _Profile(cfg.train.profile_steps, os.path.join(workdir, TENSORBOARD_DIR), progress.write)
+  profile = _Profile(cfg.train.profile_steps, storage.join(workdir, TENSORBOARD_DIR), progress.write)
   _say(f'training {end - start} steps on {len(jax.devices())} device(s), mesh {dict(mesh.shape)}, '
        f'{flops_per_token / 1e6:,.1f} MFLOPs/token'
        + ('' if peak else f' (MFU not reported: no known peak for {jax.devices()[0].device_kind})'))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 
 import jax
 
+from llm_jax import storage
 from llm_jax.train import tensorboard
 from llm_jax.run import workdir as workdir_lib
 from llm_jax.errors import UserError
@@ -35,9 +35,10 @@ class _Wandb:
       raise UserError(f'config key train.wandb_project={project!r} asks for Weights & Biases, but wandb is '
                       'not installed (pip install wandb)') from None
     # The same workdir is the same W&B run: a resumed run continues its curves instead of starting anew.
-    run_id = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
-    self._run = wandb.init(project=project, name=os.path.basename(os.path.abspath(workdir)), id=run_id,
-                           resume='allow', config=config, dir=workdir)
+    run_id = hashlib.sha1(storage.absolute(workdir).encode()).hexdigest()[:16]
+    # wandb keeps its files in a local directory: a workdir at a URL leaves them in wandb's default (./wandb).
+    self._run = wandb.init(project=project, name=storage.basename(storage.absolute(workdir)), id=run_id,
+                           resume='allow', config=config, dir=storage.local_path(workdir))
 
   def write(self, record: dict) -> None:
     self._run.log(_numbers(record), step=record['step'])
@@ -68,7 +69,7 @@ class Sinks:
     with self._io():
       self._sinks.append(workdir_lib.MetricsWriter(workdir))
       if train_cfg.tensorboard:
-        self._sinks.append(_TensorBoard(os.path.join(workdir, TENSORBOARD_DIR)))
+        self._sinks.append(_TensorBoard(storage.join(workdir, TENSORBOARD_DIR)))
     if train_cfg.wandb_project:
       self._sinks.append(_Wandb(train_cfg.wandb_project, workdir, config))
 

@@ -20,6 +20,8 @@ import socket
 import struct
 import time
 
+from llm_jax import storage
+
 # ---------------------------------------------------------------------------------------------------------
 # CRC-32C (Castagnoli), the checksum TFRecord uses: reflected polynomial 0x82F63B78.
 
@@ -95,13 +97,14 @@ def event(step: int, wall_time: float, summary: bytes | None = None, file_versio
 
 
 class EventWriter:
-  """Appends scalar events to a new `events.out.tfevents.*` file in `logdir`."""
+  """Appends scalar events to a new `events.out.tfevents.*` file in `logdir` (a local directory or a URL:
+  storage.Appender)."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    storage.makedirs(logdir)
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, 'ab')
+    self.path = storage.join(logdir, name)
+    self._file = storage.Appender(self.path)
     self._file.write(frame(event(0, time.time(), file_version='brain.Event:2')))
     self._file.flush()
 
