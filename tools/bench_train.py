@@ -200,19 +200,24 @@ def _measure(cfg, args) -> dict:
   jax.block_until_ready(metrics)
   windows = max(1, args.windows)
   per_window = max(1, args.steps // windows)
-  window_ms = []
+  window_ms, cpu_ms = [], []
   for _ in range(windows):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(per_window):
       state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     window_ms.append((time.perf_counter() - start) * 1e3 / per_window)
+    cpu_ms.append((time.process_time() - cpu_start) * 1e3 / per_window)
   step_ms = statistics.median(window_ms)
   tokens_per_sec = B * T / (step_ms / 1e3)
   peak = flops.device_peak_flops(devices)
   mfu = flops.mfu(tokens_per_sec, fpt, len(devices), peak)
   out.update({'step_ms': round(step_ms, 3), 'window_ms': [round(w, 3) for w in window_ms],
-              'timed_steps': per_window * windows, 'tokens_per_sec': round(tokens_per_sec),
+              'timed_steps': per_window * windows,
+              # CPU time this process used per step (all its threads): over step_ms, how many cores were busy.
+              # Less disturbed than wall time by other work on a shared machine.
+              'cpu_ms': round(statistics.median(cpu_ms), 3),
+              'cores_busy': round(statistics.median(c / w for c, w in zip(cpu_ms, window_ms)), 2), 'tokens_per_sec': round(tokens_per_sec),
               'peak_flops': peak, 'mfu': None if mfu is None else round(mfu, 4),
               'loss': round(float(metrics['loss']), 4)})
   stats = getattr(devices[0], 'memory_stats', lambda: None)()
