@@ -141,6 +141,7 @@ class SlotEngine:
     self._generate = jax.jit(functools.partial(_generate, *statics, context),
                              static_argnames=('stages', 'rows'), donate_argnums=(1,))
     self._active: list[Job | None] = [None] * self.slots
+    self._pending = None  # (the outputs of the step started last, the job in each of its slots then)
     self._waiting: deque = deque()
     self._scoring: deque = deque()  # (sequences, concurrent Future)
     self._lock = threading.Condition()
@@ -204,8 +205,11 @@ class SlotEngine:
         self._admit()
         if any(self._active):
           self._step()
+        else:
+          self._pending = None  # a step started for jobs that have all ended since
       except Exception as e:  # noqa: BLE001 - a device failure fails the requests in flight, not the server
         traceback.print_exc(file=sys.stderr)
+        self._pending = None
         for i, job in enumerate(self._active):
           if job is not None:
             self._active[i] = None
@@ -245,6 +249,10 @@ class SlotEngine:
     self._emit(slot, [np.asarray(a)[0] for a in sharding.fetch(out)])
 
   def _step(self) -> None:
+    """Start the next decode step, then hand out the tokens of the one before while the device computes it:
+    the host's per-token work (reading tokens, stop strings, the requests' callbacks) overlaps the step
+    instead of following it. A job that ends on those tokens has its slot computed once more, and that
+    output is dropped: `_pending` remembers which job each slot held when its step started."""
     live = [j for j in self._active if j is not None]
     self.most_active = max(self.most_active, len(live))
     last = max(i for i, j in enumerate(self._active) if j is not None)
@@ -252,9 +260,18 @@ class SlotEngine:
     self._state, out = self._generate(self.engine.params, self._state,
                                       stages=Stages.of([j.params for j in live]), rows=rows)
     self.steps += 1
+    self._flush()
+    self._pending = (out, list(self._active[:rows]))
+
+  def _flush(self) -> None:
+    """Hand out the tokens of the step started last, to the jobs still in the slots they had then."""
+    if self._pending is None:
+      return
+    out, jobs = self._pending
+    self._pending = None
     token_B, logprob_B, top_Bk, top_logprob_Bk = sharding.fetch(out)
-    for slot, job in enumerate(self._active[:rows]):
-      if job is not None:
+    for slot, job in enumerate(jobs):
+      if job is not None and self._active[slot] is job:
         self._emit(slot, (token_B[slot], logprob_B[slot], top_Bk[slot], top_logprob_Bk[slot]))
 
   def _emit(self, slot: int, out) -> None:

@@ -2,13 +2,13 @@
 into engine jobs, and the tokens that come back turned into the OpenAI answer, whole or streamed.
 
 Every continuation (a prompt times `n`) is a job of the continuous-batching engine (infer/slots.py), which
-calls back with each new token; the request's coroutine receives them through an asyncio queue. A streamed
-choice shows its text as it grows, less what may still turn into a stop string; the final text is what
-inference.to_completion makes of the tokens, exactly as for the offline path, so streaming and not give the
-same text. `echo` + `logprobs` score the prompt through the same engine thread. A request that is not valid
-JSON or has a bad field is an ApiError (400) before any device work; a client that goes away cancels its jobs
-(their slots are freed before the next step); a failure on the device fails the requests in it (500) and the
-server keeps serving.
+calls back with each new token; the request's coroutine drains them from its inbox (_Inbox), woken once per
+decode step at most. A streamed choice shows its text as it grows, less what may still turn into a stop
+string; the final text is what inference.to_completion makes of the tokens, exactly as for the offline path,
+so streaming and not give the same text. `echo` + `logprobs` score the prompt through the same engine thread.
+A request that is not valid JSON or has a bad field is an ApiError (400) before any device work; a client that
+goes away cancels its jobs (their slots are freed before the next step); a failure on the device fails the
+requests in it (500) and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import re
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from llm_jax.errors import UserError
@@ -43,6 +44,39 @@ class _Choice:
   reason: str | None = None
   shown: str = ''  # the text streamed so far
   passages: list | None = None  # serve --retrieve: the passages put into this choice's prompt
+
+
+class _Inbox:
+  """Engine events for one request's coroutine. The engine's thread appends (a deque's append is atomic) and
+  wakes the coroutine at most once until it next drains: a streamed request is woken once per decode step
+  whatever its number of choices, a whole answer only when a choice is done, instead of one event-loop
+  wakeup (a write to its self-pipe) per token per choice."""
+
+  def __init__(self, loop, wake_on_tokens: bool):
+    self.loop, self.wake_on_tokens = loop, wake_on_tokens
+    self.events: deque = deque()
+    self.ready = asyncio.Event()
+    self._armed = True
+
+  def put(self, *event) -> None:  # the engine's thread
+    self.events.append(event)
+    # Appended before the check, drained after re-arming (below): no event is left without a wakeup.
+    if self._armed and (self.wake_on_tokens or event[0] == 'done'):
+      self._armed = False
+      self.loop.call_soon_threadsafe(self.ready.set)
+
+  async def drain(self, timeout: float | None = None) -> list:
+    """The events so far, after waiting (up to `timeout` seconds; then maybe none) for a wakeup."""
+    try:
+      await asyncio.wait_for(self.ready.wait(), timeout)
+    except asyncio.TimeoutError:
+      pass
+    self.ready.clear()
+    self._armed = True
+    out = []
+    while self.events:
+      out.append(self.events.popleft())
+    return out
 
 
 class App:
@@ -108,15 +142,14 @@ class App:
                                passages=None if passages is None else passages[k]))
     return parsed, choices
 
-  def _start(self, choices: list[_Choice], n: int, queue: asyncio.Queue) -> int:
-    """Submit every choice that generates; the number submitted. Events arrive on `queue`."""
-    loop = asyncio.get_running_loop()
+  def _start(self, choices: list[_Choice], n: int, inbox: _Inbox) -> int:
+    """Submit every choice that generates; the number submitted. Events arrive in `inbox`."""
     started = 0
     for c in choices:
       if not c.max_new:
         c.reason = 'length'
         continue
-      put = lambda *event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
+      put = inbox.put
       c.job = self.engine.submit(slots.Job(
           c.ids, c.sampling, c.index % n,
           on_token=lambda t, lp, top, top_lp, c=c, put=put: put('token', c, t, lp, top, top_lp),
@@ -148,18 +181,16 @@ class App:
 
   async def answer(self, parsed, choices, disconnected=None) -> dict | None:
     """The whole answer, or None if the client went away first (its jobs are cancelled)."""
-    queue: asyncio.Queue = asyncio.Queue()
+    inbox = _Inbox(asyncio.get_running_loop(), wake_on_tokens=False)
     try:
-      remaining = self._start(choices, parsed.n, queue)
+      remaining = self._start(choices, parsed.n, inbox)
       while remaining:
-        try:
-          event = await asyncio.wait_for(queue.get(), POLL_S)
-        except asyncio.TimeoutError:
-          if disconnected is not None and await disconnected():
-            return None
-          continue
-        remaining -= event[0] == 'done'
-        self._take(event)
+        events = await inbox.drain(POLL_S)
+        if not events and disconnected is not None and await disconnected():
+          return None
+        for event in events:
+          remaining -= event[0] == 'done'
+          self._take(event)
     finally:
       self._cancel(choices)
     out = [openai_api.choice(parsed, c.index, self._text(parsed, c), c.reason, await self._logprobs(parsed, c))
@@ -221,7 +252,7 @@ class App:
   async def stream(self, parsed, choices):
     """Server-sent events: a chunk per new piece of text of each choice, its finish reason, then usage and
     [DONE]. The jobs start when the response does; closing the stream (the client left) cancels them."""
-    queue: asyncio.Queue = asyncio.Queue()
+    inbox = _Inbox(asyncio.get_running_loop(), wake_on_tokens=True)
     head = {'id': f'{"chatcmpl" if parsed.chat else "cmpl"}-{uuid.uuid4().hex[:24]}', 'created': int(time.time()),
             'model': self.model_name, 'object': 'chat.completion.chunk' if parsed.chat else 'text_completion'}
 
@@ -234,7 +265,7 @@ class App:
       return f'data: {json.dumps({**head, "choices": [one]})}\n\n'
 
     try:
-      remaining = self._start(choices, parsed.n, queue)
+      remaining = self._start(choices, parsed.n, inbox)
       for c in choices:
         if parsed.chat:
           yield event(c, '', role=True)
@@ -243,19 +274,23 @@ class App:
         if c.job is None:
           yield event(c, '', c.reason, await self._logprobs(parsed, c))
       while remaining:
-        ev = await queue.get()
-        try:
-          c = self._take(ev)
-        except Exception as e:  # noqa: BLE001 - headers are sent: the failure goes into the stream
-          yield f'data: {json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "code": 500}})}\n\n'
-          return
-        if ev[0] == 'token':
+        grown = {}  # the choices with new tokens in this batch of events, in order
+        for ev in await inbox.drain():
+          try:
+            c = self._take(ev)
+          except Exception as e:  # noqa: BLE001 - headers are sent: the failure goes into the stream
+            yield f'data: {json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "code": 500}})}\n\n'
+            return
+          if ev[0] == 'token':
+            grown[c.index] = c
+            continue
+          grown.pop(c.index, None)
+          remaining -= 1
+          yield event(c, self._delta(c, final=True), c.reason, await self._logprobs(parsed, c))
+        for c in grown.values():
           delta = self._delta(c, final=False)
           if delta:
             yield event(c, delta)
-        else:
-          remaining -= 1
-          yield event(c, self._delta(c, final=True), c.reason, await self._logprobs(parsed, c))
       prompt, completion = self._prompt_tokens(parsed, choices), sum(len(c.tokens) for c in choices)
       usage = {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
       yield f'data: {json.dumps({**head, "choices": [], "usage": usage})}\n\n'
