@@ -66,6 +66,9 @@ def _parse(argv):
   p.add_argument('--xla_flags', default='none', choices=sorted(XLA_FLAG_SETS))
   p.add_argument('--name', default='', help='a label copied into the JSON line (the sweep names its runs)')
   p.add_argument('--lower_only', action='store_true', help="compile abstract inputs: XLA's cost and memory")
+  p.add_argument('--op_profile', type=int, default=0, metavar='STEPS',
+                 help='after timing, trace STEPS more steps with the JAX profiler and add where the time went '
+                      '(milliseconds per step by part of the model and by kind of XLA op) to the JSON line')
   p.add_argument('--ratio', nargs=2, metavar=('OURS', 'REFERENCE'), help='JSON-lines files to compare')
   args, extra = p.parse_known_args(argv)
   from llm_jax.cli import split_config_overrides
@@ -220,10 +223,52 @@ def _measure(cfg, args) -> dict:
               'cores_busy': round(statistics.median(c / w for c, w in zip(cpu_ms, window_ms)), 2), 'tokens_per_sec': round(tokens_per_sec),
               'peak_flops': peak, 'mfu': None if mfu is None else round(mfu, 4),
               'loss': round(float(metrics['loss']), 4)})
+  if args.op_profile:
+    out['op_profile'] = _op_profile(compiled, state, batch, args.op_profile)
   stats = getattr(devices[0], 'memory_stats', lambda: None)()
   if stats and 'peak_bytes_in_use' in stats:
     out['peak_memory_gib'] = round(stats['peak_bytes_in_use'] / 2**30, 2)
   return out
+
+
+def _op_profile(compiled, state, batch, steps: int) -> dict:
+  """Milliseconds per step of the compiled step's ops, as the profiler's trace times them, summed by the part
+  of the model their HLO metadata names (attention, MLP, norms, the output projection and loss, the optimizer)
+  and forward or backward, and by kind of XLA op (fusion kinds; a dot or a library call is a matmul). Ops that
+  run at the same time both count, so the sums can exceed the step's wall time; the gap below it is time no
+  op was running (waits between ops)."""
+  import collections
+  import glob
+  import gzip
+  import re
+  import tempfile
+  import jax
+  meta = {}
+  for line in compiled.as_text().splitlines():
+    m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', line)
+    if m:
+      meta[m.group(1)] = m.group(2)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(steps):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+    trace = json.load(gzip.open(glob.glob(os.path.join(d, '**', '*perfetto_trace.json.gz'), recursive=True)[0]))
+  by_part, by_kind = collections.Counter(), collections.Counter()
+  for e in trace['traceEvents'] if isinstance(trace, dict) else trace:
+    name = e.get('name', '')
+    if e.get('ph') != 'X' or name not in meta or name.startswith(('while', 'conditional', 'call')):
+      continue  # a loop's or call's own event spans the ops inside it, which count themselves
+    op = meta[name]
+    where = next((part for key, part in (('/attn', 'attention'), ('norm', 'norms'), ('/mlp', 'mlp'),
+                                         ('BTV', 'output and loss'), ('Decoder', 'other model')) if key in op),
+                 'loss and optimizer')
+    by_part[f'{where} ({"backward" if "transpose(" in op else "forward"})'] += e['dur']
+    kind = re.sub(r'\.\d+$', '', name)
+    by_kind['matmul' if kind in ('dot', 'ynn_fusion', 'xnn_fusion') else kind] += e['dur']
+  per_step = lambda c: {k: round(v / steps / 1e3, 2) for k, v in c.most_common(12)}  # noqa: E731
+  return {'steps': steps, 'by_part_ms': per_step(by_part), 'by_kind_ms': per_step(by_kind),
+          'ops_ms': round(sum(by_part.values()) / steps / 1e3, 1)}
 
 
 def _xla_analysis(compiled, model_flops_per_step: float) -> dict:
