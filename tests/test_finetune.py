@@ -168,6 +168,20 @@ def test_init_from_loads_params_and_grows_the_vocabulary(pretrained, tmp_path):
   np.testing.assert_array_equal(np.asarray(grown['layers']['mlp']['up']), np.asarray(old['layers']['mlp']['up']))
 
 
+def test_init_from_reads_a_scanned_run_into_unrolled_layers(pretrained):
+  # The Quick start's recipe unrolls its layers; runs trained scanned (the tests' tiny:tiny, older demos)
+  # still fine-tune with it: the same weights, one layer per entry.
+  cfg = finetune.resolve(sft_config(pretrained, 'unused.jsonl', ('model.scan_layers', 'False')))
+  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+  from llm_jax.train.state import param_shardings
+  unrolled, _ = params_lib.from_init(cfg, mesh, rules, param_shardings(build_model(cfg.model), mesh, rules))
+  old = inference.load_run(pretrained).params
+  assert 'layers' not in unrolled and sorted(k for k in unrolled if k.startswith('layers_')) == ['layers_0', 'layers_1']
+  for i in range(2):
+    np.testing.assert_array_equal(np.asarray(unrolled[f'layers_{i}']['attn']['q']),
+                                  np.asarray(old['layers']['attn']['q'])[i])
+
+
 def test_init_from_refuses_another_architecture_naming_the_key(pretrained):
   with pytest.raises(UserError, match=r'model.num_layers=3 differs from the pretrained model .*\(2\)'):
     finetune.resolve(sft_config(pretrained, 'x.jsonl', ('model.num_layers', '3')))

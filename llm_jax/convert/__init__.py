@@ -14,7 +14,6 @@ nothing behind.
 from __future__ import annotations
 
 import os
-import re
 
 import jax
 import ml_collections
@@ -24,6 +23,7 @@ from llm_jax import atomic, config as config_lib
 from llm_jax.convert import bert, gemma2, gpt2, hf_files, llama, mistral, qwen2, qwen3, t5, tokenizer_files
 from llm_jax.convert.mapping import HFConfig, flatten, read_params, write_tensors
 from llm_jax.errors import UserError
+from llm_jax.run.params import from_layout, to_layout  # noqa: F401 (convert.to_layout: the tests' name)
 
 # In the order `to_hf` tries them: a model that fits LLaMA is written as LLaMA.
 ARCHITECTURES = {a.MODEL_TYPE: a for a in (llama, gpt2, bert, t5, qwen2, qwen3, mistral, gemma2)}
@@ -57,38 +57,6 @@ def _abstract(model_cfg) -> dict:
   model = build_model(_scanned(model_cfg))
   shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
   return {path: s.shape for path, s in flatten(shapes).items()}
-
-
-_UNROLLED = re.compile(r'^(.*)_(\d+)$')
-
-
-def to_layout(params: dict, scan_layers: bool) -> dict:
-  """Scanned params as the run stores them: unchanged, or `layers` unrolled into `layers_0`, `layers_1`..."""
-  if scan_layers:
-    return params
-  out = {}
-  for key, value in params.items():
-    if key.endswith('layers') and isinstance(value, dict):
-      for i in range(jax.tree.leaves(value)[0].shape[0]):
-        out[f'{key}_{i}'] = jax.tree.map(lambda a, i=i: a[i], value)
-    else:
-      out[key] = value
-  return out
-
-
-def from_layout(params: dict) -> dict:
-  """The inverse of `to_layout`: unrolled layers stacked again."""
-  groups: dict[str, dict[int, dict]] = {}
-  out = {}
-  for key, value in params.items():
-    m = _UNROLLED.match(key)
-    if m and m.group(1).endswith('layers') and isinstance(value, dict):
-      groups.setdefault(m.group(1), {})[int(m.group(2))] = value
-    else:
-      out[key] = value
-  for key, layers in groups.items():
-    out[key] = jax.tree.map(lambda *a: np.stack(a), *[layers[i] for i in sorted(layers)])
-  return out
 
 
 def check_output(output: str) -> None:
@@ -197,7 +165,7 @@ def to_hf(workdir: str, output: str) -> dict:
   rules = sharding.rules_from_config(mesh_cfg)
   # The newest step that reads (a damaged one is passed over with a warning); a LoRA run's adapters folded in.
   step, params = params_lib.restore(workdir, mesh, rules, cfg, merge_lora=True)
-  params = from_layout(jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params))
+  params = from_layout(jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params), np.stack)
   m = cfg.model
   tensors = write_tensors(arch.table(m), params)
   if arch is bert:

@@ -2,13 +2,13 @@
 new data stream; its tokenizer; its architecture.
 
 The new run's model must be the pretrained one. Keys that change no parameter shape or meaning may differ
-(FREE_KEYS: dropout, dtypes, remat, LoRA), and `model.vocab_size` is set here, not by the recipe: the
-pretrained table's size, grown when the objective reserves ids past the tokenizer's pieces that the table
-has no rows for (the chat template's role markers, data/chat.py). New embedding rows (output columns) are
-drawn around the mean of the old ones with their per-dimension spread (Hewitt 2021, "Initializing new word
-embeddings"): each marker starts as a plausible, ordinary token whose logit is near the mean logit, never an
-outlier that dominates the softmax, and the markers differ from each other from the first step, which matters
-most under LoRA, where these rows stay frozen.
+(FREE_KEYS: dropout, dtypes, remat, LoRA, layers scanned or unrolled), and `model.vocab_size` is set here, not
+by the recipe: the pretrained table's size, grown when the objective reserves ids past the tokenizer's pieces
+that the table has no rows for (the chat template's role markers, data/chat.py). New embedding rows (output
+columns) are drawn around the mean of the old ones with their per-dimension spread (Hewitt 2021, "Initializing
+new word embeddings"): each marker starts as a plausible, ordinary token whose logit is near the mean logit,
+never an outlier that dominates the softmax, and the markers differ from each other from the first step, which
+matters most under LoRA, where these rows stay frozen.
 
 The resolved config (grown vocabulary, the tokenizer copied into the new workdir) is what the new run saves,
 so `eval`, `generate` and `chat` read the new workdir alone; only a LoRA run reads `init_from` again, for
@@ -27,7 +27,7 @@ from llm_jax.run import params as params_lib, workdir as workdir_lib
 from llm_jax.data import objectives, tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 
-FREE_KEYS = ('vocab_size', 'dropout_rate', 'dtype', 'logits_dtype', 'remat', 'init_std', 'lora')
+FREE_KEYS = ('vocab_size', 'dropout_rate', 'dtype', 'logits_dtype', 'remat', 'init_std', 'lora', 'scan_layers')
 
 
 def resolve_train_config(workdir: str, spec: str | None, overrides: Sequence[tuple[str, str]]):

@@ -9,6 +9,7 @@ rank), giving the params of the plain architecture; that is how `init_from` and 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -21,6 +22,39 @@ from llm_jax.run import lora
 from llm_jax.run import workdir as workdir_lib
 from llm_jax.run.checkpoint import open_for_reading
 from llm_jax.train.state import abstract_params
+
+
+_UNROLLED = re.compile(r'^(.*)_(\d+)$')
+
+
+def to_layout(params: dict, scan_layers: bool) -> dict:
+  """Scanned params (layers stacked on a leading axis) in a run's layout: unchanged, or `layers` unrolled into
+  `layers_0`, `layers_1`... (model.scan_layers False)."""
+  if scan_layers:
+    return params
+  out = {}
+  for key, value in params.items():
+    if key.endswith('layers') and isinstance(value, dict):
+      for i in range(jax.tree.leaves(value)[0].shape[0]):
+        out[f'{key}_{i}'] = jax.tree.map(lambda a, i=i: a[i], value)
+    else:
+      out[key] = value
+  return out
+
+
+def from_layout(params: dict, stack=jnp.stack) -> dict:
+  """The inverse of `to_layout`: unrolled layers stacked again."""
+  groups: dict[str, dict[int, dict]] = {}
+  out = {}
+  for key, value in params.items():
+    m = _UNROLLED.match(key)
+    if m and m.group(1).endswith('layers') and isinstance(value, dict):
+      groups.setdefault(m.group(1), {})[int(m.group(2))] = value
+    else:
+      out[key] = value
+  for key, layers in groups.items():
+    out[key] = jax.tree.map(lambda *a: stack(a), *[layers[i] for i in sorted(layers)])
+  return out
 
 
 def restore(workdir: str, mesh, rules, cfg=None, merge_lora: bool = False) -> tuple[int, Any]:
@@ -71,6 +105,8 @@ def from_init(cfg, mesh, rules, target_shardings) -> tuple[Any, int]:
   pre = pretrained_config(cfg.init_from)
   step, params = restore(cfg.init_from, mesh, rules, pre, merge_lora=True)
   vocab = cfg.model.vocab_size
+  if pre.model.scan_layers != cfg.model.scan_layers:  # the same weights, layers stacked or one by one
+    params = to_layout(params, False) if pre.model.scan_layers else from_layout(params)
 
   def grow(p, rng):
     p = dict(p)
