@@ -4,9 +4,9 @@ enter and leave between decode steps (the prefill / insert / generate split of J
 Letters as in decode.py; B slots (padded to what the mesh's batch shards divide), C the context (data.seq_len),
 P a prompt's padded length, k the top alternatives returned per token.
 
-  prefill + insert  one compiled program per prompt bucket (P a multiple of 64): runs the prompt through the
-                    model into a one-row cache of length C, writes that row into slot `slot` of the state and
-                    chooses the first new token. `slot` is traced: any slot, no recompiling.
+  prefill + insert  one compiled program per prompt bucket (P: decode.padded_length): runs the prompt
+                    through the model into a one-row cache of length C, writes that row into slot `slot` of
+                    the state and chooses the first new token. `slot` is traced: any slot, no recompiling.
   generate          feeds each slot's last token at its own position and chooses each slot's next token,
                     over the first R slots, R the power of two that covers the busy ones (new requests take
                     the lowest free slot): one program per R, so one client does not pay for 32 slots. Free
@@ -142,6 +142,7 @@ class SlotEngine:
                              static_argnames=('stages', 'rows'), donate_argnums=(1,))
     self._active: list[Job | None] = [None] * self.slots
     self._pending = None  # (the outputs of the step started last, the job in each of its slots then)
+    self._first: list = []  # (prefill outputs, slot, job) of the jobs inserted since the last step started
     self._waiting: deque = deque()
     self._scoring: deque = deque()  # (sequences, concurrent Future)
     self._lock = threading.Condition()
@@ -156,7 +157,7 @@ class SlotEngine:
     clients do not wait for compiles. Call before serving: it writes only into free slots."""
     eng, greedy = self.engine, Stages.of([SamplingParams()])
     knobs = {k: eng.put(v, (None,)) for k, v in sampling.knob_arrays([SamplingParams()], 1).items()}
-    for P in range(64, -(-self.context // 64) * 64 + 1, 64):
+    for P in eng.prompt_buckets(self.context):
       self._state, _ = self._prefill(eng.params, self._state, eng.put(np.ones((1, P), np.int32), (None, None)),
                                      jnp.int32(1), jnp.int32(0), knobs, jnp.int32(0), jnp.int32(0), stages=greedy)
     rows = {min(self.slots, eng.padded_rows(n)) for n in range(1, self.usable + 1)}
@@ -206,10 +207,10 @@ class SlotEngine:
         if any(self._active):
           self._step()
         else:
-          self._pending = None  # a step started for jobs that have all ended since
+          self._pending, self._first = None, []  # started for jobs that have all ended since
       except Exception as e:  # noqa: BLE001 - a device failure fails the requests in flight, not the server
         traceback.print_exc(file=sys.stderr)
-        self._pending = None
+        self._pending, self._first = None, []
         for i, job in enumerate(self._active):
           if job is not None:
             self._active[i] = None
@@ -246,7 +247,7 @@ class SlotEngine:
         eng.params, self._state, eng.put(prompt_BP, (None, None)), jnp.int32(length_B[0]), jnp.int32(slot),
         knobs, jnp.int32(p.seed), jnp.int32(job.sample), stages=Stages.of([p]))
     self._active[slot] = job
-    self._emit(slot, [np.asarray(a)[0] for a in sharding.fetch(out)])
+    self._first.append((out, slot, job))  # handed out with the next step's flush, as that step runs
 
   def _step(self) -> None:
     """Start the next decode step, then hand out the tokens of the one before while the device computes it:
@@ -264,15 +265,20 @@ class SlotEngine:
     self._pending = (out, list(self._active[:rows]))
 
   def _flush(self) -> None:
-    """Hand out the tokens of the step started last, to the jobs still in the slots they had then."""
-    if self._pending is None:
-      return
-    out, jobs = self._pending
-    self._pending = None
-    token_B, logprob_B, top_Bk, top_logprob_Bk = sharding.fetch(out)
-    for slot, job in enumerate(jobs):
-      if job is not None and self._active[slot] is job:
-        self._emit(slot, (token_B[slot], logprob_B[slot], top_Bk[slot], top_logprob_Bk[slot]))
+    """Hand out the tokens of the step started before the last one, then the first tokens of the jobs
+    inserted since (their second comes from the step just started, handed out next time), each to a job
+    still in the slot it had then."""
+    pending, first = self._pending, self._first
+    self._pending, self._first = None, []
+    if pending is not None:
+      out, jobs = pending
+      token_B, logprob_B, top_Bk, top_logprob_Bk = sharding.fetch(out)
+      for slot, job in enumerate(jobs):
+        if job is not None and self._active[slot] is job:
+          self._emit(slot, (token_B[slot], logprob_B[slot], top_Bk[slot], top_logprob_Bk[slot]))
+    for out, slot, job in first:
+      if self._active[slot] is job:
+        self._emit(slot, [np.asarray(a)[0] for a in sharding.fetch(out)])
 
   def _emit(self, slot: int, out) -> None:
     """Hand one new token to its job and end the job if it stops there (decode.py's order: a stop before
