@@ -65,7 +65,7 @@ def main() -> None:
   p.add_argument('--batch_size', type=int, default=16)
   p.add_argument('--shards', type=int, default=8)
   p.add_argument('--workers', default='0,1,2', help='comma-separated worker counts to try')
-  p.add_argument('--prefetch', type=int, default=64)
+  p.add_argument('--prefetch', type=int, default=16, help="data.prefetch (the config's default)")
   p.add_argument('--vocab_size', type=int, default=4096)
   p.add_argument('--seconds', type=float, default=20.0)
   p.add_argument('--row_group', type=int, default=64, help='(c): rows per Parquet row group')

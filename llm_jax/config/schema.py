@@ -101,7 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.tfds_heldout_split = ''  # '' takes the first of heldout / validation / test the dataset has
   d.shards = 8  # logical data shards: fixed for a run, a multiple of the process count, divides batch_size
   d.workers = 0  # worker processes that read and tokenize (0: in the training process)
-  d.prefetch = 64  # documents read ahead per shard
+  # Documents read ahead per shard. 16 keeps the text path's tokenizing threads busy, and a prepared source's
+  # cheap reads are not slowed by grain scanning a longer buffer at every element (BENCHMARKS.md, input pipeline).
+  d.prefetch = 16
   d.heldout_percent = 5  # share held out: documents chosen by a hash of their name, or with too few
   # documents for that the last heldout_percent% of each by position (data/splitting.py)
   d.heldout_source = ''  # a source of its own for the held-out split ('' splits data.source); when set,
