@@ -43,6 +43,19 @@ def test_smoke_tiny_step(capsys):
   assert r['flops_per_token'] == flops.flops_per_token(config_lib.load(_recipe('gpt2_124m', 'tiny')).model, 64)
 
 
+def test_op_profile_says_where_the_step_time_went(capsys):
+  bench = _bench()
+  assert bench.main(['--config=tiny:tiny', '--steps=2', '--warmup=1', '--windows=1', '--op_profile=2']) == 0
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert 0 < r['cpu_ms'] and r['cores_busy'] > 0
+  profile = r['op_profile']
+  parts, kinds = profile['by_part_ms'], profile['by_kind_ms']
+  # The step's matmuls and both passes of attention and the MLP are found in the trace by their HLO names.
+  assert kinds.get('matmul', 0) > 0 and profile['ops_ms'] > 0
+  assert {'attention (forward)', 'attention (backward)', 'mlp (forward)', 'mlp (backward)'} <= set(parts)
+  assert sum(parts.values()) <= profile['ops_ms'] * 1.01  # the top entries of the total, never more
+
+
 @pytest.mark.parametrize('name,L,d,h,T,V,ffn,gated,B', [
     ('gpt2_124m', 12, 768, 12, 1024, 50304, 3072, False, 16),
     ('llama_1b', 16, 2048, 16, 2048, 32000, 5632, True, 8),
