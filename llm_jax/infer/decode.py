@@ -236,8 +236,7 @@ class Engine:
 
   def prompt_buckets(self, longest: int) -> list[int]:
     """Every padded length of prompts up to `longest` tokens (what a server compiles ahead)."""
-    return sorted({self.padded_length(n) for n in [*SHORT_BUCKETS, *range(64, longest + 64, 64)] if n <= longest}
-                  | {self.padded_length(longest)})
+    return sorted({self.padded_length(n) for n in range(1, longest + 1)})
 
   def prompts(self, token_lists: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded [rows, P] prompts (P from padded_length) and their lengths; padding rows hold one token."""
