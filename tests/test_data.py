@@ -2,6 +2,8 @@
 
 import itertools
 
+import time
+
 import numpy as np
 import pytest
 
@@ -193,22 +195,56 @@ def test_gathered_state_of_one_process_is_its_local_state(tokenizer, small_corpu
   assert pipeline.gather_states(stream.local_state()) == stream.local_state()
 
 
-def test_worker_processes_change_speed_not_batches(tokenizer, small_corpus):
-  cfg = corpus_config(small_corpus)
-  inline = pipeline.TrainStream(cfg.data, tokenizer, seed=0)
-  workers = pipeline.TrainStream(corpus_config(small_corpus, ('data.workers', '1'), ('data.prefetch', '4')).data,
-                                 tokenizer, seed=0)
+@pytest.mark.parametrize('reader', [('data.workers', '1'), ('data.prefetch', '5')], ids=['process', 'thread'])
+def test_reading_ahead_changes_speed_not_batches(tokenizer, small_corpus, reader):
+  """A worker process, or the reading thread (workers=0, prefetch > 0, chunks of an odd size), against reading
+  each document when the packer asks for it (prefetch=0): the same batches, before and after a resume."""
+  inline = pipeline.TrainStream(corpus_config(small_corpus, ('data.prefetch', '0')).data, tokenizer, seed=0)
+  ahead = pipeline.TrainStream(corpus_config(small_corpus, reader, ('data.prefetch', '5')).data, tokenizer, seed=0)
   try:
     for _ in range(3):
-      a, b = next(inline), next(workers)
+      a, b = next(inline), next(ahead)
       for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     state = inline.get_state()
-    workers.set_state(state)
+    next(ahead)  # moves on: the resume below must re-position its feeds
+    ahead.set_state(state)
     inline.set_state(state)
-    np.testing.assert_array_equal(next(inline)['inputs'], next(workers)['inputs'])
+    np.testing.assert_array_equal(next(inline)['inputs'], next(ahead)['inputs'])
   finally:
-    workers.close()
+    ahead.close()
+    inline.close()
+
+
+def test_reading_thread_reads_ahead_in_order_up_to_a_limit():
+  import threading
+  from llm_jax.data.workers import Feeds
+
+  class Recorder:
+    """A dataset that notes which thread read each element."""
+
+    def __init__(self):
+      self.readers = {}
+
+    def __getitem__(self, k):
+      self.readers[k] = threading.current_thread().name
+      return k * 10
+
+  data = Recorder()
+  feeds = Feeds([data], workers=0, prefetch=8)
+  try:
+    feed = feeds.feed(0, 3, limit=40)
+    assert next(feed) == 30
+    deadline = time.monotonic() + 10
+    while len(data.readers) < 8 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert len(data.readers) >= 8  # read ahead of what was asked for
+    assert [30] + list(feed) == [k * 10 for k in range(3, 40)]
+    names = set(data.readers.values())
+    assert len(names) == 1 and threading.main_thread().name not in names  # one reading thread
+    assert max(data.readers) == 39  # never past the limit
+  finally:
+    feeds.close()
 
 
 def test_eval_batches_pad_to_full_batches(tokenizer):

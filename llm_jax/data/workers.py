@@ -1,11 +1,13 @@
 """Reading ahead: the ordered document feeds the packers pull from.
 
-`data.workers = 0`: documents are read, tokenized and transformed in this process, `data.prefetch` of
-them ahead per shard by a grain prefetch thread (which overlaps file and TFDS reads; tokenization holds
-the GIL). `data.workers = N`: N worker processes (spawned, never forked from a process running JAX) share
-that work for all of this process's shards; each shard keeps `data.prefetch` documents in flight, in
-chunks, and takes results back in order. Either way element k of a shard is the same: the datasets are
-pure functions of the index (mixture.py), so the worker count changes speed, never the batches.
+`data.workers = 0`: documents are read, tokenized and transformed in this process. With `data.prefetch` > 0
+one reading thread, shared by all shards, keeps that many documents ahead per shard, in chunks: it overlaps
+file, TFDS and bucket reads with packing (tokenization holds the GIL, so it overlaps little else). A chunk
+per hand-over, not a document: a per-document hand-over (grain's prefetch, which this replaced, one thread
+per shard) cost prepared data half its speed in queueing and thread switches (BENCHMARKS.md, bench_data).
+`data.workers = N`: N worker processes (spawned, never forked from a process running JAX) share that work
+for all of this process's shards, the same way. Either way element k of a shard is the same: the datasets
+are pure functions of the index (mixture.py), so the worker count changes speed, never the batches.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import concurrent.futures
 import multiprocessing
 import pickle
 
-import grain
-
 _DATASETS = None  # in a worker process: the shard datasets, unpickled once
 
 
@@ -25,15 +25,18 @@ def _init_worker(payload: bytes) -> None:
   _DATASETS = pickle.loads(payload)
 
 
-def _read_chunk(shard: int, start: int, count: int) -> list:
-  ds = _DATASETS[shard]
+def _read_chunk(shard: int, start: int, count: int, datasets: list | None = None) -> list:
+  """Elements [start, start + count) of a shard's dataset: in a worker process its own unpickled copy, in a
+  reading thread the training process's (`datasets`)."""
+  ds = (_DATASETS if datasets is None else datasets)[shard]
   return [ds[k] for k in range(start, start + count)]
 
 
 class _PoolFeed:
+  """A shard's elements from `start` (up to `limit`), read ahead by an executor in chunks, taken in order."""
 
-  def __init__(self, pool, shard: int, start: int, prefetch: int, limit: int | None):
-    self._pool, self._shard, self._limit = pool, shard, limit
+  def __init__(self, pool, shard: int, start: int, prefetch: int, limit: int | None, datasets: list | None = None):
+    self._pool, self._shard, self._limit, self._datasets = pool, shard, limit, datasets
     self._chunk = max(1, prefetch // 4)
     self._depth = max(1, -(-prefetch // self._chunk))
     self._next = start
@@ -43,7 +46,7 @@ class _PoolFeed:
   def _submit(self) -> None:
     while len(self._pending) < self._depth and (self._limit is None or self._next < self._limit):
       count = self._chunk if self._limit is None else min(self._chunk, self._limit - self._next)
-      self._pending.append(self._pool.submit(_read_chunk, self._shard, self._next, count))
+      self._pending.append(self._pool.submit(_read_chunk, self._shard, self._next, count, self._datasets))
       self._next += count
 
   def __iter__(self):
@@ -73,8 +76,9 @@ class Feeds:
     datasets = list(datasets) + list(fallbacks or [])
     self._datasets = datasets
     self._prefetch = prefetch
-    self._pool = None
+    self._pool = None  # worker processes, or the one reading thread (made at the first feed)
     self._open: dict[int, _PoolFeed] = {}
+    self._workers = workers
     if workers > 0:
       ctx = multiprocessing.get_context('spawn')
       self._pool = concurrent.futures.ProcessPoolExecutor(
@@ -87,14 +91,15 @@ class Feeds:
     if position in self._open:
       self._open.pop(position).close()
     which = position + (self._count if fallback else 0)
-    if self._pool is not None:
+    if self._workers:
       feed = _PoolFeed(self._pool, which, start, self._prefetch, limit)
-    else:
+    elif self._prefetch <= 0:
       sliced = self._datasets[which][start:limit]
-      if self._prefetch <= 0:
-        return (sliced[k] for k in range(len(sliced)))
-      options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch)
-      feed = iter(sliced.to_iter_dataset(options))
+      return (sliced[k] for k in range(len(sliced)))
+    else:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='llm-jax-read')
+      feed = _PoolFeed(self._pool, which, start, self._prefetch, limit, self._datasets)
     self._open[position] = feed
     return feed
 
