@@ -101,6 +101,16 @@ def test_top_k_1_is_greedy_and_a_seed_fixes_the_sample():
   assert s0 == a and s1 != s0
 
 
+def test_greedy_pick_is_argmax_first_index_on_ties():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 300)).astype(np.float32)
+  logits[:8] = np.round(logits[:8])  # many ties for the largest value
+  logits[8, :] = 3.0  # all tied: the first
+  logits[9, [5, 200]] = np.inf
+  logits[10] = -np.inf
+  np.testing.assert_array_equal(np.asarray(jax.jit(sampling.first_max)(jnp.asarray(logits))), np.argmax(logits, -1))
+
+
 def _draws(**knobs):
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.PRNGKey(0), 200)
