@@ -163,7 +163,15 @@ def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, 
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  if T == 1:
+    # One query per row (a decode step): products summed over H read the cache once, in its own B S K H
+    # layout; as an einsum, XLA's CPU backend first copies every layer's cache into B K S H order for a
+    # batched matmul of one row, the largest cost of a decode step's attention in its profile.
+    f32 = jnp.float32
+    logits_BSKG = jnp.sum(q_BTKGH[:, 0, None].astype(f32) * k_BSKH[:, :, :, None].astype(f32), axis=-1)
+    logits_BKGTS = logits_BSKG.transpose(0, 2, 3, 1)[:, :, :, None]
+  else:
+    logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
   if scale is not False:
     logits_BKGTS = logits_BKGTS * logit_scale(scale, H)
   logits_BKGTS = softcap(logits_BKGTS, cap)
@@ -171,8 +179,12 @@ def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, 
     b, S = bias_BNTS.shape[0], bias_BNTS.shape[-1]
     logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(b, K, N // K, T, S).astype(jnp.float32)
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+  if T == 1:
+    probs_BSKG = probs_BKGTS[:, :, :, 0].transpose(0, 3, 1, 2)
+    out_BKGH = jnp.sum(probs_BSKG[..., None] * v_BSKH[:, :, :, None].astype(jnp.float32), axis=1)
+    return out_BKGH.astype(v_BSKH.dtype).reshape(B, T, N, H)
+  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
   return out_BTKGH.reshape(B, T, N, H)
 
 
@@ -232,13 +244,21 @@ def fused_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array
       is_causal=in_order, implementation=implementation)
 
 
-def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array) -> dict:
-  """Store new keys and values at each row's own positions (rows of a batch may be at different steps)."""
+def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array,
+                layer: int | None = None) -> dict:
+  """Store new keys and values at each row's own positions (rows of a batch may be at different steps); with
+  `layer`, into that layer of a cache stacked over layers, in place."""
   rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
+  at = (rows_B1, positions_BT) if layer is None else (layer, rows_B1, positions_BT)
   return {
-      'k': cache['k'].at[rows_B1, positions_BT].set(k_BTKH.astype(cache['k'].dtype), mode='drop'),
-      'v': cache['v'].at[rows_B1, positions_BT].set(v_BTKH.astype(cache['v'].dtype), mode='drop'),
+      'k': cache['k'].at[at].set(k_BTKH.astype(cache['k'].dtype), mode='drop'),
+      'v': cache['v'].at[at].set(v_BTKH.astype(cache['v'].dtype), mode='drop'),
   }
+
+
+def layer_of(a: Array, layer: int | None) -> Array:
+  """One layer of a cache stacked over layers (the cache itself when `layer` is None: it is that layer's)."""
+  return a if layer is None else a[layer]
 
 
 class Attention(nn.Module):
@@ -247,12 +267,15 @@ class Attention(nn.Module):
 
   Caches while decoding: self-attention writes each new key and value at its position; cross-attention
   stores the encoder's keys and values once (`kv_BSD` given with a cache: the prefill) and reads them on
-  every later step (`kv_BSD` None).
+  every later step (`kv_BSD` None). With `layer`, the cache given is every layer's, stacked on a leading
+  axis, and this layer reads and writes its own in place: unrolled layers (transformer.run_layers) then
+  neither slice the cache into layers nor stack it again, each a copy of the whole cache at every step.
   """
   cfg: Any
   causal: bool = True
   cross: bool = False
   prefill: bool = False  # the cache is empty and this call holds each row from position 0 (decode's prefill)
+  layer: int | None = None  # this layer's index in a cache stacked over layers (None: the cache is this layer's)
 
   def _kernel(self, name: str, heads: int, axis: str) -> Array:
     c = self.cfg
@@ -296,9 +319,11 @@ class Attention(nn.Module):
       if kv_BSD is not None:
         k_BSKH, v_BSKH = self._project_kv(kv_BSD)
         if cache is not None:
-          cache = {'k': k_BSKH.astype(cache['k'].dtype), 'v': v_BSKH.astype(cache['v'].dtype)}
+          put = ((lambda a, new: new.astype(a.dtype)) if self.layer is None
+                 else (lambda a, new: a.at[self.layer].set(new.astype(a.dtype))))
+          cache = {'k': put(cache['k'], k_BSKH), 'v': put(cache['v'], v_BSKH)}
       else:
-        k_BSKH, v_BSKH = cache['k'].astype(dtype), cache['v'].astype(dtype)
+        k_BSKH, v_BSKH = (layer_of(cache[n], self.layer).astype(dtype) for n in ('k', 'v'))
       k_BSKH = constrain(k_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))  # the whole encoder row, as above
       v_BSKH = constrain(v_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
       mask_BTS = kv_segment_ids_BS[:, None, :] == segment_ids_BT[:, :, None]
@@ -320,7 +345,7 @@ class Attention(nn.Module):
       k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
       v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
       if cache is not None:
-        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
+        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT, self.layer)
       if cache is None or (self.prefill and bias_BNTS is None):
         # Context parallelism: queries stay split over the sequence axis while keys and values are gathered
         # whole (`kv_seq` is never split), so each device attends its block of queries to the entire row.
@@ -333,11 +358,11 @@ class Attention(nn.Module):
         # A decode step's few queries against the cache: XLA's einsums (a flash kernel's tiles would be
         # almost empty). Cache slot s holds position s of its row. Every slot at or before a query's
         # position has been written by then (prompt or generated token), so position order alone is the mask.
-        B, S = cache['k'].shape[:2]
+        k_BSKH, v_BSKH = (layer_of(cache[n], self.layer).astype(dtype) for n in ('k', 'v'))
+        B, S = k_BSKH.shape[:2]
         slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
         mask_BTS = (slots_BS[:, None, :] <= positions_BT[:, :, None]) & in_window(positions_BT, slots_BS, window)
-        out_BTNH = dot_attention(q_BTNH, cache['k'].astype(dtype), cache['v'].astype(dtype), mask_BTS, bias_BNTS,
-                                 scale, c.attn_logit_softcap)
+        out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, c.attn_logit_softcap)
     out_BTNH = checkpoint_name(out_BTNH, 'attn_out')
     # GPT-2's scaled init of residual outputs keeps the residual stream's variance flat in depth.
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))

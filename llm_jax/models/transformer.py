@@ -37,13 +37,15 @@ class Block(nn.Module):
   dropout. Pre-norm normalises each branch's input (LLaMA, GPT-2, T5); post-norm normalises after each
   residual add (BERT). With `post_norms` each branch's output is normed too before the add (Gemma 2).
 
-  The cache holds this layer's self-attention `k`, `v` and, with `cross`, the encoder's `ck`, `cv`.
+  The cache holds this layer's self-attention `k`, `v` and, with `cross`, the encoder's `ck`, `cv`; with
+  `layer`, every layer's, stacked, which this layer updates in place (layers.Attention).
   """
   cfg: Any
   causal: bool = True
   cross: bool = False
   deterministic: bool = True
   prefill: bool = False  # decode's prefill: self-attention over the row itself (layers.Attention)
+  layer: int | None = None
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, bias_BNTS: Array | None,
@@ -60,13 +62,13 @@ class Block(nn.Module):
       return (x_BTD if pre else Norm(c, name=f'{name}_norm')(x_BTD)), aux
 
     self_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
-    attn = Attention(c, causal=self.causal, prefill=self.prefill, name='attn')
+    attn = Attention(c, causal=self.causal, prefill=self.prefill, layer=self.layer, name='attn')
     x_BTD, self_cache = residual('attn', x_BTD, lambda h: attn(h, positions_BT, segment_ids_BT, bias_BNTS,
                                                                self_cache, window=window))
     new_cache = self_cache
     if self.cross:
       cross_cache = None if cache is None else {'k': cache['ck'], 'v': cache['cv']}
-      cross = Attention(c, cross=True, name='cross_attn')
+      cross = Attention(c, cross=True, layer=self.layer, name='cross_attn')
       x_BTD, cross_cache = residual('cross', x_BTD, lambda h: cross(
           h, positions_BT, segment_ids_BT, None, cross_cache, encoded_BSD, encoded_segment_ids_BS))
       if cache is not None:
@@ -124,15 +126,11 @@ empty and every row starts at position 0, so self-attention may run over the row
                     metadata_params={nn.PARTITION_NAME: 'layers'})
     return stack(cfg, causal, cross, deterministic, prefill, name=name, parent=parent)(x_BTD, *args, windows_L,
                                                                                         cache)
-  new_cache = []
+  # Unrolled, each layer reads and writes its own part of the stacked cache in place (Block's `layer`).
   for i in range(num_layers):
-    layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
     window = None if windows_L is None else windows_L[i]
-    x_BTD, layer_cache = block(cfg, causal, cross, deterministic, prefill, name=f'{name}_{i}', parent=parent)(
-        x_BTD, *args, window, layer_cache)
-    new_cache.append(layer_cache)
-  if cache is not None:
-    cache = jax.tree.map(lambda *a: jnp.stack(a), *new_cache)
+    x_BTD, cache = block(cfg, causal, cross, deterministic, prefill, None if cache is None else i,
+                         name=f'{name}_{i}', parent=parent)(x_BTD, *args, window, cache)
   return x_BTD, cache
 
 
