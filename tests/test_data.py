@@ -241,7 +241,7 @@ def test_reading_thread_reads_ahead_in_order_up_to_a_limit():
     assert len(data.readers) >= 8  # read ahead of what was asked for
     assert [30] + list(feed) == [k * 10 for k in range(3, 40)]
     names = set(data.readers.values())
-    assert len(names) == 1 and threading.main_thread().name not in names  # one reading thread
+    assert len(names) == 1 and threading.main_thread().name not in names  # the shard's one reading thread
     assert max(data.readers) == 39  # never past the limit
   finally:
     feeds.close()

@@ -1,10 +1,11 @@
 """Reading ahead: the ordered document feeds the packers pull from.
 
-`data.workers = 0`: documents are read, tokenized and transformed in this process. With `data.prefetch` > 0
-one reading thread, shared by all shards, keeps that many documents ahead per shard, in chunks: it overlaps
-file, TFDS and bucket reads with packing (tokenization holds the GIL, so it overlaps little else). A chunk
-per hand-over, not a document: a per-document hand-over (grain's prefetch, which this replaced, one thread
-per shard) cost prepared data half its speed in queueing and thread switches (BENCHMARKS.md, bench_data).
+`data.workers = 0`: documents are read, tokenized and transformed in this process, `data.prefetch` of them
+ahead per shard, in chunks, by reading threads: as many as there are cores (at most 8), each shard always on
+the same one, so a shard's documents are read in order by one thread. They overlap file, TFDS and bucket
+reads with packing, and tokenize on every core (sentencepiece releases the GIL while it encodes). A chunk per
+hand-over, not a document: grain's per-document prefetch (one thread per shard), which this replaced, cost
+prepared data a third of its speed in queueing and thread switches (BENCHMARKS.md, bench_data).
 `data.workers = N`: N worker processes (spawned, never forked from a process running JAX) share that work
 for all of this process's shards, the same way. Either way element k of a shard is the same: the datasets
 are pure functions of the index (mixture.py), so the worker count changes speed, never the batches.
@@ -15,8 +16,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import multiprocessing
+import os
 import pickle
 
+READING_THREADS = max(1, min(8, os.cpu_count() or 1))
 _DATASETS = None  # in a worker process: the shard datasets, unpickled once
 
 
@@ -76,7 +79,8 @@ class Feeds:
     datasets = list(datasets) + list(fallbacks or [])
     self._datasets = datasets
     self._prefetch = prefetch
-    self._pool = None  # worker processes, or the one reading thread (made at the first feed)
+    self._pool = None  # the worker processes
+    self._threads: dict[int, concurrent.futures.ThreadPoolExecutor] = {}  # with no workers: each shard's reader
     self._open: dict[int, _PoolFeed] = {}
     self._workers = workers
     if workers > 0:
@@ -97,9 +101,12 @@ class Feeds:
       sliced = self._datasets[which][start:limit]
       return (sliced[k] for k in range(len(sliced)))
     else:
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='llm-jax-read')
-      feed = _PoolFeed(self._pool, which, start, self._prefetch, limit, self._datasets)
+      lane = position % READING_THREADS
+      thread = self._threads.get(lane)
+      if thread is None:
+        thread = self._threads[lane] = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f'llm-jax-read-{lane}')
+      feed = _PoolFeed(thread, which, start, self._prefetch, limit, self._datasets)
     self._open[position] = feed
     return feed
 
@@ -107,6 +114,7 @@ class Feeds:
     for feed in self._open.values():
       feed.close()
     self._open.clear()
-    if self._pool is not None:
-      self._pool.shutdown(wait=False, cancel_futures=True)
-      self._pool = None
+    for pool in [self._pool, *self._threads.values()]:
+      if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+    self._pool, self._threads = None, {}
