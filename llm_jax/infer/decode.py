@@ -34,7 +34,7 @@ import numpy as np
 from llm_jax import sharding
 from llm_jax.infer import sampling, stops
 from llm_jax.models import CACHE_AXES, encdec, family_of, init_cache
-from llm_jax.models.transformer import position_rows
+from llm_jax.models.transformer import position_rows, project
 from llm_jax.infer.sampling import SamplingParams, Stages
 
 Array = jax.Array
@@ -70,9 +70,14 @@ class DecoderOnly:
   def prefill(self, params, prompt_BP: Array, lengths_B: Array, cache):
     B, P = prompt_BP.shape
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    logits_BPV, cache = self.model.apply({'params': params}, prompt_BP, positions_BP,
-                                         jnp.ones_like(prompt_BP), cache=cache, prefill=True)
-    last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    (x_BPD, unembed_DV), cache = self.model.apply({'params': params}, prompt_BP, positions_BP,
+                                                  jnp.ones_like(prompt_BP), cache=cache, prefill=True,
+                                                  return_hidden=True)
+    # Only the last prompt token's logits are wanted: project that one position, not all P (a P x V matmul
+    # was the largest op of a short prefill).
+    last_B1D = jnp.take_along_axis(x_BPD, (lengths_B - 1)[:, None, None], axis=1)
+    cfg = self.model.cfg
+    last_BV = project(last_B1D, unembed_DV, jnp.dtype(cfg.logits_dtype), cfg.final_logit_softcap)[:, 0]
     return last_BV, cache, lengths_B
 
   def step(self, params, tokens_B: Array, positions_B: Array, cache):

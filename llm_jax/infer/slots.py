@@ -133,6 +133,9 @@ class SlotEngine:
     self.engine, self.context, self.wait = engine, context, batch_wait_s
     self.slots = engine.padded_rows(slots) if slots > 1 else engine.batch_shards()
     self.usable = slots  # padding slots past `slots` stay free
+    # The step's width when the highest busy slot is n - 1: a power of two, so a few programs (looked up, as
+    # working it out from the mesh at every step showed in the engine thread's profile).
+    self._widths = [min(self.slots, engine.padded_rows(max(n, 1))) for n in range(self.slots + 1)]
     statics = (engine.adapter, engine.mesh, engine.rules)
     self._state = jax.jit(functools.partial(_init_state, *statics),
                           static_argnums=(0, 1, 2))(self.slots, context, engine.model.cfg.vocab_size)
@@ -160,7 +163,7 @@ class SlotEngine:
     for P in eng.prompt_buckets(self.context):
       self._state, _ = self._prefill(eng.params, self._state, eng.put(np.ones((1, P), np.int32), (None, None)),
                                      jnp.int32(1), jnp.int32(0), knobs, jnp.int32(0), jnp.int32(0), stages=greedy)
-    rows = {min(self.slots, eng.padded_rows(n)) for n in range(1, self.usable + 1)}
+    rows = set(self._widths[1:self.usable + 1])
     for r in sorted(rows):
       self._state, out = self._generate(eng.params, self._state, stages=greedy, rows=r)
     jax.block_until_ready(self._state)
@@ -242,10 +245,12 @@ class SlotEngine:
     job.stop_ids = frozenset(p.stop_tokens) | (frozenset() if p.ignore_eos else {eng.eos_id})
     job.matcher = stops.Matcher(eng.vocab, p.stop_strings) if p.stop_strings else None
     prompt_BP, length_B = eng.prompts([job.tokens], 1)
-    knobs = {k: eng.put(v, (None,)) for k, v in sampling.knob_arrays([p], 1).items()}
-    self._state, out = self._prefill(
-        eng.params, self._state, eng.put(prompt_BP, (None, None)), jnp.int32(length_B[0]), jnp.int32(slot),
-        knobs, jnp.int32(p.seed), jnp.int32(job.sample), stages=Stages.of([p]))
+    # Host arrays straight into the jitted call, which places them (replicated, as they are small): a device
+    # put or a jnp scalar per argument cost more host time than the prefill's own dispatch.
+    knobs = sampling.knob_arrays([p], 1)
+    i32 = np.int32
+    self._state, out = self._prefill(eng.params, self._state, prompt_BP, i32(length_B[0]), i32(slot), knobs,
+                                     i32(p.seed), i32(job.sample), stages=Stages.of([p]))
     self._active[slot] = job
     self._first.append((out, slot, job))  # handed out with the next step's flush, as that step runs
 
@@ -257,7 +262,7 @@ class SlotEngine:
     live = [j for j in self._active if j is not None]
     self.most_active = max(self.most_active, len(live))
     last = max(i for i, j in enumerate(self._active) if j is not None)
-    rows = min(self.slots, self.engine.padded_rows(last + 1))  # a power of two: a few programs
+    rows = self._widths[last + 1]
     self._state, out = self._generate(self.engine.params, self._state,
                                       stages=Stages.of([j.params for j in live]), rows=rows)
     self.steps += 1

@@ -244,6 +244,14 @@ def fused_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array
       is_causal=in_order, implementation=implementation)
 
 
+def stack_pays(x_BTD: Array, width: int) -> bool:
+  """Whether two projections of x are better as one matmul over their kernels stacked to `width` outputs:
+  x is read once, but the stacked kernels are a new [D, width] array at every call. It pays when x has at
+  least as many rows as the stacked kernels have columns (a training or evaluation batch); a decode step's
+  few rows would spend more copying the kernels than the matmul takes (a third of a decode step)."""
+  return x_BTD.shape[0] * x_BTD.shape[1] >= width
+
+
 def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array,
                 layer: int | None = None) -> dict:
   """Store new keys and values at each row's own positions (rows of a batch may be at different steps); with
@@ -300,10 +308,13 @@ class Attention(nn.Module):
     """Keys and values in one matmul over their kernels stacked [D, 2, K, H] (x read once, one wider matmul,
     as the MLP's gate and up); the parameters stay two."""
     K = self.cfg.num_kv_heads
-    w_D2KH = jnp.stack([self._kernel(n, K, 'kv_heads') for n in ('k', 'v')], axis=1)
-    y_Bx2KH = jnp.einsum('BTD,DPXH->BTPXH', x_BxD, w_D2KH)
-    return (self._finish(y_Bx2KH[:, :, 0], x_BxD, 'k', K, 'kv_heads'),
-            self._finish(y_Bx2KH[:, :, 1], x_BxD, 'v', K, 'kv_heads'))
+    kernels = [self._kernel(n, K, 'kv_heads') for n in ('k', 'v')]
+    if stack_pays(x_BxD, 2 * K * self.cfg.head_dim):
+      y_Bx2KH = jnp.einsum('BTD,DPXH->BTPXH', x_BxD, jnp.stack(kernels, axis=1))
+      k_BxKH, v_BxKH = y_Bx2KH[:, :, 0], y_Bx2KH[:, :, 1]
+    else:
+      k_BxKH, v_BxKH = (jnp.einsum('BTD,DXH->BTXH', x_BxD, w_DKH) for w_DKH in kernels)
+    return (self._finish(k_BxKH, x_BxD, 'k', K, 'kv_heads'), self._finish(v_BxKH, x_BxD, 'v', K, 'kv_heads'))
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, bias_BNTS: Array | None = None,
@@ -411,10 +422,16 @@ class Mlp(nn.Module):
       # Gate and up in one matmul over their kernels stacked [D, 2, F]: x is read once and the matmul is
       # twice as wide (on 2 CPU cores the MLP's forward and backward took 20% less: BENCHMARKS.md). The
       # parameters stay two, as checkpoints, converters and LoRA targets name them.
-      w_D2F = jnp.stack([self._kernel(n, names, (D, F), init) for n in ('gate', 'up')], axis=1)
-      y_BT2F = jnp.einsum('BTD,DPF->BTPF', x_BTD, w_D2F)
-      h_BTF = act(self._finish(y_BT2F[:, :, 0], x_BTD, 'gate', names, (D, F)))
-      h_BTF = h_BTF * self._finish(y_BT2F[:, :, 1], x_BTD, 'up', names, (D, F))
+      # Stacking copies both kernels at every call: worth it for a batch of rows at least as large as they
+      # are (training, evaluation), not for a decode step's or a short prefill's few rows (stack_pays).
+      kernels = [self._kernel(n, names, (D, F), init) for n in ('gate', 'up')]
+      if stack_pays(x_BTD, 2 * F):
+        y_BT2F = jnp.einsum('BTD,DPF->BTPF', x_BTD, jnp.stack(kernels, axis=1))
+        gate_BTF, up_BTF = y_BT2F[:, :, 0], y_BT2F[:, :, 1]
+      else:
+        gate_BTF, up_BTF = (jnp.einsum('BTD,DF->BTF', x_BTD, w_DF) for w_DF in kernels)
+      h_BTF = act(self._finish(gate_BTF, x_BTD, 'gate', names, (D, F)))
+      h_BTF = h_BTF * self._finish(up_BTF, x_BTD, 'up', names, (D, F))
     else:
       h_BTF = act(self._dense(x_BTD, 'up', names, (D, F), init))
     h_BTF = constrain(h_BTF, ('batch', 'seq', 'mlp'))
