@@ -107,16 +107,23 @@ def _generate(adapter, mesh, rules, C, params, state, *, stages, rows: int):
   lightly loaded server pays for the rows it uses, not for every slot."""
   with sharding.activation_sharding(mesh, rules):
     head = lambda a: a[:rows]  # noqa: E731
-    cache = jax.tree.map(lambda a: a[:, :rows], state['cache'])
     knobs = {k: head(v) for k, v in state['knobs'].items()}
-    logits_RV, cache = adapter.step(params, head(state['token']), head(state['pos']), cache)
+    if rows == 1 < state['token'].shape[0]:
+      # One row: XLA turns its one-position cache write into an update-slice, reads the result through a copy
+      # of the whole cache per layer, and copying the row out and back in is far cheaper (measured).
+      cache = jax.tree.map(lambda a: a[:, :1], state['cache'])
+      logits_RV, cache = adapter.step(params, head(state['token']), head(state['pos']), cache)
+      cache = jax.tree.map(lambda a, v: sharding.constrain(a.at[:, :1].set(v), decode.CACHE_AXES), state['cache'],
+                           cache)
+    else:
+      # The whole cache goes in, and the model writes and reads its first `rows` rows in place
+      # (layers.Attention): slicing those rows out of every layer and writing them back was a third of a step.
+      logits_RV, cache = adapter.step(params, head(state['token']), head(state['pos']), state['cache'])
     seen_RV = head(state['seen'])
     token_R, out = _choose(logits_RV, head(state['key']), head(state['count']), knobs, seen_RV, stages)
     rows_R = jnp.arange(rows)
     put = lambda a, v: a.at[:rows].set(v)  # noqa: E731
-    full = jax.tree.map(lambda a, v: sharding.constrain(a.at[:, :rows].set(v), decode.CACHE_AXES),
-                        state['cache'], cache)
-    state = {**state, 'cache': full, 'token': put(state['token'], token_R),
+    state = {**state, 'cache': cache, 'token': put(state['token'], token_R),
              'pos': put(state['pos'], jnp.minimum(head(state['pos']) + 1, C - 1)),
              'count': put(state['count'], head(state['count']) + 1),
              'seen': put(state['seen'], seen_RV.at[rows_R, token_R].set(True))}

@@ -254,8 +254,8 @@ def stack_pays(x_BTD: Array, width: int) -> bool:
 
 def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array,
                 layer: int | None = None) -> dict:
-  """Store new keys and values at each row's own positions (rows of a batch may be at different steps); with
-  `layer`, into that layer of a cache stacked over layers, in place."""
+  """Store new keys and values at each row's own positions (rows of a batch may be at different steps), in
+  rows 0..B-1 of the cache; with `layer`, into that layer of a cache stacked over layers, in place."""
   rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
   at = (rows_B1, positions_BT) if layer is None else (layer, rows_B1, positions_BT)
   return {
@@ -278,6 +278,7 @@ class Attention(nn.Module):
   every later step (`kv_BSD` None). With `layer`, the cache given is every layer's, stacked on a leading
   axis, and this layer reads and writes its own in place: unrolled layers (transformer.run_layers) then
   neither slice the cache into layers nor stack it again, each a copy of the whole cache at every step.
+  A cache may hold more rows than the batch (continuous batching's idle slots): rows 0..B-1 are used.
   """
   cfg: Any
   causal: bool = True
@@ -369,8 +370,9 @@ class Attention(nn.Module):
         # A decode step's few queries against the cache: XLA's einsums (a flash kernel's tiles would be
         # almost empty). Cache slot s holds position s of its row. Every slot at or before a query's
         # position has been written by then (prompt or generated token), so position order alone is the mask.
-        k_BSKH, v_BSKH = (layer_of(cache[n], self.layer).astype(dtype) for n in ('k', 'v'))
-        B, S = k_BSKH.shape[:2]
+        B = q_BTNH.shape[0]  # a cache may hold more rows than the batch (idle decode slots): the first B
+        k_BSKH, v_BSKH = (layer_of(cache[n], self.layer)[:B].astype(dtype) for n in ('k', 'v'))
+        S = k_BSKH.shape[1]
         slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
         mask_BTS = (slots_BS[:, None, :] <= positions_BT[:, :, None]) & in_window(positions_BT, slots_BS, window)
         out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, c.attn_logit_softcap)
