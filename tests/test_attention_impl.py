@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from llm_jax import sharding
 from llm_jax.errors import UserError
-from llm_jax.models import build_model, layers
+from llm_jax.models import attention, build_model
 from llm_jax.train.state import init_params
 
 
@@ -36,52 +36,52 @@ def _packed_row_inputs(dtype, N=8, K=2, H=16):
 @pytest.mark.parametrize('causal', [True, False])
 def test_fused_xla_path_equals_dot_attention(dtype, tol, causal):
   q, k, v, pos, segs = _packed_row_inputs(dtype)
-  mask = layers.attention_mask(pos, segs, pos, segs, causal)
-  ours = layers.dot_attention(q, k, v, mask)
-  fused = layers.fused_attention(q, k, v, mask, None, True, 'xla', in_order=causal)
+  mask = attention.attention_mask(pos, segs, pos, segs, causal)
+  ours = attention.dot_attention(q, k, v, mask)
+  fused = attention.fused_attention(q, k, v, mask, None, True, 'xla', in_order=causal)
   # Real tokens must agree exactly up to rounding; is_causal may only change what padding queries see.
   real = np.asarray(segs) > 0
   np.testing.assert_allclose(np.asarray(fused, np.float32)[real], np.asarray(ours, np.float32)[real],
                              atol=tol, rtol=tol)
   # The segments matter: with only a causal mask the first row's second document would see the first.
-  causal_only = layers.fused_attention(q, k, v, jnp.ones_like(mask), None, True, 'xla', in_order=True)
+  causal_only = attention.fused_attention(q, k, v, jnp.ones_like(mask), None, True, 'xla', in_order=True)
   assert not np.allclose(np.asarray(causal_only, np.float32)[0, 5:12], np.asarray(ours, np.float32)[0, 5:12],
                          atol=tol)
 
 
 def test_fused_xla_path_equals_dot_attention_unscaled():
   q, k, v, pos, segs = _packed_row_inputs(jnp.float32, N=4, K=4)
-  mask = layers.attention_mask(pos, segs, pos, segs, True)
-  np.testing.assert_allclose(layers.fused_attention(q, k, v, mask, None, False, 'xla', True)[segs > 0],
-                             layers.dot_attention(q, k, v, mask, scale=False)[segs > 0], atol=1e-5, rtol=1e-5)
+  mask = attention.attention_mask(pos, segs, pos, segs, True)
+  np.testing.assert_allclose(attention.fused_attention(q, k, v, mask, None, False, 'xla', True)[segs > 0],
+                             attention.dot_attention(q, k, v, mask, scale=False)[segs > 0], atol=1e-5, rtol=1e-5)
 
 
 def test_cudnn_chosen_only_where_it_applies(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   q, k, _, _, _ = _packed_row_inputs(jnp.bfloat16)
-  assert layers._cudnn_supported(q, k, None)
-  assert not layers._cudnn_supported(q.astype(jnp.float32), k.astype(jnp.float32), None)  # float32
-  assert not layers._cudnn_supported(q, k, jnp.zeros((2, 8, 16, 16), jnp.bfloat16))  # T5's bias
+  assert attention._cudnn_supported(q, k, None)
+  assert not attention._cudnn_supported(q.astype(jnp.float32), k.astype(jnp.float32), None)  # float32
+  assert not attention._cudnn_supported(q, k, jnp.zeros((2, 8, 16, 16), jnp.bfloat16))  # T5's bias
   odd = jnp.zeros(q.shape[:-1] + (12,), jnp.bfloat16)
-  assert not layers._cudnn_supported(odd, odd, None)  # head dim not a multiple of 8
-  assert not layers._cudnn_supported(q[:, :15], k[:, :15], None)  # an odd length
+  assert not attention._cudnn_supported(odd, odd, None)  # head dim not a multiple of 8
+  assert not attention._cudnn_supported(q[:, :15], k[:, :15], None)  # an odd length
   cfg = tiny_config(('mesh.data', '4'), ('mesh.sequence', '2'))
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
   with sharding.activation_sharding(mesh, rules):
     assert sharding.split_count('seq') == 2
-    assert not layers._cudnn_supported(q, k, None)  # context parallelism splits the sequence
+    assert not attention._cudnn_supported(q, k, None)  # context parallelism splits the sequence
   cfg = tiny_config(('mesh.data', '4'), ('mesh.tensor', '2'))
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
   with sharding.activation_sharding(mesh, rules):
-    assert sharding.split_count('heads') == 2 and layers._cudnn_supported(q, k, None)  # heads may split
+    assert sharding.split_count('heads') == 2 and attention._cudnn_supported(q, k, None)  # heads may split
 
 
 def test_auto_on_cpu_is_xla():
   q, k, v, pos, segs = _packed_row_inputs(jnp.bfloat16)
-  assert not layers._cudnn_supported(q, k, None)
-  mask = layers.attention_mask(pos, segs, pos, segs, True)
-  np.testing.assert_array_equal(layers.attend(q, k, v, pos, segs, None, tiny_config().model, True),
-                                layers.dot_attention(q, k, v, mask))
+  assert not attention._cudnn_supported(q, k, None)
+  mask = attention.attention_mask(pos, segs, pos, segs, True)
+  np.testing.assert_array_equal(attention.attend(q, k, v, pos, segs, None, tiny_config().model, True),
+                                attention.dot_attention(q, k, v, mask))
 
 
 def test_cudnn_off_gpu_is_a_user_error():

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from conftest import tiny_config
 from llm_jax import sharding
 from llm_jax.errors import UserError
-from llm_jax.models import attention_kernels as kernels, build_model, init_cache, layers
+from llm_jax.models import attention, attention_kernels as kernels, build_model, init_cache
 from llm_jax.train.state import init_params
 
 KERNELS = ('splash', 'pallas_gpu')
@@ -56,7 +56,7 @@ def _value_and_grads(impl, q, k, v, pos, segs, causal, w):
   cfg = tiny_config(('model.attention_impl', impl), *BLOCKS).model
 
   def loss(q, k, v):
-    out = layers.attend(q, k, v, pos, segs, None, cfg, causal)
+    out = attention.attend(q, k, v, pos, segs, None, cfg, causal)
     return jnp.sum(out * w), out
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
   return out, grads
@@ -81,7 +81,7 @@ def test_kernel_values_and_gradients_equal_xla_on_packed_rows(impl, causal):
   for g, r in zip(grads, ref_grads):
     _assert_close(g, r, real)
   # The documents matter: without segments the second document of row 0 would see the first.
-  mixed = layers.dot_attention(q, k, v, layers.attention_mask(pos, real, pos, real, causal))
+  mixed = attention.dot_attention(q, k, v, attention.attention_mask(pos, real, pos, real, causal))
   assert not np.allclose(np.asarray(out)[0, 70:170], np.asarray(mixed)[0, 70:170], atol=1e-3)
 
 
@@ -97,7 +97,7 @@ def test_splash_with_its_hardware_tiles_equals_xla():
   assert kernels.blocks('splash', model_cfg, 300) == (384, 384, 384)
 
   def loss(cfg, q, k, v, pos, segs, w):
-    return jnp.sum(layers.attend(q, k, v, pos, segs, None, cfg, True) * w)
+    return jnp.sum(attention.attend(q, k, v, pos, segs, None, cfg, True) * w)
   xla_cfg = tiny_config(('model.attention_impl', 'xla')).model
   for T in (512, 300):
     args = (q[:, :T], k[:, :T], v[:, :T], pos[:, :T], segs[:, :T], w[:, :T])
@@ -119,7 +119,7 @@ def test_kernel_on_an_fsdp_tensor_mesh_equals_xla(impl):
   def run(model_cfg, q, k, v, pos, segs):
     with sharding.activation_sharding(mesh, rules):
       def loss(q, k, v):
-        return jnp.sum(layers.attend(q, k, v, pos, segs, None, model_cfg, True) * w)
+        return jnp.sum(attention.attend(q, k, v, pos, segs, None, model_cfg, True) * w)
       return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   spec = lambda *names: NamedSharding(mesh, sharding.logical_to_spec(names, rules))
@@ -199,7 +199,7 @@ def test_training_steps_lose_what_xla_loses(impl):
 
 
 def test_prefill_through_the_kernel_equals_the_cache_path():
-  cfg, model, params = _model('splash')  # pallas_gpu takes the same path through layers.attend
+  cfg, model, params = _model('splash')  # pallas_gpu takes the same path through attention.attend
   B, P = 2, 10
   tokens = jax.random.randint(jax.random.PRNGKey(5), (B, P + 1), 4, 512, dtype=jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))

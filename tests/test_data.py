@@ -13,7 +13,7 @@ from llm_jax.data.mixture import EpochShuffle
 from llm_jax.data.packing import Packer, empty_batch
 from llm_jax.errors import UserError
 from llm_jax.data.streams import Stream
-from llm_jax.models.layers import attention_mask
+from llm_jax.models.attention import attention_mask
 
 
 def test_builtin_corpus_is_the_stdlib_without_tests_split_by_name():

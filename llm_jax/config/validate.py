@@ -17,8 +17,8 @@ from llm_jax.data import objectives
 from llm_jax.data.files import DECODE_ERRORS, TXT_MODES
 from llm_jax.data.mixture import check_weights
 from llm_jax.errors import UserError
-from llm_jax.models.layers import (ACTIVATIONS, ATTENTION_IMPLS, LORA_TARGETS, NORM_POSITIONS, NORM_TYPES, POSITION_TYPES,
-                                   ROPE_SCALINGS)
+from llm_jax.models.attention import ATTENTION_IMPLS
+from llm_jax.models.layers import ACTIVATIONS, LORA_TARGETS, NORM_POSITIONS, NORM_TYPES, POSITION_TYPES, ROPE_SCALINGS
 from llm_jax.models import attention_kernels as kernels
 from llm_jax.models.transformer import REMAT_POLICIES
 from llm_jax.sharding import LOGICAL_AXES, MESH_AXES, RULE_PRESETS

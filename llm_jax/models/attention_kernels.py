@@ -1,6 +1,6 @@
 """The attention kernels behind `model.attention_impl`, one record each, and the choice 'auto' makes.
 
-  xla         dot_attention (layers.py): einsums and a float32 softmax over the whole T x S score matrix
+  xla         dot_attention (attention.py): einsums and a float32 softmax over the whole T x S score matrix
   cudnn       cuDNN's fused attention via jax.nn.dot_product_attention, the document mask as a dense B T S
               boolean (its segment-aware packed layout is private API in JAX, so the mask carries them)
   splash      TPU: JAX's splash attention (Pallas, jax.experimental.pallas.ops.tpu.splash_attention), flash

@@ -19,22 +19,17 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.errors import UserError
-from llm_jax.models import attention_kernels as kernels
+from llm_jax.models.attention import attend, dot_attention, in_window
 from llm_jax.models.positions import relative_bucket, rope
 from llm_jax.sharding import constrain
 
 Array = jax.Array
 
-# A large finite negative rather than -inf: a fully masked row (a padding query) then gives a uniform
-# distribution instead of NaNs that would leak into gradients through 0 * NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 NORM_TYPES = ('rms', 'layer')
 NORM_POSITIONS = ('pre', 'post')
 POSITION_TYPES = ('rope', 'learned', 'relative')
 ROPE_SCALINGS = ('none', 'llama3', 'linear')  # positions.rope_frequencies
-ATTENTION_IMPLS = ('auto',) + tuple(kernels.IMPLS)  # attend() below
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the projections lora_delta adapts
 
 ACTIVATIONS = {
@@ -120,128 +115,6 @@ def relative_bias(module: nn.Module, cfg, name: str, q_positions_BT: Array, k_po
   bucket_BTS = relative_bucket(relative_BTS, bidirectional, cfg.relative_buckets, cfg.relative_max_distance)
   bias_BTSN = jnp.take(table_RN, bucket_BTS, axis=0)
   return jnp.transpose(bias_BTSN, (0, 3, 1, 2)).astype(compute_dtype(cfg.dtype))
-
-
-def attention_mask(q_pos_BT: Array, q_seg_BT: Array, k_pos_BS: Array, k_seg_BS: Array,
-                   causal: bool = True, window: Array | None = None) -> Array:
-  """A query sees keys of its own segment (document), and with `causal` only those not after it; with a
-  `window` (sliding-window attention) only those less than `window` positions back.
-
-  Packed rows restart positions at each document, so comparing positions is causal only together with
-  the segment check; padding (segment 0) only ever sees padding.
-  """
-  same_doc = k_seg_BS[:, None, :] == q_seg_BT[:, :, None]
-  if not causal:
-    return same_doc
-  return same_doc & (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]) & in_window(q_pos_BT, k_pos_BS, window)
-
-
-def in_window(q_pos_BT: Array, k_pos_BS: Array, window: Array | None) -> Array:
-  """Whether each key is less than `window` positions before each query (Mistral's and Gemma's sliding
-  window, as transformers counts it: the query itself and window - 1 keys before it); all True without."""
-  if window is None:
-    return jnp.ones((), bool)
-  return q_pos_BT[:, :, None] - k_pos_BS[:, None, :] < window
-
-
-def logit_scale(scale: bool | float, head_dim: int) -> float:
-  """What attention logits are multiplied by: True is 1 / sqrt(head_dim), False 1, a number itself."""
-  if isinstance(scale, bool):
-    return 1 / math.sqrt(head_dim) if scale else 1.0
-  return float(scale)
-
-
-def softcap(x: Array, cap: float) -> Array:
-  """cap * tanh(x / cap) (Gemma 2): logits bounded to (-cap, cap), near x where |x| << cap; 0 is off."""
-  return cap * jnp.tanh(x / cap) if cap else x
-
-
-def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None = None,
-                  scale: bool | float = True, cap: float = 0.0) -> Array:
-  """Grouped-query attention: G = N // K query heads share each kv head; softmax in float32. Logits are
-  scaled by `logit_scale(scale)`, then soft-capped at `cap` (0: not)."""
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  if T == 1:
-    # One query per row (a decode step): products summed over H read the cache once, in its own B S K H
-    # layout; as an einsum, XLA's CPU backend first copies every layer's cache into B K S H order for a
-    # batched matmul of one row, the largest cost of a decode step's attention in its profile.
-    f32 = jnp.float32
-    logits_BSKG = jnp.sum(q_BTKGH[:, 0, None].astype(f32) * k_BSKH[:, :, :, None].astype(f32), axis=-1)
-    logits_BKGTS = logits_BSKG.transpose(0, 2, 3, 1)[:, :, :, None]
-  else:
-    logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  if scale is not False:
-    logits_BKGTS = logits_BKGTS * logit_scale(scale, H)
-  logits_BKGTS = softcap(logits_BKGTS, cap)
-  if bias_BNTS is not None:
-    b, S = bias_BNTS.shape[0], bias_BNTS.shape[-1]
-    logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(b, K, N // K, T, S).astype(jnp.float32)
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-  if T == 1:
-    probs_BSKG = probs_BKGTS[:, :, :, 0].transpose(0, 3, 1, 2)
-    out_BKGH = jnp.sum(probs_BSKG[..., None] * v_BSKH[:, :, :, None].astype(jnp.float32), axis=1)
-    return out_BKGH.astype(v_BSKH.dtype).reshape(B, T, N, H)
-  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-  return out_BTKGH.reshape(B, T, N, H)
-
-
-def _cudnn_supported(q_BTNH: Array, k_BSKH: Array, bias_BNTS: Array | None, cap: float = 0.0) -> bool:
-  """Whether cuDNN's flash attention takes these inputs: a CUDA device, half-precision inputs, a head dim that
-  is a multiple of 8 up to 128 (256 on Hopper; 128 keeps the check free of device queries), an even length
-  (a masked backward pass needs one), no additive bias (T5's relative positions would go in as a dense
-  B N T S tensor, no faster than XLA), sequence and head dims whole on every device and query and key heads
-  split alike (its partitioner refuses anything else: context parallelism stays on XLA)."""
-  return (jax.default_backend() == 'gpu'
-          and kernels.unsupported('cudnn', kernels.shape_of(q_BTNH, k_BSKH, bias_BNTS is not None, softcap=cap > 0), None,
-                                  'gpu') is None)
-
-
-def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, positions_BT: Array, segment_ids_BT: Array,
-           bias_BNTS: Array | None, cfg, causal: bool, prefill: bool = False, scale: bool | float = True,
-           window: Array | None = None) -> Array:
-  """Self-attention over a whole row (training, evaluation, prefill) by `model.attention_impl`, chosen in
-  attention_kernels.choose: 'xla' is dot_attention; 'cudnn' is cuDNN's fused attention through
-  `jax.nn.dot_product_attention` with the B T S document mask; 'splash' (TPU) and 'pallas_gpu' (GPU) are
-  flash kernels that take the segment ids themselves; 'auto' is the platform's kernel where it applies.
-
-  With `causal` the mask never lets a query see a later key (positions rise within a document and documents
-  are contiguous), so cuDNN may skip the tiles above the diagonal (is_causal), which halves its work, and the
-  Pallas kernels may compare token indices. The segments always go in.
-
-  A `prefill` the named kernel cannot take (cuDNN and a prompt of odd length) runs on XLA: a prompt's length
-  is the user's, not the config's, and XLA honours the same mask.
-  """
-  cap = cfg.attn_logit_softcap
-  shape = kernels.shape_of(q_BTNH, k_BSKH, bias_BNTS is not None, windowed=cfg.sliding_window > 0,
-                           softcap=cap > 0)
-  try:
-    impl = kernels.choose(cfg.attention_impl, shape, cfg, jax.default_backend())
-  except UserError:
-    if not prefill:
-      raise
-    impl = 'xla'
-
-  if kernels.IMPLS[impl].kernel:
-    factor = logit_scale(scale, q_BTNH.shape[-1]) if scale is not False else 1.0
-    return kernels.run_kernel(impl, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal, scale=factor,
-                              model_cfg=cfg)
-  mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, causal, window)
-  if impl == 'xla':
-    return dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, cap)
-  return fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, impl, causal)
-
-
-def fused_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, bias_BNTS: Array | None,
-                    scale: bool | float, implementation: str | None, in_order: bool) -> Array:
-  """`jax.nn.dot_product_attention` with our mask: the call cuDNN runs, and with implementation='xla' the
-  same call on any backend (tests/test_attention_impl.py checks that equals dot_attention)."""
-  H = q_BTNH.shape[-1]
-  return jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_BTS[:, None], scale=logit_scale(scale, H),
-      is_causal=in_order, implementation=implementation)
 
 
 def stack_pays(x_BTD: Array, width: int) -> bool:

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, leading, relative_bias, softcap
+from llm_jax.models.attention import softcap
+from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, leading, relative_bias
 from llm_jax.sharding import constrain
 
 Array = jax.Array

@@ -112,7 +112,7 @@ def _split(mesh, rules, name: str) -> int:
 
 
 def attention_on(cfg, mesh, rules, platform: str) -> tuple[str | None, str | None]:
-  """(the kernel model.attention_impl runs on `platform` for this config and mesh as layers.attend chooses it
+  """(the kernel model.attention_impl runs on `platform` for this config and mesh as attention.attend chooses it
   for the training rows, or None where the named kernel refuses; the refusal, or why the platform's own
   kernel does not apply, or None)."""
   m = cfg.model
