@@ -68,6 +68,26 @@ def test_parquet_rows_split_by_name_read_by_row_group(tmp_path):
   assert [shuffle._position(0, i) for i in range(n)] != [shuffle._position(1, i) for i in range(n)]
 
 
+def test_parquet_table_read_by_several_threads_at_once(tmp_path):
+  """Shards on different reading threads (data/workers.py) share a table: its row-group cache, evicting as it
+  goes (more groups than it keeps), must give every thread the right rows."""
+  import concurrent.futures
+  import pickle
+  texts = _write_parquet(tmp_path / 'pq', files=2, rows=200, group=5)  # 80 row groups, 16 kept
+  docs = tables.ParquetDocuments(sorted(str(p) for p in (tmp_path / 'pq').iterdir()), 'content', 'data.source')
+  order = np.random.default_rng(0).permutation(np.tile(np.arange(len(docs)), 3))
+
+  def read(part):
+    return [(int(i), docs[int(i)]) for i in part]
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = [r for part in pool.map(read, np.array_split(order, 16)) for r in part]
+  for i, got in results:
+    assert got == texts[i] if texts[i] else isinstance(got, Skipped)
+  copy = pickle.loads(pickle.dumps(docs))  # worker processes get their own readers, cache and lock
+  assert copy[7] == texts[7] and copy._lock is not docs._lock
+
+
 def test_parquet_trains_resumes_exactly_and_mixes(tmp_path, tokenizer):
   _write_parquet(tmp_path / 'pq')
   cfg = tiny_config(('data.source', str(tmp_path / 'pq' / '*.parquet')), ('data.text_field', 'content'))

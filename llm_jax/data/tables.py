@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import zlib
 
 import numpy as np
@@ -81,9 +82,14 @@ class ParquetDocuments:
     self.groups = np.repeat(np.arange(len(counts)), counts)  # global row group of each document
     self._readers: dict = {}
     self._cache: collections.OrderedDict = collections.OrderedDict()
+    # Shards read by different threads (workers.py) share this table: its readers and cache change together.
+    self._lock = threading.Lock()
 
   def __getstate__(self):
-    return {**self.__dict__, '_readers': {}, '_cache': collections.OrderedDict()}
+    return {**self.__dict__, '_readers': {}, '_cache': collections.OrderedDict(), '_lock': None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -109,6 +115,10 @@ class ParquetDocuments:
     return f'{self._paths[f]}:row group {fg}:row {row}'
 
   def _column(self, g: int) -> list:
+    with self._lock:
+      return self._column_locked(g)
+
+  def _column_locked(self, g: int) -> list:
     column = self._cache.get(g)
     if column is None:
       f, fg = self._groups[g]
