@@ -10,7 +10,7 @@ from conftest import tiny_config
 from llm_jax import sharding
 from llm_jax.models import build_model
 from llm_jax.train import optim
-from llm_jax.train.state import StateFactory, init_params
+from llm_jax.train.state import StateFactory, init_params, param_logical_specs
 
 
 def _lr(schedule, **over):
@@ -58,13 +58,13 @@ def _params():
   return _PARAMS[0]
 
 
-@pytest.mark.parametrize('optimizer', ['adamw', 'lion', 'adafactor'])
+@pytest.mark.parametrize('optimizer', ['adamw', 'lion', 'adafactor', 'muon'])
 @pytest.mark.parametrize('decay_embeddings', [True, False])
 def test_weight_decay_spares_norms_and_optionally_embeddings(optimizer, decay_embeddings):
   cfg = tiny_config(('train.optimizer', optimizer), ('train.weight_decay', '0.5'), ('train.warmup_steps', '0'),
                     ('train.grad_clip', '0'), ('train.decay_embeddings', str(decay_embeddings)),
                     ('model.tie_embeddings', 'false'))
-  tx = optim.make_optimizer(cfg.train)
+  tx = optim.make_optimizer(cfg.train, param_logical_specs(build_model(cfg.model)))
   params = _params()
   zero = jax.tree.map(jnp.zeros_like, params)
   new = jax.jit(lambda p: optax.apply_updates(p, tx.update(zero, tx.init(p), p)[0]))(params)
@@ -199,3 +199,74 @@ def test_optimizer_state_is_sharded_like_its_parameters(optimizer, param_shaped)
       factored += 1
   assert found == param_shaped
   assert factored == (2 if optimizer == 'adafactor' else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Muon
+
+
+def _muon_setup(*over):
+  cfg = tiny_config(('train.optimizer', 'muon'), ('train.warmup_steps', '0'), ('train.grad_clip', '0'),
+                    ('train.learning_rate', '1.0'), ('train.weight_decay', '0'), *over)
+  specs = param_logical_specs(build_model(cfg.model))
+  return cfg, specs, optim.make_optimizer(cfg.train, specs)
+
+
+def test_muon_takes_the_hidden_matrices_and_leaves_embeddings_norms_and_output_to_adamw():
+  _, specs, _ = _muon_setup()
+  dims = optim.muon_dimensions(specs)
+  flat = {jax.tree_util.keystr(p): d for p, d in jax.tree_util.tree_leaves_with_path(
+      dims, is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers))}
+  # The tiny variant scans its layers: axis 0 is 'layers', a batch axis of the orthogonalisation.
+  assert tuple(flat["['layers']['attn']['q']"]) == ((1,), (2, 3))  # embed -> heads x head_dim
+  assert tuple(flat["['layers']['attn']['o']"]) == ((1, 2), (3,))  # heads x head_dim -> embed
+  assert tuple(flat["['layers']['mlp']['gate']"]) == ((1,), (2,))
+  assert tuple(flat["['layers']['mlp']['down']"]) == ((1,), (2,))
+  for name in ("['embedding']", "['unembed']", "['final_norm']['scale']", "['layers']['attn_norm']['scale']"):
+    assert flat[name] is None, name
+
+
+def test_muon_orthogonalises_a_matrix_update_to_adamw_scale_and_adam_updates_the_rest():
+  cfg, specs, tx = _muon_setup()
+  params = _params()
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
+  grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+  # The queries' gradient, per layer: one direction dominates, a thousand times the typical other one.
+  q_shape = params['layers']['attn']['q'].shape  # [layers, embed, heads, head_dim]
+  u = jax.random.normal(next(keys), (q_shape[0], q_shape[1], 1))
+  v = jax.random.normal(next(keys), (q_shape[0], 1, q_shape[2] * q_shape[3]))
+  noise = jax.random.normal(next(keys), (q_shape[0], q_shape[1], q_shape[2] * q_shape[3]))
+  grads['layers']['attn']['q'] = (100.0 * u @ v + noise).reshape(q_shape)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  q = np.asarray(updates['layers']['attn']['q'][0]).reshape(64, -1)  # layer 0: [embed, heads * head_dim]
+  g = np.asarray(grads['layers']['attn']['q'][0]).reshape(64, -1)
+  s_update, s_grad = np.linalg.svd(q, compute_uv=False), np.linalg.svd(g, compute_uv=False)
+  median = lambda s: float(np.median(s) / s[0])  # noqa: E731
+  assert median(s_grad) < 0.003
+  assert median(s_update) > 0.3  # orthogonalised: the typical direction moves nearly as far as the dominant one
+  rms = float(np.sqrt(np.mean(q ** 2)))
+  assert 0.1 < rms < 0.3  # consistent_rms=0.2: AdamW's typical update size at learning rate 1
+  # Embeddings take AdamW's first step, -lr * g / (|g| + eps): a sign step.
+  emb = np.asarray(updates['embedding'])
+  np.testing.assert_allclose(emb, -np.sign(np.asarray(grads['embedding'])), atol=1e-3)
+
+
+def test_muon_state_is_sharded_like_its_parameters():
+  cfg = tiny_config(('train.optimizer', 'muon'), ('mesh.fsdp', '2'), ('mesh.tensor', '2'),
+                    ('model.embed_dim', '128'), ('model.mlp_dim', '256'))
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_from_config(cfg.mesh)
+  model = build_model(cfg.model)
+  factory = StateFactory(model, optim.make_optimizer(cfg.train, param_logical_specs(model)), mesh, rules)
+  state = factory.init(0)
+  gate = state.params['layers']['mlp']['gate']
+  shaped = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+            if jax.tree_util.keystr(path).endswith("['layers']['mlp']['gate']") and leaf.shape == gate.shape]
+  assert len(shaped) == 1  # Muon's momentum, no second moment
+  assert shaped[0].sharding.spec == gate.sharding.spec
+
+
+def test_muon_is_refused_for_lora_adapters():
+  from llm_jax.errors import UserError
+  with pytest.raises(UserError, match='train.optimizer'):
+    tiny_config(('train.optimizer', 'muon'), ('model.lora.rank', '4'))

@@ -33,10 +33,11 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, tokenizer_path):
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])  # muon: the Quick start's; its state is a partition
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, tokenizer_path, optimizer):
   cfg = tiny_config(('data.tokenizer', tokenizer_path), ('train.steps', '12'), ('train.checkpoint_every', '4'),
                     ('train.log_every', '1'), ('eval.every', '5'), ('mesh.data', '2'), ('mesh.fsdp', '2'),
-                    ('mesh.tensor', '2'))
+                    ('mesh.tensor', '2'), ('train.optimizer', optimizer))
   loop.train(cfg, str(tmp_path / 'a'))
   loop.train(cfg, str(tmp_path / 'b'), stop_at=6)
   assert _params(tmp_path / 'b', cfg)[0] == 6

@@ -25,7 +25,7 @@ from llm_jax.run import checkpoint_files
 from llm_jax.run.checkpoint import Checkpointer
 from llm_jax.models import build_model
 from llm_jax.train import optim
-from llm_jax.train.state import StateFactory
+from llm_jax.train.state import StateFactory, param_logical_specs
 
 
 def _du(path: str) -> tuple[int, int]:
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
   args, extra = parser.parse_known_args(argv)
   cfg = config_lib.load(args.config, cli.split_config_overrides(extra))
   mesh = sharding.make_mesh(cfg.mesh)
-  factory = StateFactory(build_model(cfg.model), optim.make_optimizer(cfg.train), mesh,
+  model = build_model(cfg.model)
+  factory = StateFactory(model, optim.make_optimizer(cfg.train, param_logical_specs(model)), mesh,
                          sharding.rules_from_config(cfg.mesh))
   init = jax.jit(factory._init, out_shardings=factory.shardings)
   states = [init(jax.random.PRNGKey(i)) for i in range(min(args.saves, 2))]

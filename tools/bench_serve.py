@@ -49,7 +49,7 @@ def random_workdir(path: str) -> str:
   from llm_jax.run import workdir as workdir_lib
   from llm_jax.run.checkpoint import Checkpointer
   from llm_jax.train import optim
-  from llm_jax.train.state import StateFactory
+  from llm_jax.train.state import StateFactory, param_logical_specs
   tok_path = os.path.join(path, 'tok.model')
   cfg = config_lib.load('tiny', [('data.tokenizer', tok_path)])
   os.makedirs(path, exist_ok=True)
@@ -61,7 +61,8 @@ def random_workdir(path: str) -> str:
   config_lib.write_json_atomic(cfg, workdir_lib.config_path(workdir))
   shutil.copyfile(tok_path, os.path.join(workdir, workdir_lib.TOKENIZER))
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
-  factory = StateFactory(build_model(cfg.model), optim.make_optimizer(cfg.train), mesh, rules)
+  model = build_model(cfg.model)
+  factory = StateFactory(model, optim.make_optimizer(cfg.train, param_logical_specs(model)), mesh, rules)
   ckpt = Checkpointer(workdir, async_save=False)
   ckpt.save(1, factory.init(cfg.seed), {}, cfg.to_dict())
   ckpt.close()

@@ -20,7 +20,7 @@ import llm_jax
 from llm_jax import config as config_lib, sharding
 from llm_jax.models import build_model
 from llm_jax.train import optim
-from llm_jax.train.state import StateFactory
+from llm_jax.train.state import StateFactory, param_logical_specs
 from llm_jax.train.step import make_train_step
 
 
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
-  tx = optim.make_optimizer(cfg.train)
+  tx = optim.make_optimizer(cfg.train, param_logical_specs(model))
   factory = StateFactory(model, tx, mesh, rules)
   state = factory.init(cfg.seed)
   batch_sh = sharding.batch_sharding(mesh, rules)

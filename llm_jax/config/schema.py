@@ -137,7 +137,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   t = c.train
   t.steps = 1000
-  t.optimizer = 'adamw'  # adamw | adafactor | lion (see train/optim.py)
+  t.optimizer = 'adamw'  # adamw | adafactor | lion | muon (see train/optim.py)
   t.learning_rate = 3e-3  # peak
   t.schedule = 'cosine'  # after linear warmup: cosine | linear | constant | rsqrt | wsd
   t.warmup_steps = 100
@@ -147,6 +147,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.decay_embeddings = True  # whether weight decay also applies to embedding tables
   t.beta1 = 0.9  # adamw and lion
   t.beta2 = 0.95  # adamw and lion
+  t.muon_beta = 0.95  # muon: the momentum of the matrices it orthogonalises (Nesterov)
   t.eps = 1e-8  # adamw
   t.grad_clip = 1.0  # global-norm clipping; 0 disables it
   t.opt_state_dtype = 'float32'  # dtype the optimizer's moments are stored in: float32 | bfloat16

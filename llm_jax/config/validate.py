@@ -87,6 +87,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(0 <= t.beta2 < 1, 'train.beta2', t.beta2, 'in [0, 1)')
   _require(t.grad_clip >= 0, 'train.grad_clip', t.grad_clip, 'non-negative (0 disables clipping)')
   _require(t.optimizer in OPTIMIZERS, 'train.optimizer', t.optimizer, f'one of {OPTIMIZERS}')
+  _require(0 <= t.muon_beta < 1, 'train.muon_beta', t.muon_beta, 'in [0, 1)')
+  # LoRA's optimizer sees only the adapters, whose low-rank factors are not the model's matrices Muon is for.
+  _require(not (t.optimizer == 'muon' and m.lora.rank), 'train.optimizer', t.optimizer,
+           'adamw, adafactor or lion when model.lora.rank is set (Muon is for full matrices)')
   _require(t.schedule in SCHEDULES, 'train.schedule', t.schedule, f'one of {SCHEDULES}')
   _require(0 < t.decay_fraction <= 1, 'train.decay_fraction', t.decay_fraction, 'in (0, 1]')
   _require(t.opt_state_dtype in ('float32', 'bfloat16'), 'train.opt_state_dtype', t.opt_state_dtype,

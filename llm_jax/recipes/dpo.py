@@ -22,6 +22,9 @@ def get_config(arg=None):
   c.data.update(objective='dpo', source='data/prefs/*.jsonl', dpo_beta=0.1, heldout_percent=0)
   # DPO's published recipes use a learning rate around 5e-7 for 7B models; small models take more. No
   # weight decay: the KL tie to the reference is the regulariser.
+  # AdamW whatever the pretraining used: its step sizes are what these rates were chosen for, and LoRA's
+  # adapters (the `lora` variant) are not matrices Muon is for.
+  c.train.optimizer = 'adamw'
   c.train.update(steps=200, learning_rate=1e-4, warmup_steps=10, weight_decay=0.0, log_every=10,
                  checkpoint_every=100)
   c.eval.update(every=0)  # held-out loss is cross-entropy; preference accuracy is logged from training

@@ -21,6 +21,9 @@ def get_config(arg=None):
   c.data.update(objective='sft', source='data/sft/*.jsonl', heldout_percent=5)
   # Fine-tuning moves far less than pretraining: a tenth of the learning rate, short warmup, no decay of
   # the pretrained weights toward zero.
+  # AdamW whatever the pretraining used: its step sizes are what these rates were chosen for, and LoRA's
+  # adapters (the `lora` variant) are not matrices Muon is for.
+  c.train.optimizer = 'adamw'
   c.train.update(steps=300, learning_rate=3e-4, warmup_steps=20, weight_decay=0.0, log_every=10,
                  checkpoint_every=100)
   c.eval.update(every=100, batches=2)

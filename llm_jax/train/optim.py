@@ -20,7 +20,7 @@ import optax
 
 
 SCHEDULES = ('cosine', 'linear', 'constant', 'rsqrt', 'wsd')  # schedule() below
-OPTIMIZERS = ('adamw', 'adafactor', 'lion')  # _base_optimizer() below
+OPTIMIZERS = ('adamw', 'adafactor', 'lion', 'muon')  # _base_optimizer() below
 
 
 def schedule(train_cfg) -> optax.Schedule:
@@ -145,10 +145,59 @@ def skipped_count(opt_state) -> jax.Array | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is Scalable for LLM Training"): the momentum of each weight
+# matrix is orthogonalised (Newton-Schulz) before it is applied. It runs on the matrices that map the hidden
+# size to something else or back; embeddings, the output projection, norm gains and biases keep AdamW, as in
+# both papers. Which axes of a kernel are its inputs comes from the parameter's logical axis names.
 
 
-def _base_optimizer(t, lr: optax.Schedule) -> optax.GradientTransformation:
+def muon_dimensions(param_specs):
+  """Logical specs (a PartitionSpec of axis names per parameter) -> a tree of MuonDimensionNumbers, None where
+  AdamW applies. A kernel is a Muon matrix when it has an 'embed' axis and something else besides a 'layers'
+  axis, and no 'vocab' axis. 'embed' first is the input side (q, k, v, gate, up): the rest is the output.
+  'embed' last is the output side (o, down): the rest is the input. A 'layers' axis (scanned layers) is a
+  batch axis: each layer's matrix is orthogonalised on its own."""
+  from optax.contrib import MuonDimensionNumbers
+
+  def dims(spec):
+    names = tuple(spec) if spec is not None else ()
+    axes = [i for i, n in enumerate(names) if n != 'layers']
+    if 'embed' not in names or 'vocab' in names or len(axes) < 2:
+      return None
+    e = names.index('embed')
+    rest = tuple(i for i in axes if i != e)
+    if e == axes[0]:
+      return MuonDimensionNumbers(reduction_axis=(e,), output_axis=rest)
+    if e == axes[-1]:
+      return MuonDimensionNumbers(reduction_axis=rest, output_axis=(e,))
+    return None
+
+  return jax.tree.map(dims, param_specs, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec))
+
+
+def _muon(t, lr, mask, param_specs) -> optax.GradientTransformation:
+  if param_specs is None:
+    raise ValueError('train.optimizer=muon needs the parameters\' logical axis names (make_optimizer(..., '
+                     'param_specs=...))')
+  from optax.contrib import MuonDimensionNumbers, muon
+  dims = muon_dimensions(param_specs)
+  labels = jax.tree.map(lambda d: 'adam' if d is None else 'muon', dims,
+                        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
+  # consistent_rms=0.2 scales each orthogonalised update to AdamW's typical RMS (Liu et al. 2025), so the
+  # learning rate and weight decay mean what they mean for adamw. Only the Muon matrices reach this branch.
+  matrices = muon(lr, beta=t.muon_beta, weight_decay=t.weight_decay, weight_decay_mask=mask,
+                  consistent_rms=0.2, muon_weight_dimension_numbers=dims)
+  rest = optax.adamw(lr, b1=t.beta1, b2=t.beta2, eps=t.eps, weight_decay=t.weight_decay, mask=mask)
+  return optax.partition({'muon': matrices, 'adam': rest}, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _base_optimizer(t, lr: optax.Schedule, param_specs=None) -> optax.GradientTransformation:
   mask = decay_mask(t.decay_embeddings)
+  if t.optimizer == 'muon':
+    return _muon(t, lr, mask, param_specs)
   if t.optimizer == 'adamw':
     return optax.adamw(lr, b1=t.beta1, b2=t.beta2, eps=t.eps, weight_decay=t.weight_decay, mask=mask)
   if t.optimizer == 'lion':
@@ -169,9 +218,11 @@ def _base_optimizer(t, lr: optax.Schedule) -> optax.GradientTransformation:
   raise ValueError(f'unknown optimizer {t.optimizer!r}')  # validate() rejects this earlier
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, param_specs=None) -> optax.GradientTransformation:
+  """param_specs: the model's logical axis names per parameter (train/state.py:param_logical_specs), which
+  Muon needs to tell a kernel's input axes from its output axes; the other optimizers ignore them."""
   t = train_cfg
-  tx = _base_optimizer(t, schedule(t))
+  tx = _base_optimizer(t, schedule(t), param_specs)
   if t.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   if t.opt_state_dtype != 'float32':

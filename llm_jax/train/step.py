@@ -21,7 +21,7 @@ from llm_jax.data import objectives
 from llm_jax.models import build_model
 from llm_jax.train import dpo, optim
 from llm_jax.train.loss import SUM_KEYS, LossConfig, model_sums, objective_sum, token_sums
-from llm_jax.train.state import StateFactory, TrainState
+from llm_jax.train.state import StateFactory, TrainState, param_logical_specs
 
 Array = jax.Array
 
@@ -131,7 +131,7 @@ def setup_train_step(cfg, mesh, rules) -> TrainSetup:
   """The jitted train step of a resolved config and what it is built from: what `llm-jax train` runs
   (train/loop.py) and tools/bench_train.py times, one path for both."""
   model = build_model(cfg.model, deterministic=cfg.model.dropout_rate == 0.0)
-  tx = optim.make_optimizer(cfg.train)
+  tx = optim.make_optimizer(cfg.train, param_logical_specs(model))
   if cfg.model.lora.rank:
     tx = lora.optimizer(tx)  # the run's optimizer on the adapters alone; no state for the frozen base
   lr_schedule = optim.schedule(cfg.train)
