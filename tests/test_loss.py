@@ -123,3 +123,27 @@ def test_chunked_loss_soft_caps_the_logits_as_the_model_does():
   uncapped, _ = loss_and_stats(build_model(tiny_config().model), params, batch, loss_cfg=LossConfig())
   np.testing.assert_allclose(plain, chunked, rtol=1e-6)
   assert abs(float(plain) - float(uncapped)) > 1e-3
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_output_layer_gradients_equal_autodiff_of_the_plain_matmul(dtype):
+  """project()'s hand-written backward (the weight gradient as a plain matmul over x's transpose) gives what
+  autodiff of the einsum gives, for both inputs, in float32 and bfloat16, with a soft-cap on top."""
+  from llm_jax.models.transformer import project
+  dt = jnp.dtype(dtype)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 16)).astype(dt)
+  w = jax.random.normal(jax.random.PRNGKey(1), (16, 40)).astype(dt)
+  t = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 40))
+
+  def ours(x, w):
+    return jnp.sum(t * project(x, w, jnp.float32, cap=5.0))
+
+  def plain(x, w):
+    logits = jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=jnp.float32)
+    return jnp.sum(t * 5.0 * jnp.tanh(logits / 5.0))
+
+  got, want = jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)
+  for g, h in zip(got, want):
+    assert g.dtype == h.dtype == dt
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32),
+                               rtol=2e-2 if dtype == 'bfloat16' else 1e-5, atol=1e-5)

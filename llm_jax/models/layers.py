@@ -185,7 +185,7 @@ class Attention(nn.Module):
     kernels = [self._kernel(n, K, 'kv_heads') for n in ('k', 'v')]
     if stack_pays(x_BxD, 2 * K * self.cfg.head_dim):
       y_Bx2KH = jnp.einsum('BTD,DPXH->BTPXH', x_BxD, jnp.stack(kernels, axis=1))
-      k_BxKH, v_BxKH = y_Bx2KH[:, :, 0], y_Bx2KH[:, :, 1]
+      k_BxKH, v_BxKH = (y[:, :, 0] for y in jnp.split(y_Bx2KH, 2, axis=2))  # as the MLP's gate and up
     else:
       k_BxKH, v_BxKH = (jnp.einsum('BTD,DXH->BTXH', x_BxD, w_DKH) for w_DKH in kernels)
     return (self._finish(k_BxKH, x_BxD, 'k', K, 'kv_heads'), self._finish(v_BxKH, x_BxD, 'v', K, 'kv_heads'))
@@ -302,7 +302,8 @@ class Mlp(nn.Module):
       kernels = [self._kernel(n, names, (D, F), init) for n in ('gate', 'up')]
       if stack_pays(x_BTD, 2 * F):
         y_BT2F = jnp.einsum('BTD,DPF->BTPF', x_BTD, jnp.stack(kernels, axis=1))
-        gate_BTF, up_BTF = y_BT2F[:, :, 0], y_BT2F[:, :, 1]
+        # A split, not two slices: its gradient is one concatenation rather than each half padded and added.
+        gate_BTF, up_BTF = (y[:, :, 0] for y in jnp.split(y_BT2F, 2, axis=2))
       else:
         gate_BTF, up_BTF = (jnp.einsum('BTD,DF->BTF', x_BTD, w_DF) for w_DF in kernels)
       h_BTF = act(self._finish(gate_BTF, x_BTD, 'gate', names, (D, F)))
