@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.models.attention import attend, dot_attention, in_window
+from llm_jax.models.matmul import matmul
 from llm_jax.models.positions import relative_bucket, rope
 from llm_jax.sharding import constrain
 
@@ -175,8 +176,7 @@ class Attention(nn.Module):
     return y
 
   def _project(self, x_BxD: Array, name: str, heads: int, axis: str) -> Array:
-    return self._finish(jnp.einsum('BTD,DXH->BTXH', x_BxD, self._kernel(name, heads, axis)), x_BxD, name, heads,
-                        axis)
+    return self._finish(matmul(x_BxD, self._kernel(name, heads, axis)), x_BxD, name, heads, axis)
 
   def _project_kv(self, x_BxD: Array) -> tuple[Array, Array]:
     """Keys and values in one matmul over their kernels stacked [D, 2, K, H] (x read once, one wider matmul,
@@ -184,10 +184,10 @@ class Attention(nn.Module):
     K = self.cfg.num_kv_heads
     kernels = [self._kernel(n, K, 'kv_heads') for n in ('k', 'v')]
     if stack_pays(x_BxD, 2 * K * self.cfg.head_dim):
-      y_Bx2KH = jnp.einsum('BTD,DPXH->BTPXH', x_BxD, jnp.stack(kernels, axis=1))
+      y_Bx2KH = matmul(x_BxD, jnp.stack(kernels, axis=1))  # [B, T, 2, K, H]
       k_BxKH, v_BxKH = (y[:, :, 0] for y in jnp.split(y_Bx2KH, 2, axis=2))  # as the MLP's gate and up
     else:
-      k_BxKH, v_BxKH = (jnp.einsum('BTD,DXH->BTXH', x_BxD, w_DKH) for w_DKH in kernels)
+      k_BxKH, v_BxKH = (matmul(x_BxD, w_DKH) for w_DKH in kernels)
     return (self._finish(k_BxKH, x_BxD, 'k', K, 'kv_heads'), self._finish(v_BxKH, x_BxD, 'v', K, 'kv_heads'))
 
   @nn.compact
@@ -254,7 +254,8 @@ class Attention(nn.Module):
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
     wo_NHD = _param(self, 'o', out_init, ('heads', 'head_dim', 'embed'), (N, c.head_dim, c.embed_dim),
                     c).astype(dtype)
-    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, wo_NHD)
+    B, T = out_BTNH.shape[:2]  # heads and head dim as one axis: matmul contracts x's last
+    out_BTD = matmul(out_BTNH.reshape(B, T, N * c.head_dim), wo_NHD.reshape(N * c.head_dim, c.embed_dim))
     delta = lora_delta(self, 'o', out_BTNH, ('heads', 'head_dim'), (N, c.head_dim), ('embed',), (c.embed_dim,), c)
     if delta is not None:
       out_BTD = out_BTD + delta
@@ -282,7 +283,7 @@ class Mlp(nn.Module):
     return y
 
   def _dense(self, x: Array, name: str, names: tuple[str, str], shape: tuple[int, int], init) -> Array:
-    y = jnp.einsum('BTX,XY->BTY', x, self._kernel(name, names, shape, init))
+    y = matmul(x, self._kernel(name, names, shape, init))  # x W; its weight gradient: matmul.py
     return self._finish(y, x, name, names, shape)
 
   @nn.compact
@@ -301,11 +302,11 @@ class Mlp(nn.Module):
       # are (training, evaluation), not for a decode step's or a short prefill's few rows (stack_pays).
       kernels = [self._kernel(n, names, (D, F), init) for n in ('gate', 'up')]
       if stack_pays(x_BTD, 2 * F):
-        y_BT2F = jnp.einsum('BTD,DPF->BTPF', x_BTD, jnp.stack(kernels, axis=1))
+        y_BT2F = matmul(x_BTD, jnp.stack(kernels, axis=1))  # [B, T, 2, F]
         # A split, not two slices: its gradient is one concatenation rather than each half padded and added.
         gate_BTF, up_BTF = (y[:, :, 0] for y in jnp.split(y_BT2F, 2, axis=2))
       else:
-        gate_BTF, up_BTF = (jnp.einsum('BTD,DF->BTF', x_BTD, w_DF) for w_DF in kernels)
+        gate_BTF, up_BTF = (matmul(x_BTD, w_DF) for w_DF in kernels)
       h_BTF = act(self._finish(gate_BTF, x_BTD, 'gate', names, (D, F)))
       h_BTF = h_BTF * self._finish(up_BTF, x_BTD, 'up', names, (D, F))
     else:

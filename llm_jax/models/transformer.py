@@ -7,7 +7,6 @@ submodules under it, so a family's parameter tree stays flat: `embedding`, `laye
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 
 from llm_jax.models.attention import softcap
 from llm_jax.models.layers import Attention, Mlp, Norm, _bias, _param, compute_dtype, leading, relative_bias
+from llm_jax.models.matmul import matmul
 from llm_jax.sharding import constrain
 
 Array = jax.Array
@@ -198,31 +198,6 @@ def logits(parent: nn.Module, cfg, x_BTD: Array, embedding_VD: Array, output_bia
 def project(x_BTD: Array, unembed_DV: Array, logits_dtype, cap: float = 0.0) -> Array:
   """Logits in `logits_dtype`, accumulated in it too (a float32 result of bfloat16 inputs is exact where a
   bfloat16 result cast up is not); soft-capped at `cap` (model.final_logit_softcap, Gemma 2; 0: not)."""
-  logits_BTV = softcap(_unembed(x_BTD, unembed_DV, jnp.dtype(logits_dtype)), cap)
+  logits_BTV = softcap(matmul(x_BTD, unembed_DV, logits_dtype), cap)  # its weight gradient: matmul.py
   return constrain(logits_BTV, ('batch', 'seq', 'vocab'))
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _unembed(x_BTD: Array, w_DV: Array, out_dtype) -> Array:
-  return jnp.einsum('BTD,DV->BTV', x_BTD, w_DV, preferred_element_type=out_dtype)
-
-
-def _unembed_fwd(x_BTD, w_DV, out_dtype):
-  return _unembed(x_BTD, w_DV, out_dtype), (x_BTD, w_DV)
-
-
-def _unembed_bwd(out_dtype, residuals, g_BTV):
-  """The output layer's gradients, the weight's as a plain [D, N] x [N, V] matmul over the N = B T rows.
-  Autodiff contracts x over its rows in place, which XLA's CPU backend runs as a generic dot at about half
-  the speed of its matmul library (the largest single op of the Quick start's step: BENCHMARKS.md); x's
-  transpose, kept apart by an optimization barrier so it is not folded back into the dot, is a small copy."""
-  x_BTD, w_DV = residuals
-  B, T, D = x_BTD.shape
-  V = w_DV.shape[1]
-  dx_BTD = jnp.einsum('BTV,DV->BTD', g_BTV, w_DV, preferred_element_type=jnp.float32).astype(x_BTD.dtype)
-  xT_DN = jax.lax.optimization_barrier(x_BTD.reshape(B * T, D).T)
-  dw_DV = jnp.dot(xT_DN, g_BTV.reshape(B * T, V), preferred_element_type=jnp.float32).astype(w_DV.dtype)
-  return dx_BTD, dw_DV
-
-
-_unembed.defvjp(_unembed_fwd, _unembed_bwd)
