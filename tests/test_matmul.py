@@ -24,7 +24,8 @@ def test_gradients_equal_autodiff_of_the_einsum(w_shape, dtype):
     return jnp.sum(t * jnp.sin(jnp.tensordot(x, w, axes=1).astype(jnp.float32)))
 
   assert matmul(x, w).shape == out_shape and matmul(x, w).dtype == dt
-  np.testing.assert_array_equal(np.asarray(matmul(x, w), np.float32), np.asarray(jnp.tensordot(x, w, axes=1), np.float32))
+  np.testing.assert_array_equal(np.asarray(matmul(x, w), np.float32),
+                                np.asarray(jnp.tensordot(x, w, axes=1), np.float32))
   for g, h in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
     assert g.dtype == h.dtype == dt
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32),

@@ -200,4 +200,3 @@ def project(x_BTD: Array, unembed_DV: Array, logits_dtype, cap: float = 0.0) -> 
   bfloat16 result cast up is not); soft-capped at `cap` (model.final_logit_softcap, Gemma 2; 0: not)."""
   logits_BTV = softcap(matmul(x_BTD, unembed_DV, logits_dtype), cap)  # its weight gradient: matmul.py
   return constrain(logits_BTV, ('batch', 'seq', 'vocab'))
-
