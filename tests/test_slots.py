@@ -1,8 +1,10 @@
 """Continuous batching (infer/slots.py) decodes what the offline engine decodes: the same tokens for greedy and
-seeded sampling, with stop tokens, stop strings and penalties, while requests enter and leave the slots."""
+seeded sampling, with stop tokens, stop strings and penalties, while requests enter and leave the slots; the
+log-probabilities of the jobs that ask for them."""
 
 import threading
 
+import numpy as np
 import pytest
 
 from llm_jax.infer import inference, slots
@@ -29,16 +31,31 @@ def test_slots_equal_the_offline_engine_while_requests_come_and_go(run, num_slot
   engine = slots.SlotEngine(run.engine, run.context_len, slots=num_slots)
   try:
     got = [[] for _ in prompts]
+    logprobs = [[] for _ in prompts]
     reasons = [None] * len(prompts)
     done = threading.Semaphore(0)
+
+    def on_token(i, token, logprob, top, top_logprob):
+      got[i].append(token)
+      logprobs[i].append((logprob, top, top_logprob))
     for i, (p, sp) in enumerate(zip(ids, params)):
-      engine.submit(slots.Job(p, sp, 1 if i == 2 else 0, on_token=lambda t, *_, i=i: got[i].append(t),
-                              on_done=lambda r, e, i=i: (reasons.__setitem__(i, (r, e)), done.release())))
+      # Every other job asks for log-probabilities: batches with and without them, and mixed ones.
+      engine.submit(slots.Job(p, sp, 1 if i == 2 else 0, on_token=lambda *a, i=i: on_token(i, *a),
+                              on_done=lambda r, e, i=i: (reasons.__setitem__(i, (r, e)), done.release()),
+                              logprobs=i % 2 == 0))
     for _ in prompts:
       assert done.acquire(timeout=300)
     assert engine.most_active == min(num_slots, len(prompts))
     for i, w in enumerate(want):
       assert got[i] == w.tokens, i
       assert reasons[i] == (w.finish_reason, None), i
+      if i % 2:
+        assert all(x == (None, None, None) for x in logprobs[i]), i
+        continue
+      lps, tops, top_lps = zip(*logprobs[i])
+      np.testing.assert_allclose(lps, w.logprobs, atol=1e-4, err_msg=str(i))
+      for token, lp, top, top_lp in zip(got[i], lps, tops, top_lps):
+        assert len(top) == slots.TOP and list(top_lp) == sorted(top_lp, reverse=True)
+        assert lp <= top_lp[0] + 1e-6 and (token not in top or abs(top_lp[top.index(token)] - lp) < 1e-6)
   finally:
     engine.close()

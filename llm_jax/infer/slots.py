@@ -15,7 +15,7 @@ P a prompt's padded length, k the top alternatives returned per token.
 Both are jitted under the run's mesh and logical rules, with the cache constrained to CACHE_AXES, and the state
 is donated so the cache is updated in place. Token choice is sampling.next_tokens with each slot's own knobs and
 key (the key folded with the slot's step count, as decode.py folds it, so a seeded request draws the same
-tokens on both paths), log-probabilities are sampling.logprobs_of; stop tokens, stop strings (stops.Matcher:
+tokens on both paths), log-probabilities are sampling.logprobs_of (run only when a job in the batch asks for them); stop tokens, stop strings (stops.Matcher:
 decode.py's automata stepped on the host) and max_new_tokens end a request on the host, which reads every
 step's tokens anyway to stream them. A finished or cancelled request frees its slot at once; waiting ones
 enter free slots before the next step. Which sampling stages run is static (sampling.Stages): a few programs.
@@ -48,12 +48,14 @@ TOP = 5
 @dataclass(eq=False)
 class Job:
   """One request for one continuation. `on_token(token, logprob, top_ids, top_logprobs)` is called for each new
-  token and `on_done(finish_reason or None, error or None)` once, both on the engine's thread."""
+  token (the last three None unless `logprobs`) and `on_done(finish_reason or None, error or None)` once, both
+  on the engine's thread."""
   tokens: list[int]
   params: SamplingParams
   sample: int
   on_token: Callable
   on_done: Callable
+  logprobs: bool = False  # the log-probability of each token and the TOP likeliest alternatives
   cancelled: bool = False
   count: int = 0
   matcher: Any = None
@@ -72,15 +74,20 @@ def _init_state(adapter, mesh, rules, B: int, C: int, V: int):
             'seen': jnp.zeros((B, V), bool), 'knobs': knobs}
 
 
-def _choose(logits_BV, key_B, count_B, knobs, seen_BV, stages):
+def _choose(logits_BV, key_B, count_B, knobs, seen_BV, stages, logprobs):
+  """Each row's next token, and with `logprobs` (some job in the batch asked for them) its log-probability and
+  the TOP likeliest alternatives: a log-softmax and a top-k over the vocabulary, an eighth of a 16-row step, so
+  a batch that wants none skips them."""
   step_keys_B = jax.vmap(jax.random.fold_in)(key_B, count_B)
   token_B = sampling.next_tokens(logits_BV, step_keys_B, knobs, seen_BV, stages)
+  if not logprobs:
+    return token_B, (token_B,)
   logprob_B, top_Bk, top_logprob_Bk = sampling.logprobs_of(logits_BV, token_B, TOP)
   return token_B, (token_B, logprob_B, top_Bk, top_logprob_Bk)
 
 
 def _prefill_insert(adapter, mesh, rules, C, params, state, prompt_1P, length, slot, knobs_1, seed, sample, *,
-                    stages):
+                    stages, logprobs):
   with sharding.activation_sharding(mesh, rules):
     P = prompt_1P.shape[1]
     one = adapter.init_cache(1, C, 0)
@@ -92,7 +99,7 @@ def _prefill_insert(adapter, mesh, rules, C, params, state, prompt_1P, length, s
     in_prompt_P = jnp.arange(P) < length
     seen_1V = jnp.zeros((1, V), bool).at[0, prompt_1P[0]].max(in_prompt_P)
     key_1 = sampling.row_keys(seed[None], sample[None])
-    token_1, out = _choose(logits_1V, key_1, jnp.zeros((1,), jnp.int32), knobs_1, seen_1V, stages)
+    token_1, out = _choose(logits_1V, key_1, jnp.zeros((1,), jnp.int32), knobs_1, seen_1V, stages, logprobs)
     seen_1V = seen_1V.at[0, token_1[0]].set(True)
     put = lambda a, v: a.at[slot].set(v[0])  # noqa: E731
     state = {'cache': cache, 'token': put(state['token'], token_1), 'pos': put(state['pos'], start_1),
@@ -102,7 +109,7 @@ def _prefill_insert(adapter, mesh, rules, C, params, state, prompt_1P, length, s
     return state, out
 
 
-def _generate(adapter, mesh, rules, C, params, state, *, stages, rows: int):
+def _generate(adapter, mesh, rules, C, params, state, *, stages, logprobs, rows: int):
   """One step of the first `rows` slots (the busy ones are kept low: a free slot is filled lowest first), so a
   lightly loaded server pays for the rows it uses, not for every slot."""
   with sharding.activation_sharding(mesh, rules):
@@ -120,7 +127,7 @@ def _generate(adapter, mesh, rules, C, params, state, *, stages, rows: int):
       # (layers.Attention): slicing those rows out of every layer and writing them back was a third of a step.
       logits_RV, cache = adapter.step(params, head(state['token']), head(state['pos']), state['cache'])
     seen_RV = head(state['seen'])
-    token_R, out = _choose(logits_RV, head(state['key']), head(state['count']), knobs, seen_RV, stages)
+    token_R, out = _choose(logits_RV, head(state['key']), head(state['count']), knobs, seen_RV, stages, logprobs)
     rows_R = jnp.arange(rows)
     put = lambda a, v: a.at[:rows].set(v)  # noqa: E731
     state = {**state, 'cache': cache, 'token': put(state['token'], token_R),
@@ -146,10 +153,10 @@ class SlotEngine:
     statics = (engine.adapter, engine.mesh, engine.rules)
     self._state = jax.jit(functools.partial(_init_state, *statics),
                           static_argnums=(0, 1, 2))(self.slots, context, engine.model.cfg.vocab_size)
-    self._prefill = jax.jit(functools.partial(_prefill_insert, *statics, context), static_argnames=('stages',),
-                            donate_argnums=(1,))
+    self._prefill = jax.jit(functools.partial(_prefill_insert, *statics, context),
+                            static_argnames=('stages', 'logprobs'), donate_argnums=(1,))
     self._generate = jax.jit(functools.partial(_generate, *statics, context),
-                             static_argnames=('stages', 'rows'), donate_argnums=(1,))
+                             static_argnames=('stages', 'logprobs', 'rows'), donate_argnums=(1,))
     self._active: list[Job | None] = [None] * self.slots
     self._pending = None  # (the outputs of the step started last, the job in each of its slots then)
     self._first: list = []  # (prefill outputs, slot, job) of the jobs inserted since the last step started
@@ -169,10 +176,11 @@ class SlotEngine:
     knobs = {k: eng.put(v, (None,)) for k, v in sampling.knob_arrays([SamplingParams()], 1).items()}
     for P in eng.prompt_buckets(self.context):
       self._state, _ = self._prefill(eng.params, self._state, eng.put(np.ones((1, P), np.int32), (None, None)),
-                                     jnp.int32(1), jnp.int32(0), knobs, jnp.int32(0), jnp.int32(0), stages=greedy)
+                                     jnp.int32(1), jnp.int32(0), knobs, jnp.int32(0), jnp.int32(0), stages=greedy,
+                                     logprobs=False)
     rows = set(self._widths[1:self.usable + 1])
     for r in sorted(rows):
-      self._state, out = self._generate(eng.params, self._state, stages=greedy, rows=r)
+      self._state, out = self._generate(eng.params, self._state, stages=greedy, logprobs=False, rows=r)
     jax.block_until_ready(self._state)
 
   # -- what request threads call ----------------------------------------------------------------------------
@@ -257,7 +265,8 @@ class SlotEngine:
     knobs = sampling.knob_arrays([p], 1)
     i32 = np.int32
     self._state, out = self._prefill(eng.params, self._state, prompt_BP, i32(length_B[0]), i32(slot), knobs,
-                                     i32(p.seed), i32(job.sample), stages=Stages.of([p]))
+                                     i32(p.seed), i32(job.sample), stages=Stages.of([p]),
+                                     logprobs=job.logprobs)
     self._active[slot] = job
     self._first.append((out, slot, job))  # handed out with the next step's flush, as that step runs
 
@@ -271,7 +280,8 @@ class SlotEngine:
     last = max(i for i, j in enumerate(self._active) if j is not None)
     rows = self._widths[last + 1]
     self._state, out = self._generate(self.engine.params, self._state,
-                                      stages=Stages.of([j.params for j in live]), rows=rows)
+                                      stages=Stages.of([j.params for j in live]),
+                                      logprobs=any(j.logprobs for j in live), rows=rows)
     self.steps += 1
     self._flush()
     self._pending = (out, list(self._active[:rows]))
@@ -284,10 +294,10 @@ class SlotEngine:
     self._pending, self._first = None, []
     if pending is not None:
       out, jobs = pending
-      token_B, logprob_B, top_Bk, top_logprob_Bk = sharding.fetch(out)
+      arrays = sharding.fetch(out)
       for slot, job in enumerate(jobs):
         if job is not None and self._active[slot] is job:
-          self._emit(slot, (token_B[slot], logprob_B[slot], top_Bk[slot], top_logprob_Bk[slot]))
+          self._emit(slot, [a[slot] for a in arrays])
     for out, slot, job in first:
       if self._active[slot] is job:
         self._emit(slot, [np.asarray(a)[0] for a in sharding.fetch(out)])
@@ -296,10 +306,12 @@ class SlotEngine:
     """Hand one new token to its job and end the job if it stops there (decode.py's order: a stop before
     the length limit)."""
     job = self._active[slot]
-    token, logprob, top, top_logprob = out
-    token = int(token)
+    token = int(out[0])
     job.count += 1
-    job.on_token(token, float(logprob), top.tolist(), top_logprob.tolist())
+    if job.logprobs:
+      job.on_token(token, float(out[1]), out[2].tolist(), out[3].tolist())
+    else:
+      job.on_token(token, None, None, None)
     stopped = token in job.stop_ids
     if job.matcher is not None:
       stopped = job.matcher.advance(token) or stopped

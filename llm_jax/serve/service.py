@@ -142,8 +142,9 @@ class App:
                                passages=None if passages is None else passages[k]))
     return parsed, choices
 
-  def _start(self, choices: list[_Choice], n: int, inbox: _Inbox) -> int:
-    """Submit every choice that generates; the number submitted. Events arrive in `inbox`."""
+  def _start(self, choices: list[_Choice], n: int, inbox: _Inbox, logprobs: bool) -> int:
+    """Submit every choice that generates; the number submitted. Events arrive in `inbox`. `logprobs`: the
+    engine computes each token's log-probability and alternatives (else only the tokens)."""
     started = 0
     for c in choices:
       if not c.max_new:
@@ -153,7 +154,7 @@ class App:
       c.job = self.engine.submit(slots.Job(
           c.ids, c.sampling, c.index % n,
           on_token=lambda t, lp, top, top_lp, c=c, put=put: put('token', c, t, lp, top, top_lp),
-          on_done=lambda reason, error, c=c, put=put: put('done', c, reason, error)))
+          on_done=lambda reason, error, c=c, put=put: put('done', c, reason, error), logprobs=logprobs))
       started += 1
     return started
 
@@ -183,7 +184,7 @@ class App:
     """The whole answer, or None if the client went away first (its jobs are cancelled)."""
     inbox = _Inbox(asyncio.get_running_loop(), wake_on_tokens=False)
     try:
-      remaining = self._start(choices, parsed.n, inbox)
+      remaining = self._start(choices, parsed.n, inbox, parsed.logprobs is not None)
       while remaining:
         events = await inbox.drain(POLL_S)
         if not events and disconnected is not None and await disconnected():
@@ -265,7 +266,7 @@ class App:
       return f'data: {json.dumps({**head, "choices": [one]})}\n\n'
 
     try:
-      remaining = self._start(choices, parsed.n, inbox)
+      remaining = self._start(choices, parsed.n, inbox, parsed.logprobs is not None)
       for c in choices:
         if parsed.chat:
           yield event(c, '', role=True)
