@@ -15,9 +15,9 @@ P a prompt's padded length, k the top alternatives returned per token.
 Both are jitted under the run's mesh and logical rules, with the cache constrained to CACHE_AXES, and the state
 is donated so the cache is updated in place. Token choice is sampling.next_tokens with each slot's own knobs and
 key (the key folded with the slot's step count, as decode.py folds it, so a seeded request draws the same
-tokens on both paths), log-probabilities are sampling.logprobs_of (run only when a job in the batch asks for them); stop tokens, stop strings (stops.Matcher:
-decode.py's automata stepped on the host) and max_new_tokens end a request on the host, which reads every
-step's tokens anyway to stream them. A finished or cancelled request frees its slot at once; waiting ones
+tokens on both paths), log-probabilities are sampling.logprobs_of (run only when a job in the batch asks for
+them); stop tokens, stop strings (stops.Matcher: decode.py's automata stepped on the host) and max_new_tokens
+end a request on the host, which reads every step's tokens anyway to stream them. A finished or cancelled request frees its slot at once; waiting ones
 enter free slots before the next step. Which sampling stages run is static (sampling.Stages): a few programs.
 
 One thread owns the device: it also runs the scoring jobs (loglik.score) that `echo` asks for between steps.
