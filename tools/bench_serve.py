@@ -14,6 +14,10 @@ requests between them, back to back, greedy with `ignore_eos`, `max_tokens` draw
   short_p99_s          p99 latency of the 8-token requests, beside `short_alone_s`: an 8-token request's
                        median latency with nothing else running
 
+With `--rounds=N` every level is measured N times, alternating (the machine's speed drifts between minutes),
+then one summary line per (server, clients) gives the medians over the rounds of the throughput, of its ratio
+to the first level's in the same round, of the 8-token p99 and of its ratio to that round's time alone.
+
 Without `--workdir`, `--random` builds a Quick-start-shaped run (configs/tiny.py, random params, a tokenizer
 trained on the built-in corpus) in a temporary directory.
 """
@@ -115,13 +119,26 @@ def pct(values, q):
   return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def measure(url: str, clients: int, requests: int, context: int, rng: random.Random) -> dict:
+  """One level: a warm-up of 2 x clients requests, then `requests` of them, timed."""
+  asyncio.run(load(url, make_requests(2 * clients, context, rng), clients))
+  wall, results = asyncio.run(load(url, make_requests(max(requests, clients), context, rng), clients))
+  latencies = [r[2] for r in results]
+  shorts = [r[2] for r in results if r[0] == 8] or [float('nan')]
+  return {'clients': clients, 'requests': len(results),
+          'tokens_per_sec': round(sum(r[1] for r in results) / wall, 1), 'p50_s': round(pct(latencies, 0.5), 3),
+          'p99_s': round(pct(latencies, 0.99), 3), 'short_p99_s': round(pct(shorts, 0.99), 3)}
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--workdir', default=None)
   p.add_argument('--random', action='store_true', help='a random Quick-start-shaped run in a temporary dir')
   p.add_argument('--clients', type=int, nargs='+', default=[1, 16, 64])
-  p.add_argument('--requests', type=int, default=64, help='requests per (server, clients)')
+  p.add_argument('--requests', type=int, default=64, help='requests per (server, clients, round)')
   p.add_argument('--slots', type=int, default=32)
+  p.add_argument('--rounds', type=int, default=1,
+                 help='measure every level this many times, alternating, and print the medians')
   args = p.parse_args()
   if not args.workdir and not args.random:
     raise SystemExit('give --workdir=DIR (a trained run) or --random')
@@ -130,24 +147,32 @@ def main() -> None:
   from llm_jax.run import workdir as workdir_lib
   context = workdir_lib.load_config(workdir).data.seq_len
   rng = random.Random(0)
+  short = {'prompt': 'def f(x):', 'max_tokens': 8, 'temperature': 0, 'ignore_eos': True}
   for slots in (1, args.slots):
+    server = 'no batching (--max_batch=1)' if slots == 1 else f'continuous batching (--max_batch={slots})'
     proc, url = start_server(workdir, slots)
     try:
-      short = {'prompt': 'def f(x):', 'max_tokens': 8, 'temperature': 0, 'ignore_eos': True}
       asyncio.run(load(url, [short] * 3, 1))
-      alone = statistics.median(asyncio.run(load(url, [short] * 7, 1))[1][i][2] for i in range(7))
-      for clients in args.clients:
-        asyncio.run(load(url, make_requests(2 * clients, context, rng), clients))  # warm up this level
-        requests = make_requests(max(args.requests, clients), context, rng)
-        wall, results = asyncio.run(load(url, requests, clients))
-        latencies = [r[2] for r in results]
-        shorts = [r[2] for r in results if r[0] == 8] or [float('nan')]
-        print(json.dumps({'server': 'no batching (--max_batch=1)' if slots == 1 else
-                          f'continuous batching (--max_batch={slots})', 'clients': clients,
-                          'requests': len(results), 'tokens_per_sec': round(sum(r[1] for r in results) / wall, 1),
-                          'p50_s': round(pct(latencies, 0.5), 3), 'p99_s': round(pct(latencies, 0.99), 3),
-                          'short_p99_s': round(pct(shorts, 0.99), 3), 'short_alone_s': round(alone, 3)}),
-              flush=True)
+      rounds = []
+      for r in range(args.rounds):
+        # The machine's speed drifts (a shared VM): each round measures an 8-token request alone and then
+        # every level back to back, so a round's ratios compare figures taken minutes, not hours, apart.
+        alone = statistics.median(x[2] for x in asyncio.run(load(url, [short] * 7, 1))[1])
+        levels = {c: measure(url, c, args.requests, context, rng) for c in args.clients}
+        for c, row in levels.items():
+          print(json.dumps({'server': server, 'round': r, **row, 'short_alone_s': round(alone, 3)}), flush=True)
+        rounds.append((alone, levels))
+      if args.rounds > 1:
+        one = args.clients[0]
+        for c in args.clients:
+          med = lambda f: statistics.median(f(alone, levels) for alone, levels in rounds)  # noqa: E731
+          print(json.dumps({
+              'server': server, 'clients': c, 'rounds': args.rounds,
+              'median_tokens_per_sec': round(med(lambda a, lv: lv[c]['tokens_per_sec']), 1),
+              f'median_throughput_over_{one}_client': round(
+                  med(lambda a, lv: lv[c]['tokens_per_sec'] / lv[one]['tokens_per_sec']), 2),
+              'median_short_p99_s': med(lambda a, lv: lv[c]['short_p99_s']),
+              'median_short_p99_over_alone': round(med(lambda a, lv: lv[c]['short_p99_s'] / a), 2)}), flush=True)
     finally:
       proc.terminate()
       proc.wait(timeout=60)
