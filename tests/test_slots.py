@@ -59,3 +59,24 @@ def test_slots_equal_the_offline_engine_while_requests_come_and_go(run, num_slot
         assert lp <= top_lp[0] + 1e-6 and (token not in top or abs(top_lp[top.index(token)] - lp) < 1e-6)
   finally:
     engine.close()
+
+
+def test_warm_compiles_everything_a_greedy_request_runs(run):
+  """After warm(), greedy requests of every prompt bucket, alone and together, compile nothing more: the
+  prefills are warmed with the argument types a request passes (a device array where a request passes a
+  host one is a second entry of jit's cache, and each bucket's first request compiled for 0.6 s)."""
+  engine = slots.SlotEngine(run.engine, run.context_len, slots=4)
+  try:
+    engine.warm()
+    compiled = engine._prefill._cache_size(), engine._generate._cache_size()
+    done = threading.Semaphore(0)
+    lengths = [1, 2, 9, 17, 33, run.context_len - 4]
+    for n in lengths:
+      engine.submit(slots.Job([5] * n, SP(max_new_tokens=3), 0, on_token=lambda *a: None,
+                              on_done=lambda r, e: done.release()))
+    for _ in lengths:
+      assert done.acquire(timeout=300)
+    assert engine.most_active > 1
+    assert (engine._prefill._cache_size(), engine._generate._cache_size()) == compiled
+  finally:
+    engine.close()

@@ -17,8 +17,9 @@ is donated so the cache is updated in place. Token choice is sampling.next_token
 key (the key folded with the slot's step count, as decode.py folds it, so a seeded request draws the same
 tokens on both paths), log-probabilities are sampling.logprobs_of (run only when a job in the batch asks for
 them); stop tokens, stop strings (stops.Matcher: decode.py's automata stepped on the host) and max_new_tokens
-end a request on the host, which reads every step's tokens anyway to stream them. A finished or cancelled request frees its slot at once; waiting ones
-enter free slots before the next step. Which sampling stages run is static (sampling.Stages): a few programs.
+end a request on the host, which reads every step's tokens anyway to stream them. A finished or cancelled
+request frees its slot at once; waiting ones enter free slots before the next step. Which sampling stages
+run is static (sampling.Stages): a few programs.
 
 One thread owns the device: it also runs the scoring jobs (loglik.score) that `echo` asks for between steps.
 """
@@ -153,9 +154,13 @@ class SlotEngine:
     statics = (engine.adapter, engine.mesh, engine.rules)
     self._state = jax.jit(functools.partial(_init_state, *statics),
                           static_argnums=(0, 1, 2))(self.slots, context, engine.model.cfg.vocab_size)
-    self._prefill = jax.jit(functools.partial(_prefill_insert, *statics, context),
+    # Both return the state placed exactly as _init_state placed it (and their tokens replicated): left to
+    # XLA, a prefill's output placed the key and seen-token rows by an equivalent but different spec, and the
+    # next call with that state was a second entry of jit's cache: one more compile per program.
+    placed = (jax.tree.map(lambda a: a.sharding, self._state), sharding.replicated(engine.mesh))
+    self._prefill = jax.jit(functools.partial(_prefill_insert, *statics, context), out_shardings=placed,
                             static_argnames=('stages', 'logprobs'), donate_argnums=(1,))
-    self._generate = jax.jit(functools.partial(_generate, *statics, context),
+    self._generate = jax.jit(functools.partial(_generate, *statics, context), out_shardings=placed,
                              static_argnames=('stages', 'logprobs', 'rows'), donate_argnums=(1,))
     self._active: list[Job | None] = [None] * self.slots
     self._pending = None  # (the outputs of the step started last, the job in each of its slots then)
@@ -171,12 +176,12 @@ class SlotEngine:
 
   def warm(self) -> None:
     """Compile ahead what greedy requests use (every prompt bucket's prefill, every step width), so the first
-    clients do not wait for compiles. Call before serving: it writes only into free slots."""
+    clients do not wait for compiles. Call before serving: it writes only into free slots. The prefills are
+    called with the very argument types a request's are (`_prefill_args`): a device array where a request
+    passes a host one is another entry of jit's cache, and the first request of each bucket compiled again."""
     eng, greedy = self.engine, Stages.of([SamplingParams()])
-    knobs = {k: eng.put(v, (None,)) for k, v in sampling.knob_arrays([SamplingParams()], 1).items()}
     for P in eng.prompt_buckets(self.context):
-      self._state, _ = self._prefill(eng.params, self._state, eng.put(np.ones((1, P), np.int32), (None, None)),
-                                     jnp.int32(1), jnp.int32(0), knobs, jnp.int32(0), jnp.int32(0), stages=greedy,
+      self._state, _ = self._prefill(*self._prefill_args([1] * P, SamplingParams(), 0, 0), stages=greedy,
                                      logprobs=False)
     rows = set(self._widths[1:self.usable + 1])
     for r in sorted(rows):
@@ -259,16 +264,18 @@ class SlotEngine:
     eng, p = self.engine, job.params
     job.stop_ids = frozenset(p.stop_tokens) | (frozenset() if p.ignore_eos else {eng.eos_id})
     job.matcher = stops.Matcher(eng.vocab, p.stop_strings) if p.stop_strings else None
-    prompt_BP, length_B = eng.prompts([job.tokens], 1)
-    # Host arrays straight into the jitted call, which places them (replicated, as they are small): a device
-    # put or a jnp scalar per argument cost more host time than the prefill's own dispatch.
-    knobs = sampling.knob_arrays([p], 1)
-    i32 = np.int32
-    self._state, out = self._prefill(eng.params, self._state, prompt_BP, i32(length_B[0]), i32(slot), knobs,
-                                     i32(p.seed), i32(job.sample), stages=Stages.of([p]),
+    self._state, out = self._prefill(*self._prefill_args(job.tokens, p, slot, job.sample), stages=Stages.of([p]),
                                      logprobs=job.logprobs)
     self._active[slot] = job
     self._first.append((out, slot, job))  # handed out with the next step's flush, as that step runs
+
+  def _prefill_args(self, tokens: list[int], p: SamplingParams, slot: int, sample: int) -> tuple:
+    """The prefill's arguments. Host arrays go straight into the jitted call, which places them (replicated,
+    as they are small): a device put or a jnp scalar per argument cost more host time than the dispatch."""
+    prompt_BP, length_B = self.engine.prompts([tokens], 1)
+    i32 = np.int32
+    return (self.engine.params, self._state, prompt_BP, i32(length_B[0]), i32(slot), sampling.knob_arrays([p], 1),
+            i32(p.seed), i32(sample))
 
   def _step(self) -> None:
     """Start the next decode step, then hand out the tokens of the one before while the device computes it:
