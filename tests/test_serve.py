@@ -151,3 +151,23 @@ def test_hundreds_of_concurrent_connections_are_all_answered(served):
     return [r.status_code for r in replies]
 
   assert asyncio.run(main()) == [200] * 300
+
+
+def test_bench_serve_measures_the_served_model(served):
+  """tools/bench_serve.py's load generator and one level's figures, against the real server: every request
+  answered with the tokens it asked for (ignore_eos), the figures consistent with each other."""
+  import importlib.util
+  import random
+  from conftest import ROOT
+  spec = importlib.util.spec_from_file_location('bench_serve', f'{ROOT}/tools/bench_serve.py')
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  run, base, _ = served
+  requests = bench.make_requests(6, run.context_len, random.Random(0))
+  import asyncio
+  wall, results = asyncio.run(bench.load(base, requests, 3))
+  assert sorted(r[0] for r in results) == sorted(b['max_tokens'] for b in requests)
+  assert all(asked == got for asked, got, _ in results) and wall > max(r[2] for r in results) > 0
+  row = bench.measure(base, 2, 4, run.context_len, random.Random(1))
+  assert row['requests'] == 4 and row['tokens_per_sec'] > 0 and 0 < row['p50_s'] <= row['p99_s']
+  assert row['short_p99_s'] is None or row['short_p99_s'] <= row['p99_s']
