@@ -1,5 +1,6 @@
 """`llm-jax serve`: the latest checkpoint behind OpenAI-compatible /v1/completions and /v1/chat/completions."""
 
+import gc
 import os
 import sys
 
@@ -55,6 +56,11 @@ def run(args, overrides) -> int:
   run_ = inference.load_run(args.workdir)
   name = args.model_name or os.path.basename(os.path.abspath(args.workdir))
   app = service.App(run_, name, args.max_batch, args.batch_wait_ms / 1000, retriever, warm=True)
+  # Everything loaded so far lives as long as the server: out of the collector's sight, a full collection
+  # walks the objects requests make, not the 300,000 of JAX, Flax and the model (measured under load: each
+  # full collection stopped the server for 180 ms, the slowest answers' whole tail; 5 to 15 ms frozen).
+  gc.collect()
+  gc.freeze()
   try:
     httpd = server.Server(server.make_app(app, api_key), args.host, args.port, args.verbose)
     if api_key is None and args.host not in server.LOOPBACK:
