@@ -150,7 +150,10 @@ def test_openai_streaming_arrives_token_by_token_and_equals_the_whole_answer(ser
     assert cut.choices[0].finish_reason == 'stop'
 
 
-def test_a_client_that_leaves_frees_its_slot(served_app):
+@pytest.mark.parametrize('stream', [True, False])
+def test_a_client_that_leaves_frees_its_slot(served_app, stream):
+  """Streamed, the client hangs up after the first event; whole, it gives up waiting (the server polls for a
+  disconnect while the answer is made)."""
   import time
   import httpx
   app, url = served_app
@@ -161,14 +164,18 @@ def test_a_client_that_leaves_frees_its_slot(served_app):
     seen = []
     engine_submit = engine.submit
     engine.submit = lambda job: seen.append(job) or engine_submit(job)
-    body = {'prompt': 'x', 'max_tokens': 60, 'temperature': 0, 'stream': True}
-    with httpx.Client(base_url=url, timeout=60) as c:
-      with c.stream('POST', '/v1/completions', json=body) as r:
-        next(r.iter_lines())  # the job holds a slot; hang up
-    deadline = time.monotonic() + 20
-    while any(engine._active) and time.monotonic() < deadline:
-      time.sleep(0.05)
+    body = {'prompt': 'x', 'max_tokens': 60, 'temperature': 0, 'stream': stream}
+    if stream:
+      with httpx.Client(base_url=url, timeout=60) as c:
+        with c.stream('POST', '/v1/completions', json=body) as r:
+          next(r.iter_lines())  # the job holds a slot; hang up
+    else:
+      with httpx.Client(base_url=url, timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        c.post('/v1/completions', json=body)
     [job] = seen
+    deadline = time.monotonic() + 20  # the job may not have reached a slot yet (a first compile)
+    while not (job.cancelled and job not in engine._active) and time.monotonic() < deadline:
+      time.sleep(0.05)
     assert job.cancelled and not any(engine._active) and job.count < 40, job.count
   finally:
     engine._generate = step

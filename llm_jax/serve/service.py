@@ -185,10 +185,15 @@ class App:
     inbox = _Inbox(asyncio.get_running_loop(), wake_on_tokens=False)
     try:
       remaining = self._start(choices, parsed.n, inbox, parsed.logprobs is not None)
+      checked = time.monotonic()
       while remaining:
         events = await inbox.drain(POLL_S)
-        if not events and disconnected is not None and await disconnected():
-          return None
+        # Every POLL_S whether tokens came or not: a whole answer's inbox fills with tokens at every step, and
+        # checking only on an empty drain let a client that had left keep its slot until its last token.
+        if disconnected is not None and time.monotonic() - checked >= POLL_S:
+          checked = time.monotonic()
+          if await disconnected():
+            return None
         for event in events:
           remaining -= event[0] == 'done'
           self._take(event)
