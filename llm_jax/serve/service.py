@@ -142,9 +142,10 @@ class App:
                                passages=None if passages is None else passages[k]))
     return parsed, choices
 
-  def _start(self, choices: list[_Choice], n: int, inbox: _Inbox, logprobs: bool) -> int:
-    """Submit every choice that generates; the number submitted. Events arrive in `inbox`. `logprobs`: the
-    engine computes each token's log-probability and alternatives (else only the tokens)."""
+  def _start(self, parsed, choices: list[_Choice], inbox: _Inbox) -> int:
+    """Submit every choice that generates; the number submitted. Events arrive in `inbox`. The engine computes
+    each token's log-probability and alternatives only if the request asks for logprobs."""
+    n, logprobs = parsed.n, parsed.logprobs is not None
     started = 0
     for c in choices:
       if not c.max_new:
@@ -184,7 +185,7 @@ class App:
     """The whole answer, or None if the client went away first (its jobs are cancelled)."""
     inbox = _Inbox(asyncio.get_running_loop(), wake_on_tokens=False)
     try:
-      remaining = self._start(choices, parsed.n, inbox, parsed.logprobs is not None)
+      remaining = self._start(parsed, choices, inbox)
       checked = time.monotonic()
       while remaining:
         events = await inbox.drain(POLL_S)
@@ -271,7 +272,7 @@ class App:
       return f'data: {json.dumps({**head, "choices": [one]})}\n\n'
 
     try:
-      remaining = self._start(choices, parsed.n, inbox, parsed.logprobs is not None)
+      remaining = self._start(parsed, choices, inbox)
       for c in choices:
         if parsed.chat:
           yield event(c, '', role=True)
