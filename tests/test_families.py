@@ -10,7 +10,7 @@ import pytest
 
 from conftest import recipe_config
 
-from llm_jax.models import build_model, encdec
+from llm_jax.models import build_model, encdec, init_cache
 from llm_jax.models.positions import relative_bucket
 from llm_jax.train.state import init_params
 
@@ -56,7 +56,7 @@ def test_gpt2_decoder_is_causal_and_its_cache_equals_the_full_pass():
   out = run(_changed(tokens, 9))
   np.testing.assert_array_equal(np.asarray(out[:, :9]), np.asarray(full[:, :9]))
   assert not np.allclose(out[:, 9:], full[:, 9:])
-  cache = {'k': jnp.zeros((2, B, T, 4, 16)), 'v': jnp.zeros((2, B, T, 4, 16))}
+  cache = init_cache(cfg.model, B, T)
   logits, cache = model.apply({'params': params}, tokens[:, :7], _pos(7), jnp.ones((B, 7), jnp.int32), cache=cache)
   steps = [logits]
   for t in range(7, T):

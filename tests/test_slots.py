@@ -14,7 +14,7 @@ from random_run import make_run
 
 @pytest.fixture(scope='module', params=['scanned', 'unrolled'])
 def run(request, tokenizer_path):
-  # Unrolled layers read and write their own layer of the stacked cache in place (layers.Attention.layer).
+  # Unrolled layers each read and write a cache of their own (transformer.init_layer_caches).
   return make_run(tokenizer_path, ('model.scan_layers', str(request.param == 'scanned')))
 
 

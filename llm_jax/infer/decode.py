@@ -33,7 +33,7 @@ import numpy as np
 
 from llm_jax import sharding
 from llm_jax.infer import sampling, stops
-from llm_jax.models import CACHE_AXES, encdec, family_of, init_cache
+from llm_jax.models import cache_axes, cache_rows_axis, encdec, family_of, init_cache
 from llm_jax.models.transformer import position_rows, project
 from llm_jax.infer.sampling import SamplingParams, Stages
 
@@ -58,14 +58,36 @@ class Result:
   finish_reason: str  # 'stop' (EOS, a stop token or a stop string) or 'length' (max_new_tokens)
 
 
+def constrain_cache(cache):
+  """Every array of a cache pinned to its logical axes (models.cache_axes: stacked or a layer's own)."""
+  return jax.tree.map(lambda a: sharding.constrain(a, cache_axes(a)), cache)
+
+
+def reorder_cache(cache, rows_B: Array):
+  """The cache whose row b is row rows_B[b] of `cache` (beam search)."""
+  return constrain_cache(jax.tree.map(lambda a: jnp.take(a, rows_B, axis=cache_rows_axis(a)), cache))
+
+
+def cache_rows_count(cache) -> int:
+  """How many rows (batch rows, decode slots) a cache holds."""
+  a = jax.tree.leaves(cache)[0]
+  return a.shape[cache_rows_axis(a)]
+
+
+def put_cache_rows(cache, rows, start):
+  """`cache` with rows from `start` on replaced by `rows` (a cache of fewer rows; `start` may be traced)."""
+  return constrain_cache(jax.tree.map(
+      lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r.astype(a.dtype), start, axis=cache_rows_axis(a)),
+      cache, rows))
+
+
 @dataclass(frozen=True)
 class DecoderOnly:
   """The adapter of the decoder-only family (models/decoder.py)."""
   model: Any
 
   def init_cache(self, batch: int, prompt_len: int, steps: int):
-    cache = init_cache(self.model.cfg, batch, prompt_len + steps)
-    return jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), cache)
+    return constrain_cache(init_cache(self.model.cfg, batch, prompt_len + steps))
 
   def prefill(self, params, prompt_BP: Array, lengths_B: Array, cache):
     B, P = prompt_BP.shape
@@ -83,10 +105,10 @@ class DecoderOnly:
   def step(self, params, tokens_B: Array, positions_B: Array, cache):
     logits_B1V, cache = self.model.apply({'params': params}, tokens_B[:, None], positions_B[:, None],
                                          jnp.ones_like(tokens_B)[:, None], cache=cache)
-    return logits_B1V[:, 0], jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), cache)
+    return logits_B1V[:, 0], constrain_cache(cache)
 
   def reorder(self, cache, rows_B: Array):
-    return jax.tree.map(lambda a: sharding.constrain(jnp.take(a, rows_B, axis=1), CACHE_AXES), cache)
+    return reorder_cache(cache, rows_B)
 
 
 @dataclass(frozen=True)
@@ -98,11 +120,7 @@ class EncoderDecoder:
 
   def init_cache(self, batch: int, prompt_len: int, steps: int):
     cache = encdec.init_cache(self.model.cfg, batch, prompt_len, steps)
-    return self._constrain(cache)
-
-  @staticmethod
-  def _constrain(cache):
-    return {k: sharding.constrain(a, ('batch', 'cache_seq') if a.ndim == 2 else CACHE_AXES) for k, a in cache.items()}
+    return constrain_cache(cache)
 
   def prefill(self, params, prompt_BP: Array, lengths_B: Array, cache):
     B, P = prompt_BP.shape
@@ -111,16 +129,16 @@ class EncoderDecoder:
     start_B1 = jnp.full((B, 1), self.model.cfg.decoder_start_id, jnp.int32)
     logits_B1V, cache = self.model.apply({'params': params}, prompt_BP, positions_BP, segments_BP, start_B1,
                                          jnp.zeros((B, 1), jnp.int32), jnp.ones((B, 1), jnp.int32), cache=cache)
-    return logits_B1V[:, 0], self._constrain(cache), jnp.ones((B,), jnp.int32)
+    return logits_B1V[:, 0], constrain_cache(cache), jnp.ones((B,), jnp.int32)
 
   def step(self, params, tokens_B: Array, positions_B: Array, cache):
     logits_B1V, cache = self.model.apply({'params': params}, None, None, None, tokens_B[:, None],
                                          positions_B[:, None], jnp.ones_like(tokens_B)[:, None], cache=cache,
                                          step=True)
-    return logits_B1V[:, 0], self._constrain(cache)
+    return logits_B1V[:, 0], constrain_cache(cache)
 
   def reorder(self, cache, rows_B: Array):
-    return self._constrain({k: jnp.take(a, rows_B, axis=0 if a.ndim == 2 else 1) for k, a in cache.items()})
+    return reorder_cache(cache, rows_B)
 
 
 def adapter_for(model):

@@ -12,7 +12,7 @@ P a prompt's padded length, k the top alternatives returned per token.
                     the lowest free slot): one program per R, so one client does not pay for 32 slots. Free
                     slots among them compute too (fixed shapes) and their output is ignored.
 
-Both are jitted under the run's mesh and logical rules, with the cache constrained to CACHE_AXES, and the state
+Both are jitted under the run's mesh and logical rules, with the cache constrained to its logical axes, and the state
 is donated so the cache is updated in place. Token choice is sampling.next_tokens with each slot's own knobs and
 key (the key folded with the slot's step count, as decode.py folds it, so a seeded request draws the same
 tokens on both paths), log-probabilities are sampling.logprobs_of (run only when a job in the batch asks for
@@ -42,6 +42,7 @@ import numpy as np
 from llm_jax import sharding
 from llm_jax.infer import decode, loglik, sampling, stops
 from llm_jax.infer.sampling import SamplingParams, Stages
+from llm_jax.models import cache_rows_axis
 
 TOP = 5
 
@@ -93,9 +94,7 @@ def _prefill_insert(adapter, mesh, rules, C, params, state, prompt_1P, length, s
     P = prompt_1P.shape[1]
     one = adapter.init_cache(1, C, 0)
     logits_1V, one, start_1 = adapter.prefill(params, prompt_1P, length[None], one)
-    cache = jax.tree.map(lambda full, row: jax.lax.dynamic_update_slice_in_dim(full, row.astype(full.dtype), slot,
-                                                                                axis=1), state['cache'], one)
-    cache = jax.tree.map(lambda a: sharding.constrain(a, decode.CACHE_AXES), cache)
+    cache = decode.put_cache_rows(state['cache'], one, slot)
     V = state['seen'].shape[1]
     in_prompt_P = jnp.arange(P) < length
     seen_1V = jnp.zeros((1, V), bool).at[0, prompt_1P[0]].max(in_prompt_P)
@@ -119,10 +118,10 @@ def _generate(adapter, mesh, rules, C, params, state, *, stages, logprobs, rows:
     if rows == 1 < state['token'].shape[0]:
       # One row: XLA turns its one-position cache write into an update-slice, reads the result through a copy
       # of the whole cache per layer, and copying the row out and back in is far cheaper (measured).
-      cache = jax.tree.map(lambda a: a[:, :1], state['cache'])
-      logits_RV, cache = adapter.step(params, head(state['token']), head(state['pos']), cache)
-      cache = jax.tree.map(lambda a, v: sharding.constrain(a.at[:, :1].set(v), decode.CACHE_AXES), state['cache'],
-                           cache)
+      rows_of = lambda a: jax.lax.slice_in_dim(a, 0, 1, axis=cache_rows_axis(a))  # noqa: E731
+      logits_RV, cache = adapter.step(params, head(state['token']), head(state['pos']),
+                                      jax.tree.map(rows_of, state['cache']))
+      cache = decode.put_cache_rows(state['cache'], cache, 0)
     else:
       # The whole cache goes in, and the model writes and reads its first `rows` rows in place
       # (layers.Attention): slicing those rows out of every layer and writing them back was a third of a step.

@@ -17,10 +17,10 @@ import ml_collections
 from llm_jax.models.decoder import Decoder, init_cache
 from llm_jax.models.encdec import EncoderDecoder
 from llm_jax.models.encoder import Encoder
-from llm_jax.models.transformer import CACHE_AXES
+from llm_jax.models.transformer import CACHE_AXES, cache_axes, cache_rows_axis
 
-__all__ = ['CACHE_AXES', 'FAMILIES', 'Family', 'build_model', 'example_batch', 'family_of', 'init_cache',
-           'model_args', 'require_family']
+__all__ = ['CACHE_AXES', 'FAMILIES', 'Family', 'build_model', 'cache_axes', 'cache_rows_axis', 'example_batch',
+           'family_of', 'init_cache', 'model_args', 'require_family']
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ tied embeddings), chosen by config keys (the tiny and gpt2_124m recipes).
 
 Einsum letters as in layers.py. The API is pure: `model.init(rng, tokens, positions, segment_ids)` and
 `model.apply({'params': p}, tokens, positions, segment_ids, cache=None)` -> (logits_BTV, cache). The KV cache
-is an explicit pytree {'k', 'v'} of [L, B, S, K, H] arrays that goes in and comes back out.
+is an explicit pytree that goes in and comes back out: {'k', 'v'} of [L, B, K, S, H] arrays with scanned
+layers, a list of each layer's {'k', 'v'} of [B, K, S, H] unrolled (transformer.init_layer_caches).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from llm_jax.models.layers import Norm, compute_dtype
-from llm_jax.models.transformer import CACHE_AXES, embed, logits, project, run_layers
+from llm_jax.models.layers import Norm
+from llm_jax.models.transformer import CACHE_AXES, embed, init_layer_caches, logits, project, run_layers
 
 Array = jax.Array
 
@@ -43,7 +43,6 @@ class Decoder(nn.Module):
     return logits(self, c, x_BTD, embedding_VD, return_hidden=return_hidden), cache
 
 
-def init_cache(cfg, batch: int, max_len: int) -> dict[str, Array]:
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  dtype = compute_dtype(cfg.dtype)
-  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+def init_cache(cfg, batch: int, max_len: int) -> dict[str, Array] | list[dict[str, Array]]:
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  return init_layer_caches(cfg, cfg.num_layers, {'k': shape, 'v': shape})

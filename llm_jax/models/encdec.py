@@ -14,8 +14,9 @@ Packed rows work as for the other families: a decoder token attends to its own t
 to the encoder tokens of the same segment. Decoding (infer/decode.py's EncoderDecoder adapter) calls it twice:
 once with a cache, which encodes the prompt, fills every layer's cross-attention keys and values and
 decodes the start token; then with `step=True` per new token, which skips the encoder (its arguments may be
-None) and reads the cache: {'k', 'v'} [L, B, T, K, H] of the decoder, {'ck', 'cv'} [L, B, S, K, H] of the
-encoder, and `encoder_segment_ids` [B, S], which marks the prompt's padding.
+None) and reads the cache: `layers`, each decoder layer's {'k', 'v'} [B, K, T, H] of its own keys and
+{'ck', 'cv'} [B, K, S, H] of the encoder's (stacked on a leading L axis with scanned layers:
+transformer.init_layer_caches), and `encoder_segment_ids` [B, S], which marks the prompt's padding.
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Norm, compute_dtype
-from llm_jax.models.transformer import CACHE_AXES, embed, logits, run_layers
+from llm_jax.models.layers import Norm
+from llm_jax.models.transformer import CACHE_AXES, embed, init_layer_caches, logits, run_layers
 
 Array = jax.Array
 
 __all__ = ['CACHE_AXES', 'EncoderDecoder', 'init_cache']
 
-LAYER_CACHE = ('k', 'v', 'ck', 'cv')
 
 
 class EncoderDecoder(nn.Module):
@@ -57,7 +57,7 @@ class EncoderDecoder(nn.Module):
     if cache is not None and not step:
       cache = {**cache, 'encoder_segment_ids': segment_ids_BS.astype(cache['encoder_segment_ids'].dtype)}
     encoded_segment_ids_BS = segment_ids_BS if cache is None else cache['encoder_segment_ids']
-    layer_cache = None if cache is None else {k: cache[k] for k in LAYER_CACHE}
+    layer_cache = None if cache is None else cache['layers']
 
     y_BTD, embedding_VD = embed(self, c, decoder_inputs_BT, decoder_positions_BT, embedding_VD,
                                 prefix='decoder_')
@@ -70,15 +70,13 @@ class EncoderDecoder(nn.Module):
     if c.tie_embeddings:  # T5 (and Mesh TensorFlow) rescale before a tied output layer
       y_BTD = y_BTD * (c.embed_dim ** -0.5)
     if cache is not None:
-      cache = {**cache, **layer_cache}
+      cache = {**cache, 'layers': layer_cache}
     return logits(self, c, y_BTD, embedding_VD, return_hidden=return_hidden), cache
 
 
-def init_cache(cfg, batch: int, encoder_len: int, decoder_len: int) -> dict[str, Array]:
-  L = cfg.num_decoder_layers or cfg.num_layers
-  dtype = compute_dtype(cfg.dtype)
-  self_shape = (L, batch, decoder_len, cfg.num_kv_heads, cfg.head_dim)
-  cross_shape = (L, batch, encoder_len, cfg.num_kv_heads, cfg.head_dim)
-  return {'k': jnp.zeros(self_shape, dtype), 'v': jnp.zeros(self_shape, dtype),
-          'ck': jnp.zeros(cross_shape, dtype), 'cv': jnp.zeros(cross_shape, dtype),
-          'encoder_segment_ids': jnp.zeros((batch, encoder_len), jnp.int32)}
+def init_cache(cfg, batch: int, encoder_len: int, decoder_len: int) -> dict:
+  self_shape = (batch, cfg.num_kv_heads, decoder_len, cfg.head_dim)
+  cross_shape = (batch, cfg.num_kv_heads, encoder_len, cfg.head_dim)
+  layers = init_layer_caches(cfg, cfg.num_decoder_layers or cfg.num_layers,
+                             {'k': self_shape, 'v': self_shape, 'ck': cross_shape, 'cv': cross_shape})
+  return {'layers': layers, 'encoder_segment_ids': jnp.zeros((batch, encoder_len), jnp.int32)}

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.models.attention import attend, dot_attention, in_window
+from llm_jax.models.attention import attend, cached_attention, dot_attention, in_window
 from llm_jax.models.matmul import matmul
 from llm_jax.models.positions import relative_bucket, rope
 from llm_jax.sharding import constrain
@@ -126,21 +126,15 @@ def stack_pays(x_BTD: Array, width: int) -> bool:
   return x_BTD.shape[0] * x_BTD.shape[1] >= width
 
 
-def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array,
-                layer: int | None = None) -> dict:
+def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array) -> dict:
   """Store new keys and values at each row's own positions (rows of a batch may be at different steps), in
-  rows 0..B-1 of the cache; with `layer`, into that layer of a cache stacked over layers, in place."""
+  rows 0..B-1 of the cache ([B, K, S, H]: attention.cached_attention)."""
   rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
-  at = (rows_B1, positions_BT) if layer is None else (layer, rows_B1, positions_BT)
+  # Indexing rows and positions around the heads' slice selects [B, T, K, H]: the new values' own shape.
   return {
-      'k': cache['k'].at[at].set(k_BTKH.astype(cache['k'].dtype), mode='drop'),
-      'v': cache['v'].at[at].set(v_BTKH.astype(cache['v'].dtype), mode='drop'),
+      'k': cache['k'].at[rows_B1, :, positions_BT].set(k_BTKH.astype(cache['k'].dtype), mode='drop'),
+      'v': cache['v'].at[rows_B1, :, positions_BT].set(v_BTKH.astype(cache['v'].dtype), mode='drop'),
   }
-
-
-def layer_of(a: Array, layer: int | None) -> Array:
-  """One layer of a cache stacked over layers (the cache itself when `layer` is None: it is that layer's)."""
-  return a if layer is None else a[layer]
 
 
 class Attention(nn.Module):
@@ -149,16 +143,13 @@ class Attention(nn.Module):
 
   Caches while decoding: self-attention writes each new key and value at its position; cross-attention
   stores the encoder's keys and values once (`kv_BSD` given with a cache: the prefill) and reads them on
-  every later step (`kv_BSD` None). With `layer`, the cache given is every layer's, stacked on a leading
-  axis, and this layer reads and writes its own in place: unrolled layers (transformer.run_layers) then
-  neither slice the cache into layers nor stack it again, each a copy of the whole cache at every step.
+  every later step (`kv_BSD` None). The cache given is this layer's own (transformer.init_layer_caches).
   A cache may hold more rows than the batch (continuous batching's idle slots): rows 0..B-1 are used.
   """
   cfg: Any
   causal: bool = True
   cross: bool = False
   prefill: bool = False  # the cache is empty and this call holds each row from position 0 (decode's prefill)
-  layer: int | None = None  # this layer's index in a cache stacked over layers (None: the cache is this layer's)
 
   def _kernel(self, name: str, heads: int, axis: str) -> Array:
     c = self.cfg
@@ -204,15 +195,14 @@ class Attention(nn.Module):
       if kv_BSD is not None:
         k_BSKH, v_BSKH = self._project_kv(kv_BSD)
         if cache is not None:
-          put = ((lambda a, new: new.astype(a.dtype)) if self.layer is None
-                 else (lambda a, new: a.at[self.layer].set(new.astype(a.dtype))))
-          cache = {'k': put(cache['k'], k_BSKH), 'v': put(cache['v'], v_BSKH)}
-      else:
-        k_BSKH, v_BSKH = (layer_of(cache[n], self.layer).astype(dtype) for n in ('k', 'v'))
-      k_BSKH = constrain(k_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))  # the whole encoder row, as above
-      v_BSKH = constrain(v_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
+          cache = {n: a.transpose(0, 2, 1, 3).astype(cache[n].dtype) for n, a in (('k', k_BSKH), ('v', v_BSKH))}
       mask_BTS = kv_segment_ids_BS[:, None, :] == segment_ids_BT[:, :, None]
-      out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, None, scale)
+      if kv_BSD is not None:
+        k_BSKH = constrain(k_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))  # the whole encoder row, as above
+        v_BSKH = constrain(v_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))
+        out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, None, scale)
+      else:
+        out_BTNH = cached_attention(q_BTNH, *(cache[n].astype(dtype) for n in ('k', 'v')), mask_BTS, None, scale)
       # A query whose segment has no encoder tokens in the row sees none, so its cross-attention adds nothing:
       # a softmax over keys that are all masked would spread it evenly over every encoder position, other
       # examples' included (an example cut across rows would read its neighbours' inputs).
@@ -230,7 +220,7 @@ class Attention(nn.Module):
       k_BTKH = checkpoint_name(constrain(k_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
       v_BTKH = checkpoint_name(constrain(v_BTKH, ('batch', 'seq', 'kv_heads', 'head_dim')), 'attn_qkv')
       if cache is not None:
-        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT, self.layer)
+        cache = write_cache(cache, k_BTKH, v_BTKH, positions_BT)
       if cache is None or (self.prefill and bias_BNTS is None):
         # Context parallelism: queries stay split over the sequence axis while keys and values are gathered
         # whole (`kv_seq` is never split), so each device attends its block of queries to the entire row.
@@ -244,11 +234,11 @@ class Attention(nn.Module):
         # almost empty). Cache slot s holds position s of its row. Every slot at or before a query's
         # position has been written by then (prompt or generated token), so position order alone is the mask.
         B = q_BTNH.shape[0]  # a cache may hold more rows than the batch (idle decode slots): the first B
-        k_BSKH, v_BSKH = (layer_of(cache[n], self.layer)[:B].astype(dtype) for n in ('k', 'v'))
-        S = k_BSKH.shape[1]
+        k_BKSH, v_BKSH = (cache[n][:B].astype(dtype) for n in ('k', 'v'))
+        S = k_BKSH.shape[2]
         slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
         mask_BTS = (slots_BS[:, None, :] <= positions_BT[:, :, None]) & in_window(positions_BT, slots_BS, window)
-        out_BTNH = dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, c.attn_logit_softcap)
+        out_BTNH = cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, bias_BNTS, scale, c.attn_logit_softcap)
     out_BTNH = checkpoint_name(out_BTNH, 'attn_out')
     # GPT-2's scaled init of residual outputs keeps the residual stream's variance flat in depth.
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))

@@ -20,7 +20,30 @@ from llm_jax.sharding import constrain
 
 Array = jax.Array
 
-CACHE_AXES = ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim')
+CACHE_AXES = ('layers', 'batch', 'kv_heads', 'cache_seq', 'head_dim')  # attention.cached_attention's order
+
+
+def init_layer_caches(cfg, num_layers: int, arrays: dict[str, tuple]) -> dict[str, Array] | list[dict[str, Array]]:
+  """Every layer's KV cache, zeros: `arrays` names each array's (B, K, S, H) shape. Scanned layers take one
+  dict of arrays stacked on a leading layers axis (nn.scan slices a layer's out per iteration); unrolled
+  layers a list with each layer's own dict, so every array is a buffer of its own: from a stacked cache,
+  XLA's CPU backend read each layer's keys and values through a copy of its slice at every decode step (its
+  library fusions take whole buffers), two copies per layer."""
+  dtype = compute_dtype(cfg.dtype)
+  if cfg.scan_layers:
+    return {n: jnp.zeros((num_layers, *shape), dtype) for n, shape in arrays.items()}
+  return [{n: jnp.zeros(shape, dtype) for n, shape in arrays.items()} for _ in range(num_layers)]
+
+
+def cache_axes(a: Array) -> tuple[str, ...]:
+  """The logical axes of one array of a cache: [layers, B, K, S, H] stacked, [B, K, S, H] a layer's own,
+  [B, S] the encoder's segment ids (encdec)."""
+  return {5: CACHE_AXES, 4: CACHE_AXES[1:], 2: ('batch', 'cache_seq')}[a.ndim]
+
+
+def cache_rows_axis(a: Array) -> int:
+  """Which axis of a cache array holds the batch's rows (decode slots, beams)."""
+  return cache_axes(a).index('batch')
 
 # What each block keeps for the backward pass; everything else is recomputed there. The loss (and so the
 # gradients) is the same whatever the policy; only memory and time change.
@@ -39,15 +62,13 @@ class Block(nn.Module):
   dropout. Pre-norm normalises each branch's input (LLaMA, GPT-2, T5); post-norm normalises after each
   residual add (BERT). With `post_norms` each branch's output is normed too before the add (Gemma 2).
 
-  The cache holds this layer's self-attention `k`, `v` and, with `cross`, the encoder's `ck`, `cv`; with
-  `layer`, every layer's, stacked, which this layer updates in place (layers.Attention).
+  The cache holds this layer's self-attention `k`, `v` and, with `cross`, the encoder's `ck`, `cv`.
   """
   cfg: Any
   causal: bool = True
   cross: bool = False
   deterministic: bool = True
   prefill: bool = False  # decode's prefill: self-attention over the row itself (layers.Attention)
-  layer: int | None = None
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, bias_BNTS: Array | None,
@@ -64,13 +85,13 @@ class Block(nn.Module):
       return (x_BTD if pre else Norm(c, name=f'{name}_norm')(x_BTD)), aux
 
     self_cache = None if cache is None else {'k': cache['k'], 'v': cache['v']}
-    attn = Attention(c, causal=self.causal, prefill=self.prefill, layer=self.layer, name='attn')
+    attn = Attention(c, causal=self.causal, prefill=self.prefill, name='attn')
     x_BTD, self_cache = residual('attn', x_BTD, lambda h: attn(h, positions_BT, segment_ids_BT, bias_BNTS,
                                                                self_cache, window=window))
     new_cache = self_cache
     if self.cross:
       cross_cache = None if cache is None else {'k': cache['ck'], 'v': cache['cv']}
-      cross = Attention(c, cross=True, layer=self.layer, name='cross_attn')
+      cross = Attention(c, cross=True, name='cross_attn')
       x_BTD, cross_cache = residual('cross', x_BTD, lambda h: cross(
           h, positions_BT, segment_ids_BT, None, cross_cache, encoded_BSD, encoded_segment_ids_BS))
       if cache is not None:
@@ -104,7 +125,7 @@ def _windows(cfg, num_layers: int) -> Array | None:
 def run_layers(parent: nn.Module, cfg, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array, *,
                name: str, num_layers: int, causal: bool, deterministic: bool, cross: bool = False,
                encoded_BSD: Array | None = None, encoded_segment_ids_BS: Array | None = None,
-               cache: dict[str, Array] | None = None, prefill: bool = False) -> tuple[Array, dict | None]:
+               cache: dict | list | None = None, prefill: bool = False) -> tuple[Array, dict | list | None]:
   """`num_layers` blocks under `parent.<name>`: scanned (one compiled layer, parameters stacked on a
   leading 'layers' axis) or unrolled (`<name>_0`, `<name>_1`, ...). With relative positions, the bias is
   computed once here from `<name>_rel_bias` and shared by every layer, as in T5. `prefill`: the cache is
@@ -116,7 +137,9 @@ empty and every row starts at position 0, so self-attention may run over the row
       q_pos_BT = k_pos_BS = jnp.arange(T, dtype=jnp.int32)[None]
     else:  # decoding: each row's query position against every cache slot
       q_pos_BT = positions_BT
-      k_pos_BS = jnp.arange(cache['k'].shape[2], dtype=jnp.int32)[None]
+      k = cache[0]['k'] if isinstance(cache, list) else cache['k']  # a layer's own, or stacked
+      S = k.shape[cache_axes(k).index('cache_seq')]
+      k_pos_BS = jnp.arange(S, dtype=jnp.int32)[None]
     bias_BNTS = relative_bias(parent, cfg, f'{name}_rel_bias', q_pos_BT, k_pos_BS, bidirectional=not causal)
 
   block = _block_class(cfg)
@@ -128,12 +151,14 @@ empty and every row starts at position 0, so self-attention may run over the row
                     metadata_params={nn.PARTITION_NAME: 'layers'})
     return stack(cfg, causal, cross, deterministic, prefill, name=name, parent=parent)(x_BTD, *args, windows_L,
                                                                                         cache)
-  # Unrolled, each layer reads and writes its own part of the stacked cache in place (Block's `layer`).
+  # Unrolled, each layer reads and writes its own cache (init_layer_caches).
+  new_caches = []
   for i in range(num_layers):
     window = None if windows_L is None else windows_L[i]
-    x_BTD, cache = block(cfg, causal, cross, deterministic, prefill, None if cache is None else i,
-                         name=f'{name}_{i}', parent=parent)(x_BTD, *args, window, cache)
-  return x_BTD, cache
+    x_BTD, layer_cache = block(cfg, causal, cross, deterministic, prefill, name=f'{name}_{i}', parent=parent)(
+        x_BTD, *args, window, None if cache is None else cache[i])
+    new_caches.append(layer_cache)
+  return x_BTD, None if cache is None else new_caches
 
 
 def position_rows(cfg) -> int | None:
