@@ -17,17 +17,18 @@ from llm_jax.train import optim
 from llm_jax.train.state import StateFactory
 
 
-def _factory(cfg):
-  mesh = sharding.make_mesh(cfg.mesh)
+def _factory(cfg, devices=None):
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   rules = sharding.rules_from_config(cfg.mesh)
   model = build_model(cfg.model)
   return StateFactory(model, optim.make_optimizer(cfg.train), mesh, rules), mesh, rules, model
 
 
-def make_run(tokenizer_path: str, *overrides) -> inference.Run:
-  """An in-memory Run (what inference.load_run returns) with params from the config's seed."""
+def make_run(tokenizer_path: str, *overrides, devices=None) -> inference.Run:
+  """An in-memory Run (what inference.load_run returns) with params from the config's seed, on a mesh of
+  `devices` (all of them by default)."""
   cfg = tiny_config(('data.tokenizer', tokenizer_path), *overrides)
-  factory, mesh, rules, model = _factory(cfg)
+  factory, mesh, rules, model = _factory(cfg, devices)
   params = jax.jit(lambda: factory._init(jax.random.PRNGKey(cfg.seed)).params,
                    out_shardings=factory.param_shardings)()
   return inference.Run(cfg, tokenizer_lib.load(tokenizer_path), model, params, mesh, rules, step=0)

@@ -3,7 +3,9 @@ seeded sampling, with stop tokens, stop strings and penalties, while requests en
 log-probabilities of the jobs that ask for them."""
 
 import threading
+import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,16 +14,21 @@ from llm_jax.infer.sampling import SamplingParams as SP
 from random_run import make_run
 
 
-@pytest.fixture(scope='module', params=['scanned', 'unrolled'])
+@pytest.fixture(scope='module', params=['scanned', 'unrolled', 'one device'])
 def run(request, tokenizer_path):
-  # Unrolled layers each read and write a cache of their own (transformer.init_layer_caches).
+  # Unrolled layers each read and write a cache of their own (transformer.init_layer_caches). On 8 devices the
+  # batch is split 8 ways and the cache never has fewer than 8 rows; on one it grows and shrinks by powers of 2.
+  if request.param == 'one device':
+    return make_run(tokenizer_path, ('model.scan_layers', 'false'), ('mesh.data', '1'), devices=jax.devices()[:1])
   return make_run(tokenizer_path, ('model.scan_layers', str(request.param == 'scanned')))
 
 
 @pytest.mark.parametrize('num_slots', [2, 5])
-def test_slots_equal_the_offline_engine_while_requests_come_and_go(run, num_slots):
-  """With 2 slots four requests wait for a free one; with 5 (padded to 8), steps of 1, 2 and 4 rows run over
-  a cache with idle rows past them, which the model leaves alone."""
+def test_slots_equal_the_offline_engine_while_requests_come_and_go(run, num_slots, monkeypatch):
+  """With 2 slots four requests wait for a free one; with 5 (padded to 8) the cache grows to 8 rows as they
+  enter, with idle rows the model leaves alone, and halves under the requests still running (after 2 steps
+  here) as others leave: rows copied to a new cache decode on as they would have."""
+  monkeypatch.setattr(slots, 'SHRINK_AFTER', 2)
   prompts = ['import os\n', 'def f(x):', 'class A:', 'x = 1', 'for i in range(3):', 'print(']
   params = [SP(max_new_tokens=9), SP(max_new_tokens=3), SP(max_new_tokens=14, temperature=0.9, seed=5),
             SP(max_new_tokens=6, top_k=5, temperature=1.2, seed=2), SP(max_new_tokens=11, repetition_penalty=1.5),
@@ -46,6 +53,14 @@ def test_slots_equal_the_offline_engine_while_requests_come_and_go(run, num_slot
     for _ in prompts:
       assert done.acquire(timeout=300)
     assert engine.most_active == min(num_slots, len(prompts))
+    fewest = engine.engine.batch_shards()
+    if num_slots == 5 and fewest == 1:
+      assert engine.resizes >= 4  # 1 -> 2 -> 4 -> 8 rows, then down while some still run
+    for _ in range(100):  # the last job's slot is freed just before the engine finds itself idle
+      if engine.width == fewest:
+        break
+      time.sleep(0.05)
+    assert engine.width == fewest  # idle: the fewest rows, for whoever comes next
     for i, w in enumerate(want):
       assert got[i] == w.tokens, i
       assert reasons[i] == (w.finish_reason, None), i
@@ -66,9 +81,10 @@ def test_warm_compiles_everything_a_greedy_request_runs(run):
   prefills are warmed with the argument types a request passes (a device array where a request passes a
   host one is a second entry of jit's cache, and each bucket's first request compiled for 0.6 s)."""
   engine = slots.SlotEngine(run.engine, run.context_len, slots=4)
+  programs = lambda: [f._cache_size() for f in (engine._prefill, engine._put_row, engine._resize, engine._generate)]  # noqa: E731
   try:
     engine.warm()
-    compiled = engine._prefill._cache_size(), engine._generate._cache_size()
+    compiled = programs()
     done = threading.Semaphore(0)
     lengths = [1, 2, 9, 17, 33, run.context_len - 4]
     for n in lengths:
@@ -77,6 +93,6 @@ def test_warm_compiles_everything_a_greedy_request_runs(run):
     for _ in lengths:
       assert done.acquire(timeout=300)
     assert engine.most_active > 1
-    assert (engine._prefill._cache_size(), engine._generate._cache_size()) == compiled
+    assert programs() == compiled
   finally:
     engine.close()
