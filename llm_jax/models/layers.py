@@ -127,8 +127,8 @@ def stack_pays(x_BTD: Array, width: int) -> bool:
 
 
 def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array) -> dict:
-  """Store new keys and values at each row's own positions (rows of a batch may be at different steps), in
-  rows 0..B-1 of the cache ([B, K, S, H]: attention.cached_attention)."""
+  """Store new keys and values at each row's own positions (rows of a batch may be at different steps) in the
+  cache ([B, K, S, H]: attention.cached_attention)."""
   rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
   # Indexing rows and positions around the heads' slice selects [B, T, K, H]: the new values' own shape.
   return {
@@ -144,7 +144,6 @@ class Attention(nn.Module):
   Caches while decoding: self-attention writes each new key and value at its position; cross-attention
   stores the encoder's keys and values once (`kv_BSD` given with a cache: the prefill) and reads them on
   every later step (`kv_BSD` None). The cache given is this layer's own (transformer.init_layer_caches).
-  A cache may hold more rows than the batch (continuous batching's idle slots): rows 0..B-1 are used.
   """
   cfg: Any
   causal: bool = True
@@ -233,8 +232,8 @@ class Attention(nn.Module):
         # A decode step's few queries against the cache: XLA's einsums (a flash kernel's tiles would be
         # almost empty). Cache slot s holds position s of its row. Every slot at or before a query's
         # position has been written by then (prompt or generated token), so position order alone is the mask.
-        B = q_BTNH.shape[0]  # a cache may hold more rows than the batch (idle decode slots): the first B
-        k_BKSH, v_BKSH = (cache[n][:B].astype(dtype) for n in ('k', 'v'))
+        B = q_BTNH.shape[0]
+        k_BKSH, v_BKSH = (cache[n].astype(dtype) for n in ('k', 'v'))
         S = k_BKSH.shape[2]
         slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
         mask_BTS = (slots_BS[:, None, :] <= positions_BT[:, :, None]) & in_window(positions_BT, slots_BS, window)

@@ -45,6 +45,7 @@ def cache_rows_axis(a: Array) -> int:
   """Which axis of a cache array holds the batch's rows (decode slots, beams)."""
   return cache_axes(a).index('batch')
 
+
 # What each block keeps for the backward pass; everything else is recomputed there. The loss (and so the
 # gradients) is the same whatever the policy; only memory and time change.
 REMAT_POLICIES = {
