@@ -7,6 +7,19 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Implicit rank promotion (adding a [T] array to a [B, T, D] one) hides shape mistakes: an error in the suite,
 # in this process and in every command it starts.
 os.environ.setdefault('JAX_NUMPY_RANK_PROMOTION', 'raise')
+# One persistent compilation cache for the whole run, shared by pytest-xdist's workers and every command the
+# tests start: most tests train, evaluate or decode the same tiny models, and a program compiled once is
+# loaded, not compiled, by the next process that needs it (a third of a command-line test's time was XLA
+# compiling). Created by the first process (xdist's controller, whose environment the workers inherit), empty
+# at the start of every run, removed at its end. Results do not change: the cache holds the same executable.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix='llm-jax-tests-xla-')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')  # the default, 1 s, skips most
 
 import pytest  # noqa: E402
 
