@@ -108,6 +108,7 @@ def test_to_hf_then_from_hf_gives_back_the_same_params(tmp_path, tokenizer_path,
     assert back.model[key] == cfg.model[key], key
 
 
+@pytest.mark.slow
 def test_an_imported_run_evaluates_generates_and_trains(tmp_path, tokenizer_path):
   cfg = tiny_config(('data.tokenizer', tokenizer_path))
   run = _workdir(str(tmp_path / 'run'), cfg, tokenizer_path)

@@ -22,6 +22,7 @@ def _one_line_error(res, needle):
   assert len(lines) == 1 and needle in lines[0] and 'Traceback' not in res.stderr, res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('recipe', ['gpt2_124m', 'bert_base', 't5_small'])
 def test_tiny_recipe_trains_evaluates_and_generates(tmp_path, tokenizer_path, recipe):
   workdir = str(tmp_path / recipe)

@@ -134,6 +134,7 @@ KILL_RUN = ('--config.train.steps=16', '--config.train.checkpoint_every=2', '--c
             '--config.eval.every=5')
 
 
+@pytest.mark.slow
 def test_kill_9_anywhere_sigterm_and_a_damaged_step_still_end_in_the_uninterrupted_run(
     tmp_path, tokenizer_path, fault_env):
   # Another seed, other kill points: LLM_JAX_FAULT_SEED=N pytest -m faults -k kill (loop it to stress).
@@ -249,6 +250,7 @@ def _namespaces_work():
   return res.returncode == 0
 
 
+@pytest.mark.slow
 def test_full_and_read_only_workdirs(tmp_path, tokenizer_path, fault_env):
   if not _namespaces_work():
     pytest.skip('needs `unshare -Urm` (user + mount namespaces) to mount a small tmpfs; test_checkpoint.py '
@@ -334,6 +336,7 @@ def test_all_documents_unusable_is_an_error_not_an_endless_loop():
   assert len(seen) == 50
 
 
+@pytest.mark.slow
 def test_data_files_deleted_mid_run(tmp_path, tokenizer_path, small_corpus, fault_env):
   corpus = tmp_path / 'corpus'
   corpus.mkdir()

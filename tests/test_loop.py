@@ -42,6 +42,7 @@ def _checkpoints(workdir, cfg):
   return out
 
 
+@pytest.mark.slow
 def test_metrics_sinks_and_profile_of_a_run(tmp_path, tokenizer_path):
   cfg = tiny_config(('data.tokenizer', tokenizer_path), ('train.steps', '6'), ('train.log_every', '2'),
                     ('eval.every', '3'), ('train.profile_steps', '(2, 3)'), ('train.z_loss', '1e-4'),
@@ -118,6 +119,7 @@ def _interrupt_after_steps(proc, sig, steps=3, timeout=240):
   return ''.join(lines) + out
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_checkpoint_the_current_step_and_exit(tmp_path, tokenizer_path):
   workdir, err_path = tmp_path / 'run', tmp_path / 'stderr'
   proc = _launch(workdir, tokenizer_path, err_path)

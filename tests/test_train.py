@@ -33,6 +33,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])  # muon: the Quick start's; its state is a partition
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, tokenizer_path, optimizer):
   cfg = tiny_config(('data.tokenizer', tokenizer_path), ('train.steps', '12'), ('train.checkpoint_every', '4'),

@@ -54,6 +54,7 @@ def _cli(capsys, *argv):
   return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_train_resume_eval_generate_with_the_workdir_at_a_url(bucket, capsys, tokenizer_path):
   url = f'{PROTOCOL}://runs/tiny'
   disk = os.path.join(bucket, 'runs', 'tiny')
