@@ -61,6 +61,38 @@ def test_openai_client_completions_chat_n_and_bad_requests(served):
     client.chat.completions.create(model='tiny', messages=[])
 
 
+def test_openai_chat_logprobs_in_the_chat_shape(served):
+  """Chat's `logprobs: true` + `top_logprobs` come back as the chat API's `content` list (what the `openai`
+  client parses into objects), streamed or not, with the log-probabilities the completions endpoint gives for
+  the same rendered prompt; `top_logprobs` past 5 or without `logprobs` is a 400 naming it."""
+  from llm_jax.serve import openai_api
+  _, url = served
+  client = openai.OpenAI(base_url=f'{url}/v1', api_key='unused', max_retries=0)
+  messages = [{'role': 'user', 'content': 'def f(x):'}]
+  chat = client.chat.completions.create(model='tiny', messages=messages, max_tokens=6, temperature=0,
+                                        logprobs=True, top_logprobs=3)
+  content = chat.choices[0].logprobs.content
+  assert len(content) == chat.usage.completion_tokens == 6
+  plain = client.completions.create(model='tiny', prompt=openai_api.render_chat(messages), max_tokens=6,
+                                    temperature=0, logprobs=3, stop=['\nuser:'])
+  assert [c.token for c in content] == plain.choices[0].logprobs.tokens
+  assert [c.logprob for c in content] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-6)
+  for c in content:
+    tops = c.top_logprobs
+    assert len(tops) == 3 and [t.logprob for t in tops] == sorted((t.logprob for t in tops), reverse=True)
+    assert (tops[0].token, tops[0].logprob) == (c.token, c.logprob)  # greedy: the likeliest
+    assert c.bytes == list(c.token.encode('utf-8'))
+  streamed = [chunk.choices[0].logprobs for chunk in client.chat.completions.create(
+      model='tiny', messages=messages, max_tokens=6, temperature=0, logprobs=True, stream=True)
+      if chunk.choices and chunk.choices[0].logprobs]
+  assert [c.token for lp in streamed for c in lp.content] == [c.token for c in content]
+  assert all(c.top_logprobs == [] for lp in streamed for c in lp.content)
+  with pytest.raises(openai.BadRequestError, match='top_logprobs'):
+    client.chat.completions.create(model='tiny', messages=messages, max_tokens=2, logprobs=True, top_logprobs=6)
+  with pytest.raises(openai.BadRequestError, match='top_logprobs'):
+    client.chat.completions.create(model='tiny', messages=messages, max_tokens=2, top_logprobs=2)
+
+
 def test_lm_eval_local_completions_equals_eval_task_and_generates(served, tmp_path, monkeypatch):
   run, url = served
   lm_eval = pytest.importorskip('lm_eval')

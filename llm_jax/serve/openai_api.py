@@ -4,7 +4,8 @@
 Supported fields: model (ignored: the server serves one run), prompt (a string, a list of strings, a list of
 token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop (up to 16), seed,
 stream (server-sent events as tokens arrive: service.App.stream), echo,
-logprobs (up to 5 alternatives), and the extensions top_k, min_p, repetition_penalty, ignore_eos. A field of the
+logprobs (completions: an integer, up to 5 alternatives; chat: a boolean, with top_logprobs up to 5, answered
+in the chat API's own `content` list), and the extensions top_k, min_p, repetition_penalty, ignore_eos. A field of the
 wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
 
 Chat messages of a run fine-tuned with a chat template (data.objective sft or dpo) are rendered by that
@@ -132,8 +133,12 @@ def parse(body, chat: bool, template=None) -> Parsed:
     stop = stop + ['\nuser:']
   echo = _field(body, 'echo', bool, False, expected='a boolean')
   logprobs = body.get('logprobs')
-  if chat:
-    logprobs = 1 if logprobs is True else None  # chat's logprobs is a boolean
+  if chat:  # a boolean, the alternatives asked apart (the chat API's own shape of the completions' integer)
+    wanted = _field(body, 'logprobs', bool, False, expected='a boolean')
+    top = _field(body, 'top_logprobs', int, None, lambda v: 0 <= v <= 5, 'an integer from 0 to 5')
+    if top is not None and not wanted:
+      raise ApiError(400, '"top_logprobs" needs "logprobs": true')
+    logprobs = (top or 0) if wanted else None
   else:
     logprobs = _field(body, 'logprobs', int, None, lambda v: 0 <= v <= 5, 'an integer from 0 to 5')
   for key in ('presence_penalty', 'frequency_penalty'):
@@ -173,6 +178,17 @@ def logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs,
   tops = [None if lps is None else {tokenizer.decode([t]): lp for t, lp in zip(ts[:k][::-1], lps[:k][::-1])}
           for ts, lps in zip(top_tokens, top_logprobs)]  # reversed: two ids decoding alike keep the likelier
   return {'tokens': strings, 'token_logprobs': token_logprobs, 'top_logprobs': tops, 'text_offset': offsets}
+
+
+def chat_logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs, k: int) -> dict:
+  """The chat API's `logprobs`: for each new token its string, log-probability and UTF-8 bytes, and the `k`
+  likeliest alternatives in the same shape, most likely first."""
+  def entry(token, logprob):
+    text = tokenizer.decode([token])
+    return {'token': text, 'logprob': logprob, 'bytes': list(text.encode('utf-8'))}
+  content = [{**entry(t, lp), 'top_logprobs': [entry(a, b) for a, b in zip(ts[:k], lps[:k])]}
+             for t, lp, ts, lps in zip(tokens, token_logprobs, top_tokens, top_logprobs)]
+  return {'content': content, 'refusal': None}
 
 
 def response(parsed: Parsed, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:

@@ -228,6 +228,9 @@ class App:
     if parsed.logprobs is None:
       return None
     tokens, lps, tops = list(c.tokens), list(c.logprobs), [t for t in c.tops]
+    if parsed.chat:  # the new message's tokens only, echo or not
+      return openai_api.chat_logprobs_object(self.run.tokenizer, tokens, lps, [t for t, _ in tops],
+                                             [lp for _, lp in tops], parsed.logprobs)
     if parsed.echo:  # the prompt's own: scored by the model, the first token has no context
       prompt_lps, prompt_tops = [None], [(None, None)]
       if len(c.ids) >= 2:
