@@ -191,7 +191,10 @@ def test_a_client_that_leaves_frees_its_slot(served_app, stream):
   app, url = served_app
   engine = app.engine
   step = engine._generate
-  engine._generate = lambda *a, **k: time.sleep(0.02) or step(*a, **k)  # 60 steps take over a second
+  # 60 steps take 3 s: the whole answer's client gives up after 0.3 s and the server notices within a poll
+  # (0.5 s), so a cancelled job stops 15 to 20 steps in; at 20 ms a step the bound of 40 was that 0.8 s
+  # itself, and a loaded machine crossed it.
+  engine._generate = lambda *a, **k: time.sleep(0.05) or step(*a, **k)
   try:
     seen = []
     engine_submit = engine.submit
