@@ -20,6 +20,7 @@ What an object store cannot do, and what is done instead:
 from __future__ import annotations
 
 import io
+import json
 import os
 import posixpath
 import shutil
@@ -141,6 +142,20 @@ def open(path: str, mode: str = 'r'):  # pylint: disable=redefined-builtin
 def read_bytes(path: str) -> bytes:
   with open(path, 'rb') as f:
     return f.read()
+
+
+def read_json(path: str, expect: type = dict, what: str = ''):
+  """A JSON file's value, which must be an `expect` (dict or list; `what` names it in the message); a file that
+  cannot be read, is not JSON or holds something else is one line naming it (UserError)."""
+  try:
+    value = json.loads(read_bytes(path))
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f'cannot read {path}: {getattr(e, "strerror", None) or e}') from None
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path} is not valid JSON (line {e.lineno}): {e.msg}') from None
+  if not isinstance(value, expect):
+    raise UserError(f'{path}: expected a JSON {what or ("list" if expect is list else "object")}')
+  return value
 
 
 def write_object(path: str, data: bytes) -> None:

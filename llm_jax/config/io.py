@@ -11,7 +11,6 @@ from llm_jax.config.load import check_schema, fill_defaults
 from llm_jax.config.schema import default_config
 from llm_jax.config.validate import validate
 from llm_jax import atomic, storage
-from llm_jax.errors import UserError
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -19,14 +18,7 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
-  try:
-    data = json.loads(storage.read_bytes(path))
-  except OSError as e:
-    raise UserError(f'cannot read {path}: {e.strerror}') from None
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON (line {e.lineno}): {e.msg}') from None
-  if not isinstance(data, dict):
-    raise UserError(f'{path}: expected a JSON object of config sections')
+  data = storage.read_json(path, dict, 'object of config sections')
   partial = ml_collections.ConfigDict(data)
   check_schema(partial, default_config(), where=path)
   cfg = fill_defaults(partial)

@@ -16,6 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
+from llm_jax import storage
 from llm_jax.errors import UserError
 
 CONFIG = 'config.json'
@@ -27,18 +28,9 @@ def read_config(hf_dir: str) -> dict:
   if not os.path.isdir(hf_dir):
     raise UserError(f'{hf_dir} is not a directory')
   path = os.path.join(hf_dir, CONFIG)
-  try:
-    with open(path, encoding='utf-8') as f:
-      config = json.load(f)
-  except FileNotFoundError:
-    raise UserError(f'{hf_dir} has no {CONFIG} (not a Hugging Face model directory?)') from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f'cannot read {path}: {e}') from None
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON (line {e.lineno}): {e.msg}') from None
-  if not isinstance(config, dict):
-    raise UserError(f'{path}: expected a JSON object')
-  return config
+  if not os.path.exists(path):
+    raise UserError(f'{hf_dir} has no {CONFIG} (not a Hugging Face model directory?)')
+  return storage.read_json(path)
 
 
 class Weights:

@@ -249,18 +249,7 @@ def read_files(directory: str) -> tuple[bytes, dict]:
 
 
 def _read_json(path: str) -> dict:
-  if not storage.isfile(path):
-    return {}
-  try:
-    with storage.open(path) as f:
-      value = json.load(f)
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f'cannot read {path}: {e}') from None
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON (line {e.lineno}): {e.msg}') from None
-  if not isinstance(value, dict):
-    raise UserError(f'{path}: expected a JSON object')
-  return value
+  return storage.read_json(path) if storage.isfile(path) else {}
 
 
 def load_dir(directory: str) -> HFTokenizer:

@@ -186,7 +186,7 @@ class Attention(nn.Module):
                kv_segment_ids_BS: Array | None = None, window: Array | None = None) -> tuple[Array, dict | None]:
     """`window`: this layer's sliding window (a scalar; None: every earlier key)."""
     c = self.cfg
-    N, K = c.num_heads, c.num_kv_heads
+    N = c.num_heads
     dtype = compute_dtype(c.dtype)
     scale = (1 / math.sqrt(c.query_scale) if c.query_scale else True) if c.scale_attention else False
     q_BTNH = self._project(x_BTD, 'q', N, 'heads')

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Callable, Sequence
 
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import sharding
+from llm_jax import sharding, storage
 from llm_jax.errors import UserError
 
 MODULES = 'modules.json'
@@ -67,22 +66,9 @@ def st_files(hf_dir: str) -> dict[str, bytes]:
   return out
 
 
-def _read_json(path: str, expect: type):
-  try:
-    with open(path, encoding='utf-8') as f:
-      value = json.load(f)
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f'cannot read {path}: {e}') from None
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON (line {e.lineno}): {e.msg}') from None
-  if not isinstance(value, expect):
-    raise UserError(f'{path}: expected a JSON {"list" if expect is list else "object"}')
-  return value
-
-
 def _modules(directory: str) -> list[dict]:
   path = os.path.join(directory, MODULES)
-  modules = _read_json(path, list)
+  modules = storage.read_json(path, list)
   if not all(isinstance(m, dict) and isinstance(m.get('type'), str) for m in modules):
     raise UserError(f'{path}: expected a list of {{"type", "path"}} objects')
   return modules
@@ -103,7 +89,7 @@ def pooling_of(workdir: str | None, cfg) -> Pooling:
       normalize = True
     elif kind == 'Pooling':
       path = os.path.join(workdir, module.get('path') or '', 'config.json')
-      modes = _pooling_modes(_read_json(path, dict), path)
+      modes = _pooling_modes(storage.read_json(path), path)
     else:
       raise UserError(f'{os.path.join(workdir, MODULES)}: module {module["type"]} is not supported (llm-jax '
                       'embeds with Transformer, Pooling and Normalize modules)')
@@ -112,7 +98,7 @@ def pooling_of(workdir: str | None, cfg) -> Pooling:
   max_len = default_len
   st_path = os.path.join(workdir, ST_CONFIG)
   if os.path.isfile(st_path):
-    given = _read_json(st_path, dict).get('max_seq_length')
+    given = storage.read_json(st_path).get('max_seq_length')
     if isinstance(given, int) and given > 0:
       max_len = min(given, limit)
   return Pooling(modes, normalize, max_len, 'sentence-transformers')

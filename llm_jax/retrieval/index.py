@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llm_jax import storage
 from llm_jax.errors import UserError
 from llm_jax.retrieval.passages import Passage
 
@@ -80,14 +81,8 @@ def read_manifest(path: str, flag: str) -> dict:
   mpath = os.path.join(path, MANIFEST)
   if not os.path.isfile(mpath):
     raise UserError(f'{flag}={path} has no {MANIFEST} (not an llm-jax index?)')
-  try:
-    with open(mpath, encoding='utf-8') as f:
-      meta = json.load(f)
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f'cannot read {mpath}: {e}') from None
-  except json.JSONDecodeError as e:
-    raise UserError(f'{mpath} is not valid JSON (line {e.lineno}): {e.msg}') from None
-  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+  meta = storage.read_json(mpath)
+  if meta.get('format') != FORMAT:
     raise UserError(f'{mpath}: not an llm-jax index (format {FORMAT!r})')
   for key in ('embedder', 'vectors', 'passages', 'generation', 'passage_tokens', 'overlap'):
     if key not in meta:
