@@ -51,13 +51,18 @@ class Impl:
   platform: str | None  # the backend it needs; None: any
   kernel: bool  # a Pallas kernel taking segment ids (True) or a path that takes the dense mask (False)
   why: str  # for the README and `llm-jax plan`
+  auto: int | None = None  # 'auto' tries its platform's kernels by this rank, lowest first; None: never
+  auto_dtypes: tuple = ()  # the compute dtypes 'auto' takes it for (empty: any)
 
 
+_HALF = (jnp.bfloat16, jnp.float16)
 IMPLS = {
     'xla': Impl('xla', None, False, 'XLA einsums, the whole score matrix per head'),
-    'cudnn': Impl('cudnn', 'gpu', False, "cuDNN's fused attention, documents as a dense B T S mask"),
-    'splash': Impl('splash', 'tpu', True, 'splash attention (Pallas TPU), segment ids, no score matrix'),
-    'pallas_gpu': Impl('pallas_gpu', 'gpu', True, 'Pallas GPU flash attention, segment ids, no score matrix'),
+    'cudnn': Impl('cudnn', 'gpu', False, "cuDNN's fused attention, documents as a dense B T S mask", auto=1,
+                  auto_dtypes=_HALF),
+    'splash': Impl('splash', 'tpu', True, 'splash attention (Pallas TPU), segment ids, no score matrix', auto=0),
+    'pallas_gpu': Impl('pallas_gpu', 'gpu', True, 'Pallas GPU flash attention, segment ids, no score matrix',
+                       auto=0, auto_dtypes=_HALF),
 }
 
 
@@ -117,7 +122,7 @@ def unsupported(name: str, shape: Shape, model_cfg, platform: str) -> str | None
 
 def _cudnn_fits(shape: Shape) -> bool:
   H = shape.head_dim
-  return (not shape.has_bias and shape.dtype in (jnp.bfloat16, jnp.float16) and not H % 8 and H <= 128
+  return (not shape.has_bias and shape.dtype in _HALF and not H % 8 and H <= 128
           and not shape.seq_len % 2 and shape.seq_split == 1 and shape.heads_alike)
 
 
@@ -130,15 +135,11 @@ def choose(requested: str, shape: Shape, model_cfg, platform: str) -> str:
     if why:
       raise UserError(f"model.attention_impl='{requested}' {why}")
     return requested
-  if platform == 'tpu':
-    candidates = ('splash',)
-  elif platform == 'gpu' and shape.dtype in (jnp.bfloat16, jnp.float16):
-    candidates = ('pallas_gpu', 'cudnn')
-  else:
-    candidates = ()
-  for name in candidates:
-    if unsupported(name, shape, model_cfg, platform) is None:
-      return name
+  candidates = sorted((i for i in IMPLS.values() if i.auto is not None and i.platform == platform
+                       and (not i.auto_dtypes or shape.dtype in i.auto_dtypes)), key=lambda i: i.auto)
+  for impl in candidates:
+    if unsupported(impl.name, shape, model_cfg, platform) is None:
+      return impl.name
   return 'xla'
 
 
