@@ -159,17 +159,26 @@ def test_openai_streaming_arrives_token_by_token_and_equals_the_whole_answer(ser
   run, url = served
   client = openai.OpenAI(base_url=f'{url}/v1', api_key='unused', max_retries=0)
   whole = client.completions.create(model='tiny', prompt='def f(x):', max_tokens=12, temperature=0)
+  # Every chunk has its choice (the loop of OpenAI's docs reads chunk.choices[0] of each): usage comes only
+  # with stream_options.include_usage, in a last chunk of its own.
   pieces = [c.choices[0].text for c in client.completions.create(
-      model='tiny', prompt='def f(x):', max_tokens=12, temperature=0, stream=True) if c.choices]
+      model='tiny', prompt='def f(x):', max_tokens=12, temperature=0, stream=True)]
   assert ''.join(pieces) == whole.choices[0].text
   assert len([p for p in pieces if p]) >= 4  # not one event at the end
   chat_whole = client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}],
                                               max_tokens=10, temperature=0)
   chunks = list(client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}],
                                                max_tokens=10, temperature=0, stream=True))
-  text = ''.join(c.choices[0].delta.content or '' for c in chunks if c.choices)
-  assert text == chat_whole.choices[0].message.content
-  assert chunks[-1].usage.completion_tokens == chat_whole.usage.completion_tokens
+  text = ''.join(c.choices[0].delta.content or '' for c in chunks)
+  assert text == chat_whole.choices[0].message.content and all(c.usage is None for c in chunks)
+  counted = list(client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}],
+                                                max_tokens=10, temperature=0, stream=True,
+                                                stream_options={'include_usage': True}))
+  assert counted[-1].choices == [] and all(c.choices for c in counted[:-1])
+  assert counted[-1].usage.completion_tokens == chat_whole.usage.completion_tokens
+  with pytest.raises(openai.BadRequestError, match='stream_options'):
+    client.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
+                                   stream_options={'include_usage': True})
   # A stop string inside the greedy text: neither answer shows it or anything after it.
   full = whole.choices[0].text  # (a random model's text: bytes that are not UTF-8 show as U+FFFD)
   at = [i for i in range(1, len(full) - 1) if full[i:i + 2].isascii() and full[i:i + 2].strip()]

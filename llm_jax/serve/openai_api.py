@@ -3,7 +3,8 @@
 
 Supported fields: model (ignored: the server serves one run), prompt (a string, a list of strings, a list of
 token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop (up to 16), seed,
-stream (server-sent events as tokens arrive: service.App.stream), echo,
+stream (server-sent events as tokens arrive: service.App.stream; stream_options.include_usage adds a last chunk
+of usage), echo,
 logprobs (completions: an integer, up to 5 alternatives; chat: a boolean, with top_logprobs up to 5, answered
 in the chat API's own `content` list), and the extensions top_k, min_p, repetition_penalty, ignore_eos. A field of the
 wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
@@ -41,6 +42,7 @@ class Parsed:
   logprobs: int | None
   stream: bool
   chat: bool
+  usage_chunk: bool = False  # stream_options.include_usage: a last chunk of usage, with no choices
 
 
 _NUMBER = (int, float)
@@ -163,7 +165,15 @@ def parse(body, chat: bool, template=None) -> Parsed:
     raise ApiError(400, '"max_tokens" is 0: nothing to do unless "echo" is true (scoring the prompt)')
   n = _field(body, 'n', int, 1, lambda v: 1 <= v <= 16, 'an integer from 1 to 16')
   stream = _field(body, 'stream', bool, False, expected='a boolean')
-  return Parsed(prompts, sampling, max_tokens, n, echo, logprobs, stream, chat)
+  # OpenAI's rule, which clients rely on: the usage chunk (no choices) only when asked for, since the loop in
+  # its docs reads chunk.choices[0] of every chunk.
+  options = body.get('stream_options')
+  if options is not None and not stream:
+    raise ApiError(400, '"stream_options" is only for "stream": true')
+  if options is not None and not isinstance(options, dict):
+    raise ApiError(400, f'"stream_options" must be an object, got {options!r}')
+  usage_chunk = options is not None and _field(options, 'include_usage', bool, False, expected='a boolean')
+  return Parsed(prompts, sampling, max_tokens, n, echo, logprobs, stream, chat, usage_chunk)
 
 
 def logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs, k: int, offset: int = 0) -> dict:

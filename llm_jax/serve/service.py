@@ -260,8 +260,8 @@ class App:
     return delta
 
   async def stream(self, parsed, choices):
-    """Server-sent events: a chunk per new piece of text of each choice, its finish reason, then usage and
-    [DONE]. The jobs start when the response does; closing the stream (the client left) cancels them."""
+    """Server-sent events: a chunk per new piece of text of each choice, its finish reason, then usage (if
+    stream_options.include_usage) and [DONE]. The jobs start when the response does; closing the stream (the client left) cancels them."""
     inbox = _Inbox(asyncio.get_running_loop(), wake_on_tokens=True)
     head = {'id': f'{"chatcmpl" if parsed.chat else "cmpl"}-{uuid.uuid4().hex[:24]}', 'created': int(time.time()),
             'model': self.model_name, 'object': 'chat.completion.chunk' if parsed.chat else 'text_completion'}
@@ -301,9 +301,10 @@ class App:
           delta = self._delta(c, final=False)
           if delta:
             yield event(c, delta)
-      prompt, completion = self._prompt_tokens(parsed, choices), sum(len(c.tokens) for c in choices)
-      usage = {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
-      yield f'data: {json.dumps({**head, "choices": [], "usage": usage})}\n\n'
+      if parsed.usage_chunk:
+        prompt, completion = self._prompt_tokens(parsed, choices), sum(len(c.tokens) for c in choices)
+        usage = {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
+        yield f'data: {json.dumps({**head, "choices": [], "usage": usage})}\n\n'
       yield 'data: [DONE]\n\n'
     finally:
       self._cancel(choices)
