@@ -191,6 +191,22 @@ def test_openai_streaming_arrives_token_by_token_and_equals_the_whole_answer(ser
     assert cut.choices[0].finish_reason == 'stop'
 
 
+@pytest.mark.parametrize('echo', [False, True])
+def test_streamed_logprobs_come_with_their_chunks_and_equal_the_whole_answers(served, echo):
+  """Streamed, each chunk carries the log-probabilities of the tokens that arrived since the last (an echoed
+  prompt's with the prompt's chunk); joined, they are the whole answer's, text offsets included."""
+  _, url = served
+  client = openai.OpenAI(base_url=f'{url}/v1', api_key='unused', max_retries=0)
+  args = dict(model='tiny', prompt='def f(x):', max_tokens=8, temperature=0, logprobs=2, echo=echo)
+  whole = client.completions.create(**args).choices[0].logprobs
+  pieces = [c.choices[0].logprobs for c in client.completions.create(**args, stream=True)
+            if c.choices[0].logprobs]
+  assert len(pieces) >= 3  # not all in the last chunk
+  for key in ('tokens', 'token_logprobs', 'top_logprobs', 'text_offset'):
+    joined = [x for p in pieces for x in getattr(p, key)]
+    assert joined == getattr(whole, key), key
+
+
 @pytest.mark.parametrize('stream', [True, False])
 def test_a_client_that_leaves_frees_its_slot(served_app, stream):
   """Streamed, the client hangs up after the first event; whole, it gives up waiting (the server polls for a

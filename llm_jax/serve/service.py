@@ -43,6 +43,8 @@ class _Choice:
   tops: list = field(default_factory=list)  # (ids, logprobs) of the top alternatives at each new token
   reason: str | None = None
   shown: str = ''  # the text streamed so far
+  lp_sent: int = 0  # new tokens whose log-probabilities have been streamed
+  lp_at: int = 0  # the text offset of the next token streamed with its log-probabilities (completions)
   passages: list | None = None  # serve --retrieve: the passages put into this choice's prompt
 
 
@@ -225,22 +227,45 @@ class App:
     return (self._shown_prompt(c) if parsed.echo else '') + self._final(c)
 
   async def _logprobs(self, parsed, c: _Choice) -> dict | None:
+    """The whole answer's log-probabilities: an echoed prompt's own (completions), then the new tokens'."""
     if parsed.logprobs is None:
       return None
-    tokens, lps, tops = list(c.tokens), list(c.logprobs), [t for t in c.tops]
-    if parsed.chat:  # the new message's tokens only, echo or not
-      return openai_api.chat_logprobs_object(self.run.tokenizer, tokens, lps, [t for t, _ in tops],
-                                             [lp for _, lp in tops], parsed.logprobs)
-    if parsed.echo:  # the prompt's own: scored by the model, the first token has no context
-      prompt_lps, prompt_tops = [None], [(None, None)]
-      if len(c.ids) >= 2:
-        [s] = await asyncio.wrap_future(self.engine.score([c.ids]))
-        prompt_lps += s.logprobs
-        prompt_tops += list(zip(s.top_tokens, s.top_logprobs))
-      tokens, lps, tops = (c.ids + tokens)[c.hidden:], (prompt_lps + lps)[c.hidden:], (prompt_tops + tops)[c.hidden:]
-    offset = 0 if parsed.echo else len(self._shown_prompt(c))
-    return openai_api.logprobs_object(self.run.tokenizer, tokens, lps, [t for t, _ in tops],
-                                      [lp for _, lp in tops], parsed.logprobs, offset=offset)
+    tokens, lps, tops = list(c.tokens), list(c.logprobs), list(c.tops)
+    if parsed.echo and not parsed.chat:  # chat's are the new message's tokens only, echo or not
+      p_tokens, p_lps, p_tops = await self._prompt_logprobs(c)
+      tokens, lps, tops = p_tokens + tokens, p_lps + lps, p_tops + tops
+    return self._logprobs_of(parsed, tokens, lps, tops, 0 if parsed.echo else len(self._shown_prompt(c)))
+
+  async def _prompt_logprobs(self, c: _Choice) -> tuple[list, list, list]:
+    """An echoed prompt's tokens, their log-probabilities (None for the first, which has no context) and
+    alternatives, scored by the model through the engine's thread."""
+    lps, tops = [None], [(None, None)]
+    if len(c.ids) >= 2:
+      [s] = await asyncio.wrap_future(self.engine.score([c.ids]))
+      lps += s.logprobs
+      tops += list(zip(s.top_tokens, s.top_logprobs))
+    return c.ids[c.hidden:], lps[c.hidden:], tops[c.hidden:]
+
+  def _logprobs_of(self, parsed, tokens, lps, tops, offset: int) -> dict:
+    """The API's `logprobs` object of these tokens: chat's `content` list, or the completions' columns with
+    text offsets from `offset`."""
+    top_ids, top_lps = [t for t, _ in tops], [lp for _, lp in tops]
+    if parsed.chat:
+      return openai_api.chat_logprobs_object(self.run.tokenizer, tokens, lps, top_ids, top_lps, parsed.logprobs)
+    return openai_api.logprobs_object(self.run.tokenizer, tokens, lps, top_ids, top_lps, parsed.logprobs,
+                                      offset=offset)
+
+  def _next_logprobs(self, parsed, c: _Choice) -> dict | None:
+    """The log-probabilities of `c`'s new tokens not streamed yet (None if none or not asked for): they go
+    with the chunk that follows them, even while their text is held back for a possible stop string."""
+    if parsed.logprobs is None or c.lp_sent == len(c.tokens):
+      return None
+    a, b = c.lp_sent, len(c.tokens)
+    c.lp_sent = b
+    out = self._logprobs_of(parsed, c.tokens[a:b], c.logprobs[a:b], c.tops[a:b], c.lp_at)
+    if not parsed.chat:
+      c.lp_at = out['text_offset'][-1] + len(out['tokens'][-1])
+    return out
 
   # -- streaming ---------------------------------------------------------------------------------------------
 
@@ -277,12 +302,17 @@ class App:
     try:
       remaining = self._start(parsed, choices, inbox)
       for c in choices:
+        c.lp_at = 0 if parsed.echo else len(self._shown_prompt(c))
         if parsed.chat:
           yield event(c, '', role=True)
         if parsed.echo:
-          yield event(c, self._shown_prompt(c))
+          prompt_logprobs = None
+          if parsed.logprobs is not None and not parsed.chat:
+            prompt_logprobs = self._logprobs_of(parsed, *await self._prompt_logprobs(c), 0)
+            c.lp_at = sum(len(t) for t in prompt_logprobs['tokens'])
+          yield event(c, self._shown_prompt(c), logprobs=prompt_logprobs)
         if c.job is None:
-          yield event(c, '', c.reason, await self._logprobs(parsed, c))
+          yield event(c, '', c.reason, self._next_logprobs(parsed, c))
       while remaining:
         grown = {}  # the choices with new tokens in this batch of events, in order
         for ev in await inbox.drain():
@@ -296,11 +326,11 @@ class App:
             continue
           grown.pop(c.index, None)
           remaining -= 1
-          yield event(c, self._delta(c, final=True), c.reason, await self._logprobs(parsed, c))
+          yield event(c, self._delta(c, final=True), c.reason, self._next_logprobs(parsed, c))
         for c in grown.values():
           delta = self._delta(c, final=False)
           if delta:
-            yield event(c, delta)
+            yield event(c, delta, logprobs=self._next_logprobs(parsed, c))
       if parsed.usage_chunk:
         prompt, completion = self._prompt_tokens(parsed, choices), sum(len(c.tokens) for c in choices)
         usage = {'prompt_tokens': prompt, 'completion_tokens': completion, 'total_tokens': prompt + completion}
