@@ -153,6 +153,17 @@ def test_lm_eval_local_completions_equals_eval_task_and_generates(served, tmp_pa
     context = items[sample['doc_id']]['context']
     want = _greedy(run, context, 8).text.split('\n')[0]
     assert sample['resps'][0][0] == want
+  # Its chat model, with the harness's chat template (one user message): our chat endpoint's greedy answers.
+  chat = lm_eval.simple_evaluate(
+      model='local-chat-completions', model_args=f'base_url={url}/v1/chat/completions,model=tiny',
+      tasks=['tiny_gen'], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+      apply_chat_template=True, limit=3)
+  from llm_jax.serve import openai_api
+  for sample in chat['samples']['tiny_gen']:
+    prompt = openai_api.render_chat([{'role': 'user', 'content': items[sample['doc_id']]['context']}])
+    want = _greedy(run, prompt, 8).text.split('\nuser:')[0].split('\n')[0]
+    assert sample['resps'][0][0] == want
+  assert any(sample['resps'][0][0] for sample in chat['samples']['tiny_gen'])
 
 
 def test_openai_streaming_arrives_token_by_token_and_equals_the_whole_answer(served):
