@@ -101,6 +101,12 @@ def test_chat_and_streaming(served):
     ({'prompt': 'word ' * 200, 'max_tokens': 4}, None, 'context'),
     ({'prompt': [1, 99999], 'max_tokens': 4}, None, 'token id'),
     ({'messages': 'hi'}, None, '"messages"'),
+    # Fields the server does not implement: answering as if they were absent would mislead.
+    ({'prompt': 'x', 'logit_bias': {'5': 100}}, None, '"logit_bias" is not supported'),
+    ({'prompt': 'x', 'best_of': 3}, None, '"best_of"'),
+    ({'messages': [{'role': 'user', 'content': 'hi'}], 'response_format': {'type': 'json_object'}}, None,
+     '"response_format"'),
+    ({'messages': [{'role': 'user', 'content': 'hi'}], 'tools': [{'type': 'function'}]}, None, '"tools"'),
 ])
 def test_bad_requests_get_a_400_naming_the_problem_and_the_server_keeps_serving(served, body, raw, needle):
   _, base, _ = served
@@ -109,6 +115,19 @@ def test_bad_requests_get_a_400_naming_the_problem_and_the_server_keeps_serving(
   assert status == 400 and needle in json.loads(text)['error']['message'], text
   status, _ = _post(f'{base}/v1/completions', {'prompt': 'x', 'max_tokens': 2})
   assert status == 200
+
+
+def test_unserved_fields_at_their_inert_values_are_accepted(served):
+  """What clients send by default (LangChain's completions client sends best_of 1 and an empty logit_bias)
+  asks for nothing this server lacks."""
+  _, base, _ = served
+  status, text = _post(f'{base}/v1/completions', {'prompt': 'x', 'max_tokens': 2, 'best_of': 1, 'logit_bias': {},
+                                                  'suffix': '', 'presence_penalty': 0, 'frequency_penalty': 0})
+  assert status == 200, text
+  status, text = _post(f'{base}/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'hi'}],
+                                                       'max_tokens': 2, 'response_format': {'type': 'text'},
+                                                       'tools': []})
+  assert status == 200, text
 
 
 def test_api_key_is_required_as_a_bearer_token_and_bodies_are_limited(served):

@@ -2,12 +2,13 @@
 (`/v1/completions`, `/v1/chat/completions`) into prompts and sampling params, and shaping the answers.
 
 Supported fields: model (ignored: the server serves one run), prompt (a string, a list of strings, a list of
-token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop (up to 16), seed,
-stream (server-sent events as tokens arrive: service.App.stream; stream_options.include_usage adds a last chunk
-of usage), echo,
-logprobs (completions: an integer, up to 5 alternatives; chat: a boolean, with top_logprobs up to 5, answered
-in the chat API's own `content` list), and the extensions top_k, min_p, repetition_penalty, ignore_eos. A field of the
-wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names the field.
+token ids or a list of such lists), messages, max_tokens, temperature, top_p, n, stop (up to 16), seed, stream
+(server-sent events as tokens arrive: service.App.stream; stream_options.include_usage adds a last chunk of
+usage), echo, logprobs (completions: an integer, up to 5 alternatives; chat: a boolean, with top_logprobs up
+to 5, answered in the chat API's own `content` list), and the extensions top_k, min_p, repetition_penalty,
+ignore_eos. A field of the wrong type, or a value out of range, is an ApiError (HTTP 400) whose message names
+the field; so is a field this server does not implement (logit_bias, best_of, suffix, response_format, tools,
+the penalties) set to anything but its inert value.
 
 Chat messages of a run fine-tuned with a chat template (data.objective sft or dpo) are rendered by that
 template (data/chat.py: role markers, the reply role's marker last), or by the checkpoint's own Jinja template
@@ -47,6 +48,16 @@ class Parsed:
 
 _NUMBER = (int, float)
 MAX_STOPS = 16
+# Fields of the OpenAI API this server does not implement, each with the values that ask for nothing: any
+# other value is a 400, since ignoring it would answer a different question than the one asked.
+_NOT_SERVED = {
+    'logit_bias': (lambda v: v == {}, 'no per-token biases'),
+    'best_of': (lambda v: v == 1, 'one sample per choice: use "n"'),
+    'suffix': (lambda v: v == '', 'no insertion'),
+    'response_format': (lambda v: v == {'type': 'text'}, 'text only: no JSON mode or schema'),
+    'tools': (lambda v: v == [], 'no tool calls'),
+    'functions': (lambda v: v == [], 'no function calls'),
+}
 
 
 def _field(body: dict, key: str, types, default, check=None, expected: str = ''):
@@ -146,6 +157,9 @@ def parse(body, chat: bool, template=None) -> Parsed:
   for key in ('presence_penalty', 'frequency_penalty'):
     if _field(body, key, _NUMBER, 0, expected='a number') != 0:
       raise ApiError(400, f'"{key}" is not supported (use "repetition_penalty")')
+  for key, (inert, what) in _NOT_SERVED.items():
+    if body.get(key) is not None and not inert(body[key]):
+      raise ApiError(400, f'"{key}" is not supported ({what})')
   sampling = SamplingParams(
       temperature=float(_field(body, 'temperature', _NUMBER, 1.0, lambda v: 0 <= v <= 2, 'a number in [0, 2]')),
       top_p=float(_field(body, 'top_p', _NUMBER, 1.0, lambda v: 0 < v <= 1, 'a number in (0, 1]')),
