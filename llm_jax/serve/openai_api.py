@@ -204,6 +204,15 @@ def logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs,
   return {'tokens': strings, 'token_logprobs': token_logprobs, 'top_logprobs': tops, 'text_offset': offsets}
 
 
+def logprobs_answer(parsed: Parsed, tokenizer, tokens, token_logprobs, tops, offset: int) -> dict:
+  """The `logprobs` of these tokens in the request's API: chat's `content` list, or the completions' columns
+  with text offsets from `offset`. `tops`: the (ids, log-probabilities) of the alternatives at each token."""
+  top_tokens, top_logprobs = [t for t, _ in tops], [lp for _, lp in tops]
+  if parsed.chat:
+    return chat_logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs, parsed.logprobs)
+  return logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs, parsed.logprobs, offset)
+
+
 def chat_logprobs_object(tokenizer, tokens, token_logprobs, top_tokens, top_logprobs, k: int) -> dict:
   """The chat API's `logprobs`: for each new token its string, log-probability and UTF-8 bytes, and the `k`
   likeliest alternatives in the same shape, most likely first."""

@@ -234,7 +234,8 @@ class App:
     if parsed.echo and not parsed.chat:  # chat's are the new message's tokens only, echo or not
       p_tokens, p_lps, p_tops = await self._prompt_logprobs(c)
       tokens, lps, tops = p_tokens + tokens, p_lps + lps, p_tops + tops
-    return self._logprobs_of(parsed, tokens, lps, tops, 0 if parsed.echo else len(self._shown_prompt(c)))
+    offset = 0 if parsed.echo else len(self._shown_prompt(c))
+    return openai_api.logprobs_answer(parsed, self.run.tokenizer, tokens, lps, tops, offset)
 
   async def _prompt_logprobs(self, c: _Choice) -> tuple[list, list, list]:
     """An echoed prompt's tokens, their log-probabilities (None for the first, which has no context) and
@@ -246,15 +247,6 @@ class App:
       tops += list(zip(s.top_tokens, s.top_logprobs))
     return c.ids[c.hidden:], lps[c.hidden:], tops[c.hidden:]
 
-  def _logprobs_of(self, parsed, tokens, lps, tops, offset: int) -> dict:
-    """The API's `logprobs` object of these tokens: chat's `content` list, or the completions' columns with
-    text offsets from `offset`."""
-    top_ids, top_lps = [t for t, _ in tops], [lp for _, lp in tops]
-    if parsed.chat:
-      return openai_api.chat_logprobs_object(self.run.tokenizer, tokens, lps, top_ids, top_lps, parsed.logprobs)
-    return openai_api.logprobs_object(self.run.tokenizer, tokens, lps, top_ids, top_lps, parsed.logprobs,
-                                      offset=offset)
-
   def _next_logprobs(self, parsed, c: _Choice) -> dict | None:
     """The log-probabilities of `c`'s new tokens not streamed yet (None if none or not asked for): they go
     with the chunk that follows them, even while their text is held back for a possible stop string."""
@@ -262,7 +254,8 @@ class App:
       return None
     a, b = c.lp_sent, len(c.tokens)
     c.lp_sent = b
-    out = self._logprobs_of(parsed, c.tokens[a:b], c.logprobs[a:b], c.tops[a:b], c.lp_at)
+    out = openai_api.logprobs_answer(parsed, self.run.tokenizer, c.tokens[a:b], c.logprobs[a:b], c.tops[a:b],
+                                     c.lp_at)
     if not parsed.chat:
       c.lp_at = out['text_offset'][-1] + len(out['tokens'][-1])
     return out
@@ -285,8 +278,9 @@ class App:
     return delta
 
   async def stream(self, parsed, choices):
-    """Server-sent events: a chunk per new piece of text of each choice, its finish reason, then usage (if
-    stream_options.include_usage) and [DONE]. The jobs start when the response does; closing the stream (the client left) cancels them."""
+    """Server-sent events: a chunk per new piece of text of each choice (with its tokens' log-probabilities if
+    asked), its finish reason, then usage (if stream_options.include_usage) and [DONE]. The jobs start when
+    the response does; closing the stream (the client left) cancels them."""
     inbox = _Inbox(asyncio.get_running_loop(), wake_on_tokens=True)
     head = {'id': f'{"chatcmpl" if parsed.chat else "cmpl"}-{uuid.uuid4().hex[:24]}', 'created': int(time.time()),
             'model': self.model_name, 'object': 'chat.completion.chunk' if parsed.chat else 'text_completion'}
@@ -308,7 +302,8 @@ class App:
         if parsed.echo:
           prompt_logprobs = None
           if parsed.logprobs is not None and not parsed.chat:
-            prompt_logprobs = self._logprobs_of(parsed, *await self._prompt_logprobs(c), 0)
+            prompt_logprobs = openai_api.logprobs_answer(parsed, self.run.tokenizer,
+                                                         *await self._prompt_logprobs(c), 0)
             c.lp_at = sum(len(t) for t in prompt_logprobs['tokens'])
           yield event(c, self._shown_prompt(c), logprobs=prompt_logprobs)
         if c.job is None:
