@@ -83,9 +83,9 @@ class Run:
   def generate(self, prompts, params: SamplingParams | None = None, *, num_samples: int = 1,
                truncate: bool = False, batch_size: int = 32, **knobs):
     """Continue a prompt (a Completion: .text, .tokens, .logprobs, .finish_reason) or a list of prompts (a
-    list with `num_samples` Completions per prompt, prompt by prompt). Sampling knobs come as `params` or as keywords (SamplingParams' fields:
-    max_new_tokens=64, temperature=0 (greedy), top_k, top_p, min_p, repetition_penalty, seed, stop_strings,
-    ignore_eos)."""
+    list with `num_samples` Completions per prompt, prompt by prompt). Sampling knobs come as `params` or as
+    keywords (SamplingParams' fields: max_new_tokens=64, temperature=0 (greedy), top_k, top_p, min_p,
+    repetition_penalty, seed, stop_strings, ignore_eos)."""
     one = isinstance(prompts, str)
     texts = [prompts] if one else list(prompts)
     params = params or SamplingParams(**knobs)
