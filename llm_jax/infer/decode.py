@@ -59,8 +59,8 @@ class Result:
 
 
 def constrain_cache(cache):
-  """Every array of a cache pinned to its logical axes (models.cache_axes: stacked or a layer's own)."""
-  return jax.tree.map(lambda a: sharding.constrain(a, cache_axes(a)), cache)
+  """Every array of a cache pinned to its logical axes (models.cache_axes: by its name, stacked or a layer's own)."""
+  return jax.tree_util.tree_map_with_path(lambda path, a: sharding.constrain(a, cache_axes(path[-1].key, a)), cache)
 
 
 def reorder_cache(cache, rows_B: Array):

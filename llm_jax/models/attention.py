@@ -70,17 +70,19 @@ def dot_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, 
   return out_BTKGH.reshape(B, T, N, H)
 
 
-def cached_attention(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array, bias_BNTS: Array | None = None,
+def cached_attention(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array, bias_BNTS: Array | None = None,
                      scale: bool | float = True, cap: float = 0.0) -> Array:
-  """dot_attention over keys and values in a KV cache's [B, K, S, H] layout (a decode step's few queries).
-  Both products are then batched matmuls over (B, K) that read the cache where it lies: from [B, S, K, H],
-  XLA's CPU backend first copied every layer's keys and values into this order, and summing products over H
-  instead (what decode steps did) ran as a slow reduction: the attention of four layers' 16-row step took
-  0.77 ms that way against 0.27 ms this way (2 CPU cores, BENCHMARKS.md)."""
+  """dot_attention over a KV cache's keys [B, K, H, S] and values [B, K, S, H] (a decode step's few queries).
+  Both products are then plain batched matmuls over (B, K), [G T, H] by [H, S] and [G T, S] by [S, H], that
+  read the cache where it lies: from [B, S, K, H], XLA's CPU backend first copied every layer's keys and
+  values into this order, and summing products over H instead (what decode steps did) ran as a slow
+  reduction: the attention of four layers' 16-row step took 0.77 ms that way against 0.27 ms with both
+  [B, K, S, H] (2 CPU cores, BENCHMARKS.md), and keys [S, H] made q.k contract both operands' last axes, 2.2x
+  slower at 16 rows than keys [H, S]."""
   B, T, N, H = q_BTNH.shape
-  K = k_BKSH.shape[1]
+  K = k_BKHS.shape[1]
   q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-  logits_BKGTS = jnp.einsum('BKGTH,BKSH->BKGTS', q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
+  logits_BKGTS = jnp.einsum('BKGTH,BKHS->BKGTS', q_BKGTH, k_BKHS, preferred_element_type=jnp.float32)
   probs_BKGTS = _probs(logits_BKGTS, mask_BTS, bias_BNTS, scale, cap, H)
   out_BKGTH = jnp.einsum('BKGTS,BKSH->BKGTH', probs_BKGTS.astype(v_BKSH.dtype), v_BKSH)
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

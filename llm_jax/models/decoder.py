@@ -4,8 +4,8 @@ tied embeddings), chosen by config keys (the tiny and gpt2_124m recipes).
 
 Einsum letters as in layers.py. The API is pure: `model.init(rng, tokens, positions, segment_ids)` and
 `model.apply({'params': p}, tokens, positions, segment_ids, cache=None)` -> (logits_BTV, cache). The KV cache
-is an explicit pytree that goes in and comes back out: {'k', 'v'} of [L, B, K, S, H] arrays with scanned
-layers, a list of each layer's {'k', 'v'} of [B, K, S, H] unrolled (transformer.init_layer_caches).
+is an explicit pytree that goes in and comes back out: {'k' [L, B, K, H, S], 'v' [L, B, K, S, H]} with scanned
+layers, a list of each layer's {'k' [B, K, H, S], 'v' [B, K, S, H]} unrolled (transformer.init_layer_caches).
 """
 
 from __future__ import annotations

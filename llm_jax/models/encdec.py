@@ -15,8 +15,8 @@ to the encoder tokens of the same segment. Decoding (infer/decode.py's EncoderDe
 once with a cache, which encodes the prompt, fills every layer's cross-attention keys and values and
 decodes the start token; then with `step=True` per new token, which skips the encoder (its arguments may be
 None) and reads the cache: `layers`, each decoder layer's {'k', 'v'} [B, K, T, H] of its own keys and
-{'ck', 'cv'} [B, K, S, H] of the encoder's (stacked on a leading L axis with scanned layers:
-transformer.init_layer_caches), and `encoder_segment_ids` [B, S], which marks the prompt's padding.
+values and {'ck', 'cv'} [B, K, S, H] of the encoder's, keys stored with their last two axes swapped
+(stacked on a leading L axis with scanned layers: transformer.init_layer_caches), and `encoder_segment_ids` [B, S], which marks the prompt's padding.
 """
 
 from __future__ import annotations

@@ -128,13 +128,21 @@ def stack_pays(x_BTD: Array, width: int) -> bool:
 
 def write_cache(cache: dict[str, Array], k_BTKH: Array, v_BTKH: Array, positions_BT: Array) -> dict:
   """Store new keys and values at each row's own positions (rows of a batch may be at different steps) in the
-  cache ([B, K, S, H]: attention.cached_attention)."""
-  rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
-  # Indexing rows and positions around the heads' slice selects [B, T, K, H]: the new values' own shape.
-  return {
-      'k': cache['k'].at[rows_B1, :, positions_BT].set(k_BTKH.astype(cache['k'].dtype), mode='drop'),
-      'v': cache['v'].at[rows_B1, :, positions_BT].set(v_BTKH.astype(cache['v'].dtype), mode='drop'),
-  }
+  cache (keys [B, K, H, S], values [B, K, S, H]: attention.cached_attention)."""
+  k, v = k_BTKH.astype(cache['k'].dtype), v_BTKH.astype(cache['v'].dtype)
+  B, T = positions_BT.shape
+  if B == 1 and T == 1:
+    # One row's one token (a decode step alone) as a select over the row's cache. As a scatter (or a
+    # dynamic-update-slice), XLA's CPU backend copied every layer's keys and values three times around it,
+    # a tenth of a one-row step; with more rows the scatter is cheaper than a pass over all of them.
+    S = cache['k'].shape[3]
+    hit_S = jnp.arange(S) == positions_BT[0, 0]
+    return {'k': jnp.where(hit_S, k.transpose(0, 2, 3, 1), cache['k']),
+            'v': jnp.where(hit_S[:, None], v.transpose(0, 2, 1, 3), cache['v'])}
+  rows_B1 = jnp.arange(B)[:, None]
+  # Indexing rows and positions around the slices selects [B, T, K, H] in both: the new values' own shape.
+  return {'k': cache['k'].at[rows_B1, :, :, positions_BT].set(k, mode='drop'),
+          'v': cache['v'].at[rows_B1, :, positions_BT].set(v, mode='drop')}
 
 
 class Attention(nn.Module):
@@ -194,7 +202,8 @@ class Attention(nn.Module):
       if kv_BSD is not None:
         k_BSKH, v_BSKH = self._project_kv(kv_BSD)
         if cache is not None:
-          cache = {n: a.transpose(0, 2, 1, 3).astype(cache[n].dtype) for n, a in (('k', k_BSKH), ('v', v_BSKH))}
+          cache = {'k': k_BSKH.transpose(0, 2, 3, 1).astype(cache['k'].dtype),  # [B, K, H, S]
+                   'v': v_BSKH.transpose(0, 2, 1, 3).astype(cache['v'].dtype)}
       mask_BTS = kv_segment_ids_BS[:, None, :] == segment_ids_BT[:, :, None]
       if kv_BSD is not None:
         k_BSKH = constrain(k_BSKH, ('batch', 'kv_seq', 'kv_heads', 'head_dim'))  # the whole encoder row, as above
@@ -233,11 +242,11 @@ class Attention(nn.Module):
         # almost empty). Cache slot s holds position s of its row. Every slot at or before a query's
         # position has been written by then (prompt or generated token), so position order alone is the mask.
         B = q_BTNH.shape[0]
-        k_BKSH, v_BKSH = (cache[n].astype(dtype) for n in ('k', 'v'))
-        S = k_BKSH.shape[2]
+        k_BKHS, v_BKSH = (cache[n].astype(dtype) for n in ('k', 'v'))
+        S = k_BKHS.shape[3]
         slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype), (B, S))
         mask_BTS = (slots_BS[:, None, :] <= positions_BT[:, :, None]) & in_window(positions_BT, slots_BS, window)
-        out_BTNH = cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, bias_BNTS, scale, c.attn_logit_softcap)
+        out_BTNH = cached_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS, bias_BNTS, scale, c.attn_logit_softcap)
     out_BTNH = checkpoint_name(out_BTNH, 'attn_out')
     # GPT-2's scaled init of residual outputs keeps the residual stream's variance flat in depth.
     out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))

@@ -20,30 +20,41 @@ from llm_jax.sharding import constrain
 
 Array = jax.Array
 
-CACHE_AXES = ('layers', 'batch', 'kv_heads', 'cache_seq', 'head_dim')  # attention.cached_attention's order
+# A cache's values are [B, K, S, H] and its keys [B, K, H, S] (attention.cached_attention): a decode step's
+# q.k is then a plain matmul over each (row, kv head), q [G, H] by keys [H, S], where keys stored [S, H] had
+# XLA's CPU backend contract both operands' last axes, 2.2x slower at 16 rows (the step's largest op after the
+# output layer) and no faster at one (BENCHMARKS.md).
+CACHE_AXES = ('layers', 'batch', 'kv_heads', 'cache_seq', 'head_dim')  # the values'
+KEY_CACHE_AXES = ('layers', 'batch', 'kv_heads', 'head_dim', 'cache_seq')
+KEY_CACHES = frozenset({'k', 'ck'})  # the arrays of keys: self-attention's and cross-attention's
 
 
 def init_layer_caches(cfg, num_layers: int, arrays: dict[str, tuple]) -> dict[str, Array] | list[dict[str, Array]]:
-  """Every layer's KV cache, zeros: `arrays` names each array's (B, K, S, H) shape. Scanned layers take one
+  """Every layer's KV cache, zeros: `arrays` names each array's (B, K, S, H) shape (keys are stored transposed,
+  [B, K, H, S]: KEY_CACHES). Scanned layers take one
   dict of arrays stacked on a leading layers axis (nn.scan slices a layer's out per iteration); unrolled
   layers a list with each layer's own dict, so every array is a buffer of its own: from a stacked cache,
   XLA's CPU backend read each layer's keys and values through a copy of its slice at every decode step (its
   library fusions take whole buffers), two copies per layer."""
   dtype = compute_dtype(cfg.dtype)
+  arrays = {n: (B, K, H, S) if n in KEY_CACHES else (B, K, S, H) for n, (B, K, S, H) in arrays.items()}
   if cfg.scan_layers:
     return {n: jnp.zeros((num_layers, *shape), dtype) for n, shape in arrays.items()}
   return [{n: jnp.zeros(shape, dtype) for n, shape in arrays.items()} for _ in range(num_layers)]
 
 
-def cache_axes(a: Array) -> tuple[str, ...]:
-  """The logical axes of one array of a cache: [layers, B, K, S, H] stacked, [B, K, S, H] a layer's own,
-  [B, S] the encoder's segment ids (encdec)."""
-  return {5: CACHE_AXES, 4: CACHE_AXES[1:], 2: ('batch', 'cache_seq')}[a.ndim]
+def cache_axes(name: str, a: Array) -> tuple[str, ...]:
+  """The logical axes of the cache's array `name`: [layers, B, K, S, H] stacked, [B, K, S, H] a layer's own
+  (keys [.., H, S]), [B, S] the encoder's segment ids (encdec)."""
+  if a.ndim == 2:
+    return ('batch', 'cache_seq')
+  axes = KEY_CACHE_AXES if name in KEY_CACHES else CACHE_AXES
+  return axes if a.ndim == 5 else axes[1:]
 
 
 def cache_rows_axis(a: Array) -> int:
-  """Which axis of a cache array holds the batch's rows (decode slots, beams)."""
-  return cache_axes(a).index('batch')
+  """Which axis of a cache array holds the batch's rows (decode slots, beams): the same in every array."""
+  return 1 if a.ndim == 5 else 0
 
 
 # What each block keeps for the backward pass; everything else is recomputed there. The loss (and so the
@@ -139,7 +150,7 @@ empty and every row starts at position 0, so self-attention may run over the row
     else:  # decoding: each row's query position against every cache slot
       q_pos_BT = positions_BT
       k = cache[0]['k'] if isinstance(cache, list) else cache['k']  # a layer's own, or stacked
-      S = k.shape[cache_axes(k).index('cache_seq')]
+      S = k.shape[-1]  # keys are [.., H, S]
       k_pos_BS = jnp.arange(S, dtype=jnp.int32)[None]
     bias_BNTS = relative_bias(parent, cfg, f'{name}_rel_bias', q_pos_BT, k_pos_BS, bidirectional=not causal)
 
