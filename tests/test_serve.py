@@ -186,7 +186,12 @@ def test_bench_serve_measures_the_served_model(served):
   import asyncio
   wall, results = asyncio.run(bench.load(base, requests, 3))
   assert sorted(r[0] for r in results) == sorted(b['max_tokens'] for b in requests)
-  assert all(asked == got for asked, got, _ in results) and wall > max(r[2] for r in results) > 0
+  assert all(asked == got for asked, got, *_ in results) and wall > max(r[2] for r in results) > 0
+  assert sorted(r[3] for r in results) == list(range(6))
+  # Sent in order (measure counts the requests after its warm-up ones by their index).
+  sent = [r[4] for r in sorted(results, key=lambda r: r[3])]
+  assert sent == sorted(sent)
   row = bench.measure(base, 2, 4, run.context_len, random.Random(1))
   assert row['requests'] == 4 and row['tokens_per_sec'] > 0 and 0 < row['p50_s'] <= row['p99_s']
   assert row['short_p99_s'] is None or row['short_p50_s'] <= row['short_p99_s'] <= row['p99_s']
+  assert row['burst_short_max_s'] > 0

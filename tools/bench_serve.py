@@ -7,13 +7,17 @@ Each configuration starts `llm-jax serve` in a subprocess: `--max_batch=1` (one 
 batching; the standard-library server this replaced is gone from the tree, so it stands in for "before") and
 `--max_batch=SLOTS` (continuous batching). For each number of clients, that many clients send `--requests`
 requests between them, back to back, greedy with `ignore_eos`, `max_tokens` drawn from 8, 16, 32, 64, 96
-(never past the context), prompts of mixed lengths. One JSON line per (server, clients):
+(never past the context), prompts of mixed lengths, after 2 x clients warm-up requests sent the same way
+without a pause (so the timed ones meet the server in its steady state, not all arriving at once). One JSON
+line per (server, clients):
 
-  tokens_per_sec       completion tokens of all requests / wall time
+  tokens_per_sec       completion tokens of the timed requests / their span (first sent to last answered)
   p50_s, p99_s         request latency
   short_p50_s,         median and p99 latency of the 8-token requests (a fifth of them: 1,024 requests give
   short_p99_s          about 200, so the p99 is not just the slowest one), beside `short_alone_s`: an
                        8-token request's median latency with nothing else running
+  burst_short_max_s    the slowest of `clients` 8-token requests sent at once to the idle server (every one
+                       prefilled before the first decode step): the cost of a synchronized start
 
 With `--rounds=N` every level is measured N times, alternating (the machine's speed drifts between minutes),
 then one summary line per (server, clients) gives the medians over the rounds of the throughput, of its ratio
@@ -96,22 +100,25 @@ def make_requests(n: int, context: int, rng: random.Random) -> list[dict]:
 
 
 async def load(url: str, requests: list[dict], clients: int) -> tuple[float, list]:
-  """`clients` concurrent clients sending `requests` between them, each its next as soon as its last is
-  answered. aiohttp (what vLLM's serving benchmark drives servers with) rather than httpx: the load generator
-  shares the two cores with the server, and httpx took three times the CPU per request (a fifth of a core at
-  16 clients against a fifteenth)."""
+  """`clients` concurrent clients sending `requests` between them, in order, each its next as soon as its last
+  is answered: (wall time, one (max_tokens, completion tokens, latency, index in `requests`, time sent) per
+  request).
+  aiohttp (what vLLM's serving benchmark drives servers with) rather than httpx: the load generator shares the
+  two cores with the server, and httpx took three times the CPU per request (a fifth of a core at 16 clients
+  against a fifteenth)."""
   import aiohttp
-  pending = list(enumerate(requests))
+  pending = list(enumerate(requests))[::-1]  # popped from the end: sent in order
   results = []
 
   async def client(session):
     while pending:
-      _, body = pending.pop()
+      i, body = pending.pop()
       start = time.perf_counter()
       async with session.post(url + '/v1/completions', json=body) as r:
         r.raise_for_status()
         answer = await r.json()
-      results.append((body['max_tokens'], answer['usage']['completion_tokens'], time.perf_counter() - start))
+      results.append((body['max_tokens'], answer['usage']['completion_tokens'], time.perf_counter() - start, i,
+                      start))
 
   connector = aiohttp.TCPConnector(limit=clients)
   async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
@@ -125,17 +132,30 @@ def pct(values, q):
   return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+SHORT = {'prompt': 'def f(x):', 'max_tokens': 8, 'temperature': 0, 'ignore_eos': True}
+
+
 def measure(url: str, clients: int, requests: int, context: int, rng: random.Random) -> dict:
-  """One level: a warm-up of 2 x clients requests, then `requests` of them, timed."""
-  asyncio.run(load(url, make_requests(2 * clients, context, rng), clients))
-  wall, results = asyncio.run(load(url, make_requests(max(requests, clients), context, rng), clients))
+  """One level in its steady state: the same clients send 2 x clients warm-up requests and then `requests`
+  timed ones without a pause between, and only the timed ones' latencies count. The level's first
+  `clients` requests arrive at once, all prefilled before the next decode step; counted, the few 8-token
+  ones among them were the 8-token p99 of every level (about 3 of 200 samples). That start is measured
+  apart: `burst_short_max_s` is the slowest of `clients` 8-token requests sent at once to the idle server.
+  Throughput is over the timed requests' span (first sent to last answered)."""
+  warm = 2 * clients
+  timed = max(requests, clients)
+  _, results = asyncio.run(load(url, make_requests(warm + timed, context, rng), clients))
+  results = [r for r in results if r[3] >= warm]
+  wall = max(r[4] + r[2] for r in results) - min(r[4] for r in results)
   latencies = [r[2] for r in results]
   shorts = [r[2] for r in results if r[0] == 8]
+  burst = asyncio.run(load(url, [SHORT] * clients, clients))[1]
   return {'clients': clients, 'requests': len(results),
           'tokens_per_sec': round(sum(r[1] for r in results) / wall, 1), 'p50_s': round(pct(latencies, 0.5), 3),
           'p99_s': round(pct(latencies, 0.99), 3),
           'short_p50_s': round(pct(shorts, 0.5), 3) if shorts else None,  # None: no 8-token request drawn
-          'short_p99_s': round(pct(shorts, 0.99), 3) if shorts else None}
+          'short_p99_s': round(pct(shorts, 0.99), 3) if shorts else None,
+          'burst_short_max_s': round(max(r[2] for r in burst), 3)}
 
 
 def main() -> None:
@@ -155,20 +175,21 @@ def main() -> None:
   from llm_jax.run import workdir as workdir_lib
   context = workdir_lib.load_config(workdir).data.seq_len
   rng = random.Random(0)
-  short = {'prompt': 'def f(x):', 'max_tokens': 8, 'temperature': 0, 'ignore_eos': True}
   for slots in (1, args.slots):
     server = 'no batching (--max_batch=1)' if slots == 1 else f'continuous batching (--max_batch={slots})'
     proc, url = start_server(workdir, slots)
     try:
-      asyncio.run(load(url, [short] * 3, 1))
+      asyncio.run(load(url, [SHORT] * 3, 1))
       rounds = []
       for r in range(args.rounds):
         # The machine's speed drifts (a shared VM): each round measures an 8-token request alone and then
         # every level back to back, so a round's ratios compare figures taken minutes, not hours, apart.
-        alone = statistics.median(x[2] for x in asyncio.run(load(url, [short] * 7, 1))[1])
+        alone = statistics.median(x[2] for x in asyncio.run(load(url, [SHORT] * 7, 1))[1])
         levels = {c: measure(url, c, args.requests, context, rng) for c in args.clients}
         for c, row in levels.items():
-          print(json.dumps({'server': server, 'round': r, **row, 'short_alone_s': round(alone, 3)}), flush=True)
+          over = round(row['short_p99_s'] / alone, 2) if row['short_p99_s'] is not None else None
+          print(json.dumps({'server': server, 'round': r, **row, 'short_alone_s': round(alone, 3),
+                            'short_p99_over_alone': over}), flush=True)
         rounds.append((alone, levels))
       if args.rounds > 1:
         one = args.clients[0]
