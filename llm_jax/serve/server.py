@@ -129,15 +129,15 @@ def make_app(app, api_key=None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI
 
   @api.get('/tokenizer_info')
   async def tokenizer_info():
-    return app.tokenizer_info()
+    return app.tokenizer.tokenizer_info()
 
   @api.post('/tokenize')
   async def tokenize(request: Request):
-    return app.tokenize(await body_of(request))
+    return app.tokenizer.tokenize(await body_of(request))
 
   @api.post('/detokenize')
   async def detokenize(request: Request):
-    return app.detokenize(await body_of(request))
+    return app.tokenizer.detokenize(await body_of(request))
 
   return api
 
