@@ -14,7 +14,6 @@ from conftest import ROOT, TINY, tiny_config
 from llm_jax import cli, sharding
 from llm_jax.models import flops
 from llm_jax.train import plan
-from llm_jax.errors import UserError
 
 
 def _analytic_params(m):
@@ -51,6 +50,10 @@ def test_memory_per_device_follows_the_sharding():
 
 
 def _plan(capsys, *flags):
+  # plan sets jax's CPU device count to its --devices when the backend has not started yet. Run first in a
+  # fresh pytest-xdist worker, `--devices=4` started it with 4, and every later test of that worker that
+  # wants 6 or 8 failed; start it with the suite's 8 (conftest) before plan can.
+  jax.devices()
   rc = cli.main(['plan', f'--config={TINY}', *flags])
   out = capsys.readouterr()
   return rc, out.out, out.err
