@@ -2,7 +2,6 @@
 lm-evaluation-harness's `local-completions` model (with its own tokenizer detection, offline)."""
 
 import json
-import os
 import textwrap
 
 import pytest
