@@ -31,11 +31,10 @@ KEY_CACHES = frozenset({'k', 'ck'})  # the arrays of keys: self-attention's and 
 
 def init_layer_caches(cfg, num_layers: int, arrays: dict[str, tuple]) -> dict[str, Array] | list[dict[str, Array]]:
   """Every layer's KV cache, zeros: `arrays` names each array's (B, K, S, H) shape (keys are stored transposed,
-  [B, K, H, S]: KEY_CACHES). Scanned layers take one
-  dict of arrays stacked on a leading layers axis (nn.scan slices a layer's out per iteration); unrolled
-  layers a list with each layer's own dict, so every array is a buffer of its own: from a stacked cache,
-  XLA's CPU backend read each layer's keys and values through a copy of its slice at every decode step (its
-  library fusions take whole buffers), two copies per layer."""
+  [B, K, H, S]: KEY_CACHES). Scanned layers take one dict of arrays stacked on a leading layers axis (nn.scan
+  slices a layer's out per iteration); unrolled layers a list with each layer's own dict, so every array is a
+  buffer of its own: from a stacked cache, XLA's CPU backend read each layer's keys and values through a copy
+  of its slice at every decode step (its library fusions take whole buffers), two copies per layer."""
   dtype = compute_dtype(cfg.dtype)
   arrays = {n: (B, K, H, S) if n in KEY_CACHES else (B, K, S, H) for n, (B, K, S, H) in arrays.items()}
   if cfg.scan_layers:
