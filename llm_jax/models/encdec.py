@@ -16,7 +16,8 @@ once with a cache, which encodes the prompt, fills every layer's cross-attention
 decodes the start token; then with `step=True` per new token, which skips the encoder (its arguments may be
 None) and reads the cache: `layers`, each decoder layer's {'k', 'v'} [B, K, T, H] of its own keys and
 values and {'ck', 'cv'} [B, K, S, H] of the encoder's, keys stored with their last two axes swapped
-(stacked on a leading L axis with scanned layers: transformer.init_layer_caches), and `encoder_segment_ids` [B, S], which marks the prompt's padding.
+(stacked on a leading L axis with scanned layers: transformer.init_layer_caches), and `encoder_segment_ids`
+[B, S], which marks the prompt's padding.
 """
 
 from __future__ import annotations
